@@ -1,0 +1,89 @@
+"""Embedding cache: prompting the same volume again does not re-encode.
+
+Keyed by (volume content fingerprint, slicing axis, backbone identity incl. LoRA, intensity range)
+and slice index. In memory with an LRU bound in bytes; optionally mirrored on disk (float16 .npy)
+so training and benchmarks encode each slice once across runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+class EmbeddingCache:
+    def __init__(self, max_bytes: int = 1 << 30, directory: Optional[os.PathLike] = None):
+        self.max_bytes = int(max_bytes)
+        self.directory = Path(directory) if directory else None
+        self._items: "OrderedDict[tuple, object]" = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _nbytes(tensor) -> int:
+        return tensor.element_size() * tensor.nelement()
+
+    def _file(self, key: str, t: int) -> Optional[Path]:
+        if self.directory is None:
+            return None
+        digest = hashlib.sha1(key.encode()).hexdigest()[:20]
+        return self.directory / digest / f"{t:05d}.npy"
+
+    def get(self, key: str, t: int):
+        item = self._items.get((key, t))
+        if item is not None:
+            self._items.move_to_end((key, t))
+            self.hits += 1
+            return item
+        path = self._file(key, t)
+        if path is not None and path.exists():
+            import torch
+
+            tensor = torch.from_numpy(np.load(path).astype(np.float32))
+            self._store(key, t, tensor)
+            self.hits += 1
+            return tensor
+        self.misses += 1
+        return None
+
+    def put(self, key: str, t: int, tensor) -> None:
+        tensor = tensor.detach().to("cpu", copy=True)
+        self._store(key, t, tensor)
+        path = self._file(key, t)
+        if path is not None and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".partial.npy")
+            np.save(tmp, tensor.numpy().astype(np.float16))
+            os.replace(tmp, path)
+
+    def _store(self, key: str, t: int, tensor) -> None:
+        if (key, t) in self._items:
+            self._bytes -= self._nbytes(self._items.pop((key, t)))
+        self._items[(key, t)] = tensor
+        self._bytes += self._nbytes(tensor)
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= self._nbytes(old)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_default: Optional[EmbeddingCache] = None
+
+
+def default_cache() -> EmbeddingCache:
+    """The process-wide cache shared by the CLI, the Slicer effect and the console API."""
+    global _default
+    if _default is None:
+        _default = EmbeddingCache(max_bytes=int(os.environ.get("SPDSEGMENT_CACHE_MB", "1024")) << 20)
+    return _default

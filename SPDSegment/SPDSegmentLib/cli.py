@@ -1,0 +1,291 @@
+"""The ``spd`` command line: segment, models, demo, simulate, train, evaluate, bench-speed."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import SPDError
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
+
+
+def _options(args):
+    from .pipeline import SegmentOptions
+
+    window = args.window
+    if window and "," in window:
+        level, width = (float(v) for v in window.split(","))
+        window = (level, width)
+    return SegmentOptions(mode=args.mode, tau=args.tau, neighbours=args.neighbours, use_box=not args.no_box,
+                          empty_slice=args.empty_slice, modality=args.modality, window=window,
+                          slice_range=tuple(args.slice_range) if args.slice_range else None,
+                          return_saliency=bool(args.saliency_out), batch_size=args.batch_size)
+
+
+def cmd_segment(args) -> int:
+    from . import prompts, volume
+    from .pipeline import load_model, segment
+    from .progress import tqdm_progress
+
+    t0 = time.perf_counter()
+    vol = volume.read(args.image)
+    points = prompts.read(args.points)
+    voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis)
+    if len(voxel_prompts.outside_lps):
+        print(f"warning: {len(voxel_prompts.outside_lps)} of {len(points)} points lie outside the image and were "
+              "dropped", file=sys.stderr)
+    model = load_model(args.model, device=args.device)
+    result = segment(vol, voxel_prompts, model, _options(args), progress=tqdm_progress(disable=args.quiet))
+    out = Path(args.out or f"{vol.name}_spd.seg.nrrd")
+    volume.write_segmentation(out, result.mask, vol.ijk_to_lps, segment_name=args.segment_name)
+    written = [str(out)]
+    if args.label_out:
+        written.append(str(volume.write_segmentation(args.label_out, result.mask, vol.ijk_to_lps)))
+    if args.saliency_out and result.saliency is not None:
+        import SimpleITK as sitk
+
+        sitk.WriteImage(volume.to_sitk(result.saliency, vol.ijk_to_lps), str(args.saliency_out), True)
+        written.append(str(args.saliency_out))
+    if args.audit_out and result.audit:
+        written.append(str(write_audit(args.audit_out, result, vol)))
+    seconds = time.perf_counter() - t0
+    counts = result.audit_counts() if result.audit else {}
+    audit = f", prompts kept {counts['kept']} rejected {counts['rejected']} borrowed {counts['borrowed']}" \
+        if counts else ""
+    print(f"{result.mode}: {len(result.slices)} slices, {result.voxels} voxels, {seconds:.1f} s{audit} -> "
+          + ", ".join(written))
+    return 0
+
+
+def write_audit(path, result, vol) -> Path:
+    """The prompt audit as one Slicer point list; each point's description says kept/rejected/borrowed."""
+    import numpy as np
+
+    from .prompts import write_markups
+    from .volume import ijk_to_physical
+
+    ijk = []
+    for entry in result.audit:
+        full = [0.0, 0.0, 0.0]
+        rows_cols = [a for a in range(3) if a != result.axis]
+        full[2 - result.axis] = entry.slice
+        full[2 - rows_cols[0]], full[2 - rows_cols[1]] = entry.rc
+        ijk.append(full)
+    lps = ijk_to_physical(np.array(ijk), vol.ijk_to_lps)
+    names = [f"{e.status[0].upper()}{i}" for i, e in enumerate(result.audit)]
+    descriptions = [f"{e.status} (clicked on slice {e.source_slice}, saliency {e.score:.2f})" for e in result.audit]
+    return write_markups(path, lps, names=names, descriptions=descriptions, node_name="SPD prompt audit")
+
+
+def cmd_models(args) -> int:
+    from .models.registry import catalogue, cached_path, is_available
+    from .spd_model import BUNDLED
+
+    print(f"{'name':16} {'available':10} {'input':6} title")
+    for name, entry in catalogue().items():
+        state = "yes" if is_available(name) else "download"
+        print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']}")
+        if args.verbose:
+            print(f"{'':16} licence: {entry['licence']}; file: {cached_path(name)}")
+    for name, path in BUNDLED.items():
+        print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} SPD model (saliency head + tuned "
+              f"decoder) on litemedsam, trained on hippocampus MRI")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Raw-prompt SAM and SPD on the bundled sample case; Dice against its label; PNG overlay."""
+    from . import prompts, volume
+    from .evaluate import dice_score, overlay_png
+    from .pipeline import SegmentOptions, load_model, segment
+
+    image = SAMPLE_DIR / "hippocampus_001_image.nii.gz"
+    vol = volume.read(image)
+    label = volume.read_label(SAMPLE_DIR / "hippocampus_001_label.nii.gz", like=vol)
+    points = prompts.to_voxels(prompts.read(SAMPLE_DIR / "hippocampus_001_centerline.mrk.json"), vol, axis=1)
+    rows = []
+    masks = {}
+    for title, model_name, options in (
+        ("SAM (LiteMedSAM), raw points", "litemedsam", SegmentOptions(mode="raw", use_box=False)),
+        ("SAM (LiteMedSAM), box around raw points", "litemedsam", SegmentOptions(mode="raw", use_box=True)),
+        ("SPD", args.model, SegmentOptions(mode="spd")),
+    ):
+        model = load_model(model_name, device=args.device)
+        t0 = time.perf_counter()
+        result = segment(vol, points, model, options)
+        seconds = time.perf_counter() - t0
+        masks[title] = result.mask
+        rows.append((title, dice_score(result.mask, label), seconds))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volume.write_segmentation(out_dir / "demo_spd.seg.nrrd", masks["SPD"], vol.ijk_to_lps, segment_name="hippocampus")
+    png = overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=1)
+    print(f"sample case hippocampus_001, {len(points)} sloppy centerline points (moderate noise)")
+    for title, dice, seconds in rows:
+        print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
+    print(f"wrote {out_dir / 'demo_spd.seg.nrrd'} and {png}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from . import volume
+    from .simulate import simulate
+
+    vol = volume.read(args.label)
+    mask = (vol.array > 0).astype("uint8")
+    sim = simulate(mask, args.axis, args.level, seed=args.seed)
+    sim.to_markups(args.out, vol.ijk_to_lps)
+    print(f"{args.level}: {len(sim.ijk)} clicks ({int(sim.inside.sum())} inside the label) -> {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .progress import tqdm_progress
+    from .train import TrainConfig, train
+
+    axis = args.axis
+    if axis is None and args.dataset:
+        from .data import load_split
+
+        axis = int(load_split(args.dataset)["axis"])
+    config = TrainConfig(data=args.data, out=args.out, dataset=args.dataset, cases=args.cases, axis=axis or 0,
+                         modality=args.modality, backbone=args.backbone, mode=args.mode, lora_rank=args.lora_rank,
+                         stage1_epochs=args.stage1_epochs, stage2_steps=args.stage2_steps,
+                         psc_weight=args.psc_weight, prompt_mode=args.prompt_mode, local_only=args.local_only,
+                         seed=args.seed, device=args.device, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                         tau=args.tau, neighbours=args.neighbours)
+    t0 = time.perf_counter()
+    out = train(config, progress=tqdm_progress())
+    print(f"trained in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .speed import run_speed_benchmark
+
+    run_speed_benchmark(args)
+    return 0
+
+
+def _segment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="spd-hippocampus",
+                   help="SPD model (spd-hippocampus or a .spd.safetensors file) or a backbone for raw mode "
+                        "(litemedsam, sam_vit_b, ..., or a .pth checkpoint)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--mode", default="auto", choices=["auto", "spd", "raw"])
+    p.add_argument("--axis", default=None, help="slicing axis: auto (default), axial, coronal, sagittal, 0, 1, 2")
+    p.add_argument("--tau", type=float, default=None, help="saliency threshold (default: the model's, 0.5)")
+    p.add_argument("--neighbours", type=int, default=None, help="neighbour slices n (default: the model's, 2)")
+    p.add_argument("--no-box", action="store_true", help="raw mode: points only, no box around them")
+    p.add_argument("--empty-slice", default="skip", choices=["skip", "saliency"])
+    p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"))
+    p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"])
+    p.add_argument("--window", default=None, help="CT window: preset (soft_tissue, abdomen, lung, bone, brain) "
+                                                  "or LEVEL,WIDTH")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment a volume from point prompts")
+    p.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM folder")
+    p.add_argument("--points", required=True, help="Slicer .mrk.json (point list or curve) or CSV")
+    p.add_argument("--out", help="output .seg.nrrd (default IMAGE_spd.seg.nrrd)")
+    p.add_argument("--label-out", help="also write a label map (.nii.gz, .nrrd)")
+    p.add_argument("--saliency-out", help="SPD: write the saliency map volume (.nii.gz, .nrrd)")
+    p.add_argument("--audit-out", help="SPD: write kept/rejected/borrowed prompts as .mrk.json")
+    p.add_argument("--segment-name", default="SPD")
+    p.add_argument("--quiet", action="store_true")
+    _segment_arguments(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("models", help="list the model catalogue and what is on this machine")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="run on the bundled sample case and print Dice")
+    p.add_argument("--model", default="spd-hippocampus")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out-dir", default="spd_demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="sloppy centerline clicks from a label (.mrk.json)")
+    p.add_argument("label")
+    p.add_argument("--axis", type=int, default=0, help="array axis (0 = k, 1 = j, 2 = i)")
+    p.add_argument("--level", default="moderate", choices=["clean", "mild", "moderate", "severe"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train an SPD model on an MSD/nnU-Net folder (imagesTr, labelsTr)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output .spd.safetensors")
+    p.add_argument("--dataset", help="use the fixed split of a benchmark dataset (hippocampus, left_atrium)")
+    p.add_argument("--cases", nargs="*", help="case names (default: the split's train cases, else all)")
+    p.add_argument("--axis", type=int, default=None)
+    p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"])
+    p.add_argument("--backbone", default="litemedsam")
+    p.add_argument("--mode", default="frozen", choices=["frozen", "lora"])
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--stage1-epochs", type=int, default=8)
+    p.add_argument("--stage2-steps", type=int, default=150)
+    p.add_argument("--psc-weight", type=float, default=0.5)
+    p.add_argument("--prompt-mode", default="spd", choices=["spd", "raw"])
+    p.add_argument("--local-only", action="store_true")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--neighbours", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", help="keep encoder embeddings on disk here (frozen mode)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="the benchmark: SPD against SAM baselines on the fixed splits")
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"])
+    p.add_argument("--levels", nargs="*", default=["clean", "mild", "moderate", "severe"])
+    p.add_argument("--models-dir", required=True, help="folder with the trained models of each dataset")
+    p.add_argument("--out-dir", default="benchmark")
+    p.add_argument("--cache-dir", help="embedding cache on disk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path")
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="spd-hippocampus")
+    p.set_defaults(func=cmd_bench_speed)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SPDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory. Segment a smaller slice range (--slice-range), lower --batch-size, or use "
+              "a machine with more memory; nothing was written.", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("cancelled; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

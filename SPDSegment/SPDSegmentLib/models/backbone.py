@@ -1,0 +1,107 @@
+"""One small interface over every SAM-family network.
+
+``encode(images) -> embeddings`` and ``decode(embeddings, points, labels, boxes) -> logits, score``;
+``prepare``/``to_slice`` move between a 2D slice and the padded model input (see SliceTransform).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..volume import SliceTransform
+
+IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+
+class Backbone(nn.Module):
+    def __init__(self, name: str, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 input_size: int, pixel_normalisation: str = "unit", checksum: Optional[str] = None):
+        super().__init__()
+        self.name = name
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.input_size = int(input_size)
+        self.pixel_normalisation = pixel_normalisation
+        self.checksum = checksum
+
+    # ------------------------------------------------------------ geometry
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.prompt_encoder.embed_dim)
+
+    @property
+    def identity(self) -> str:
+        """What the embedding cache keys on: architecture plus weights."""
+        return f"{self.name}@{(self.checksum or 'random')[:16]}"
+
+    def transform(self, height: int, width: int) -> SliceTransform:
+        return SliceTransform(height, width, self.input_size)
+
+    def prepare(self, slices: Sequence[np.ndarray]) -> torch.Tensor:
+        """Slices already scaled to [0, 1] (h, w) -> model input (B, 3, S, S) on the model's device."""
+        out = torch.zeros(len(slices), 3, self.input_size, self.input_size)
+        for b, image in enumerate(slices):
+            tf = self.transform(*image.shape)
+            rh, rw = tf.resized_hw
+            x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
+            x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
+            out[b, :, :rh, :rw] = x[0, 0]
+        if self.pixel_normalisation == "imagenet255":  # SAM: normalise, and padding stays 0 after
+            valid = out != 0
+            out = torch.where(valid, (out * 255.0 - IMAGENET_MEAN) / IMAGENET_STD, out)
+        return out.to(self.device)
+
+    # ------------------------------------------------------------ network
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+    def decode(self, embeddings: torch.Tensor, points: Optional[torch.Tensor] = None,
+               labels: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None,
+               mask_input: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Batched decode: one prompt set per embedding.
+
+        points (B, N, 2) model xy with labels (B, N) (1 foreground, 0 background, -1 padding);
+        boxes (B, 4) model x0 y0 x1 y1. Returns low-resolution logits (B, 1, 4E, 4E) and IoU scores (B,).
+        """
+        if points is None and boxes is None:
+            raise ValueError("decode needs points or boxes")
+        point_arg = None if points is None else (points.to(embeddings.device), labels.to(embeddings.device))
+        box_arg = None if boxes is None else boxes.to(embeddings.device)[:, None, :]
+        sparse, dense = self.prompt_encoder(points=point_arg, boxes=box_arg, masks=mask_input)
+        logits, iou = self.mask_decoder(image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=False)
+        return logits, iou[:, 0]
+
+    def to_slice(self, low_res_logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Low-resolution logits (B, 1, L, L) -> logits on the slice grid (B, h, w)."""
+        tf = self.transform(height, width)
+        rh, rw = tf.resized_hw
+        x = F.interpolate(low_res_logits, size=(self.input_size, self.input_size), mode="bilinear",
+                          align_corners=False)
+        x = x[..., :rh, :rw]
+        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def pad_points(point_sets: List[np.ndarray], label_sets: Optional[List[np.ndarray]] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of (n_i, 2) model-xy points -> (B, N, 2) and labels padded with -1."""
+    n = max(1, max((len(p) for p in point_sets), default=1))
+    points = torch.zeros(len(point_sets), n, 2)
+    labels = -torch.ones(len(point_sets), n)
+    for b, p in enumerate(point_sets):
+        if len(p):
+            points[b, : len(p)] = torch.as_tensor(np.asarray(p, float), dtype=torch.float32)
+            lab = np.ones(len(p)) if label_sets is None else np.asarray(label_sets[b], float)
+            labels[b, : len(p)] = torch.as_tensor(lab, dtype=torch.float32)
+    return points, labels

@@ -1,0 +1,95 @@
+"""Checkpoint files: per-user cache, SHA-256 verification, downloads with progress.
+
+The cache lives outside the install tree (Slicer's install folder may be read-only):
+``$SPDSEGMENT_CACHE`` or ``~/.cache/spdsegment``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import CheckpointError, DownloadError
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPDSEGMENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spdsegment")
+    return Path(root)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, sha256: Optional[str], size_bytes: Optional[int] = None, what: str = "checkpoint") -> None:
+    """Raise CheckpointError unless ``path`` has the expected size and SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"The {what} file {path} does not exist.")
+    if size_bytes is not None and path.stat().st_size != size_bytes:
+        raise CheckpointError(
+            f"The {what} {path} has {path.stat().st_size} bytes, expected {size_bytes}: it is truncated or a "
+            "different file. Delete it and download or reinstall it."
+        )
+    if sha256 is not None:
+        actual = sha256_of(path)
+        if actual != sha256:
+            raise CheckpointError(
+                f"The {what} {path} is corrupt or a different file (SHA-256 {actual[:12]}..., expected "
+                f"{sha256[:12]}...). Delete it and download or reinstall it."
+            )
+
+
+def download(url: str, destination: Path, sha256: Optional[str], size_bytes: Optional[int] = None,
+             progress: Optional[Callable[[int, int], None]] = None, timeout: float = 30.0,
+             allow_unverified: bool = False) -> Path:
+    """Download ``url`` to ``destination`` (atomically) and verify its checksum.
+
+    A file without a published checksum is refused unless ``allow_unverified`` is set.
+    """
+    destination = Path(destination)
+    if destination.exists():
+        verify(destination, sha256, size_bytes)
+        return destination
+    if sha256 is None and not allow_unverified:
+        raise DownloadError(
+            f"No SHA-256 is recorded for {url}; download it yourself, check it, and pass the local file path "
+            "(or allow unverified downloads explicitly)."
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "SPDSegment"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or size_bytes or 0)
+            done = 0
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
+        try:
+            verify(partial, sha256, size_bytes, what=f"download of {url}")
+        except CheckpointError as exc:  # a bad download is a download problem; the file is already discarded
+            raise DownloadError(
+                f"The file downloaded from {url} is incomplete or not the expected one (its size or SHA-256 differs "
+                f"from {sha256}); it was discarded. Try again, or download it elsewhere, check it and pass its path "
+                "with --model PATH."
+            ) from exc
+        os.replace(partial, destination)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise DownloadError(
+            f"Could not download {url} ({exc}). Check the network connection or proxy, or download the file "
+            f"elsewhere and pass its path with --model PATH (expected SHA-256 {sha256})."
+        ) from exc
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return destination

@@ -1,0 +1,184 @@
+"""Load a backbone by catalogue name or checkpoint path; the catalogue drives everything.
+
+Adding a backbone is one entry in ``catalogue.json`` (architecture, input size, URL, SHA-256,
+licence). SPD model files (``*.spd.safetensors``) are recognised here and handed to ``spd_model``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from ..errors import CheckpointError
+from . import download as dl
+from .compat import bundled_litemedsam_checkpoint, medsam_lite_modules, segment_anything_modules
+
+CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
+DEFAULT_MODEL = "litemedsam"
+VIT_ARCHITECTURES = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> Dict[str, dict]:
+    with open(CATALOGUE_PATH, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+    return device
+
+
+def cached_path(name: str) -> Optional[Path]:
+    """Where a catalogue entry's checkpoint is (or would be) on disk."""
+    entry = catalogue()[name]
+    source = entry["source"]
+    if source.startswith("package:"):
+        try:
+            return bundled_litemedsam_checkpoint()
+        except CheckpointError:
+            return None
+    if source == "url":
+        return dl.cache_dir() / "checkpoints" / Path(entry["url"]).name
+    return None
+
+
+def is_available(name: str) -> bool:
+    entry = catalogue()[name]
+    if entry["source"].startswith("random:"):
+        return True
+    path = cached_path(name)
+    return path is not None and path.exists()
+
+
+def checkpoint_for(name: str, allow_download: bool = True,
+                   progress: Optional[Callable[[int, int], None]] = None) -> Optional[Path]:
+    entry = catalogue()[name]
+    if entry["source"].startswith("random:"):
+        return None
+    path = cached_path(name)
+    if path is None:
+        raise CheckpointError(f"Model {name!r} has no checkpoint source; see catalogue.json.")
+    if not path.exists():
+        if entry["source"] != "url" or not allow_download:
+            raise CheckpointError(f"The checkpoint of {name!r} is not on this machine ({path}).")
+        dl.download(entry["url"], path, entry["sha256"], entry.get("size_bytes"), progress=progress)
+    dl.verify(path, entry["sha256"], entry.get("size_bytes"), what=f"{name} checkpoint")
+    return path
+
+
+def _load_state(path: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, not a torch file
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Check that the file is complete and is a SAM-family checkpoint."
+        ) from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} holds no model weights.")
+    return state
+
+
+def infer_architecture(state: dict) -> str:
+    if any(k.startswith("image_encoder.layers.") for k in state):
+        return "litemedsam"
+    weight = state.get("image_encoder.patch_embed.proj.weight")
+    if weight is not None:
+        for arch, dim in VIT_ARCHITECTURES.items():
+            if weight.shape[0] == dim:
+                return arch
+    raise CheckpointError(
+        "The checkpoint is not a SAM, MedSAM or LiteMedSAM model (no image_encoder weights of a known shape)."
+    )
+
+
+def build_network(architecture: str, input_size: int = 1024):
+    """(image_encoder, prompt_encoder, mask_decoder) with random weights."""
+    import torch
+
+    _, MaskDecoder, PromptEncoder, TwoWayTransformer = medsam_lite_modules()
+
+    if architecture == "litemedsam":
+        from .litemedsam import build
+
+        return build()
+    if architecture == "tiny":
+        modeling, _ = segment_anything_modules()
+        torch.manual_seed(0)
+        dim, size = 32, input_size
+        encoder = modeling.ImageEncoderViT(img_size=size, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                                  mlp_ratio=2.0, out_chans=dim, window_size=0, global_attn_indexes=())
+        embed = size // 8
+    elif architecture in VIT_ARCHITECTURES:
+        _, build_sam = segment_anything_modules()
+        sam = build_sam.sam_model_registry[architecture](checkpoint=None)
+        encoder, dim, embed = sam.image_encoder, 256, input_size // 16
+    else:
+        raise CheckpointError(f"Unknown architecture {architecture!r}.")
+    prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=(embed, embed),
+                                   input_image_size=(input_size, input_size), mask_in_chans=16)
+    # the batch-aware decoder (one prompt set per image); same weights layout as segment-anything's
+    decoder = MaskDecoder(num_multimask_outputs=3,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048 if dim == 256 else 64,
+                                                        num_heads=8 if dim == 256 else 2),
+                          transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=256 if dim == 256 else 32)
+    return encoder, prompt_encoder, decoder
+
+
+def assemble(name: str, architecture: str, input_size: int, normalisation: str, state: Optional[dict],
+             checksum: Optional[str], device: str):
+    from .backbone import Backbone
+
+    encoder, prompt_encoder, decoder = build_network(architecture, input_size)
+    backbone = Backbone(name, encoder, prompt_encoder, decoder, input_size, normalisation, checksum)
+    if state is not None:
+        result = backbone.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("attention_bias_idxs")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"The checkpoint does not fit the {architecture} network: {len(missing)} missing weights "
+                f"(e.g. {missing[:2]}) and {len(result.unexpected_keys)} unexpected "
+                f"(e.g. {result.unexpected_keys[:2]}). Choose the matching model type."
+            )
+    return backbone.to(device).eval()
+
+
+def load_backbone(name_or_path: str = DEFAULT_MODEL, device: str = "auto", allow_download: bool = True,
+                  progress: Optional[Callable[[int, int], None]] = None):
+    """A ready Backbone in eval mode. Accepts a catalogue name, or a local .pth/.pt checkpoint."""
+    device = resolve_device(device)
+    entries = catalogue()
+    if name_or_path in entries:
+        entry = entries[name_or_path]
+        path = checkpoint_for(name_or_path, allow_download, progress)
+        state = None if path is None else _load_state(path)
+        return assemble(name_or_path, entry["architecture"], entry["input_size"], entry["pixel_normalisation"],
+                        state, entry["sha256"], device)
+    path = Path(os.path.expanduser(name_or_path))
+    if not path.exists():
+        raise CheckpointError(
+            f"Model {name_or_path!r} is neither a catalogue name ({', '.join(entries)}) nor an existing file."
+        )
+    checksum = dl.sha256_of(path)
+    for name, entry in entries.items():  # a known file under another name keeps its catalogue settings
+        if entry.get("sha256") == checksum:
+            return assemble(name, entry["architecture"], entry["input_size"], entry["pixel_normalisation"],
+                            _load_state(path), checksum, device)
+    state = _load_state(path)
+    architecture = infer_architecture(state)
+    size = 256 if architecture == "litemedsam" else 1024
+    return assemble(path.stem, architecture, size, "unit" if architecture == "litemedsam" else "imagenet255",
+                    state, checksum, device)

@@ -1,0 +1,245 @@
+"""One run: volume + voxel prompts + model -> 3D mask, saliency, prompt audit, timings.
+
+Steps (docs/architecture.md): encode only the slices the prompts and their n neighbours need,
+through the embedding cache; SPD: saliency maps -> Contextual Prompt Distillation -> consensus
+points plus the saliency box; raw: the points as they are (optionally with a box around them);
+batched decoding; slices stacked into a mask on the original grid. The caller's arrays are never
+modified, and nothing is written here: callers write only after success.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import distill as cpd
+from .errors import InputError
+from .progress import Progress
+from .volume import Volume, apply_range, get_slice, intensity_range, put_slice, validate_array
+
+DEFAULT_MODEL = "spd-hippocampus"
+
+
+@dataclass
+class SegmentOptions:
+    mode: str = "auto"  # "spd", "raw", or "auto" (spd for an SPD model, raw for a plain backbone)
+    tau: Optional[float] = None  # None: the SPD model's own (0.5 unless trained otherwise)
+    neighbours: Optional[int] = None  # None: the SPD model's own (2)
+    use_box: bool = True  # raw mode: add a box around the points (LiteMedSAM was trained with boxes)
+    box_margin_mm: float = 5.0  # raw mode box margin
+    local_only: bool = False  # ablation: local validation without borrowing
+    empty_slice: str = "skip"  # "skip" or "saliency" for target slices CPD leaves without prompts
+    slice_range: Optional[Tuple[int, int]] = None  # inclusive range of slices to segment
+    modality: str = "auto"  # "auto", "mr" or "ct"
+    window: object = None  # CT (level, width) or a preset name
+    batch_size: int = 8
+    return_saliency: bool = False
+
+
+@dataclass
+class Result:
+    mask: np.ndarray  # uint8 (k, j, i)
+    axis: int
+    slices: List[int]
+    audit: List[cpd.AuditEntry] = field(default_factory=list)
+    saliency: Optional[np.ndarray] = None  # float32 (k, j, i), SPD mode with return_saliency
+    timings: Dict[str, float] = field(default_factory=dict)
+    mode: str = "raw"
+
+    @property
+    def voxels(self) -> int:
+        return int(self.mask.sum())
+
+    def audit_counts(self) -> Dict[str, int]:
+        return cpd.DistillResult(audit=self.audit).counts()
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto"):
+    """A Backbone (catalogue name or .pth) or an SPDModel (bundled name or .spd.safetensors)."""
+    from . import spd_model
+    from .models.registry import load_backbone, resolve_device
+
+    device = resolve_device(device)
+    path = spd_model.resolve(name_or_path)
+    if path is not None:
+        return spd_model.load(path, device=device)
+    return load_backbone(name_or_path, device=device)
+
+
+def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intensity: Tuple[float, float],
+                  cache=None, progress: Optional[Progress] = None, batch_size: int = 8,
+                  identity: Optional[str] = None) -> Dict[int, "object"]:
+    """Embeddings (C, E, E) of the given slices; cached ones are not recomputed."""
+    import torch
+
+    from .cache import default_cache
+    from .volume import fingerprint_key
+
+    cache = default_cache() if cache is None else cache
+    key = fingerprint_key(volume, axis, identity or backbone.identity, intensity)
+    out, todo = {}, []
+    for t in slices:
+        hit = cache.get(key, t)
+        if hit is None:
+            todo.append(t)
+        else:
+            out[t] = hit
+    for start in range(0, len(todo), batch_size):
+        if progress is not None:
+            progress.step("encode", start, len(todo))
+        batch = todo[start:start + batch_size]
+        images = [apply_range(get_slice(volume.array, axis, t), *intensity) for t in batch]
+        with torch.inference_mode():
+            embeddings = backbone.encode(backbone.prepare(images)).float().cpu()
+        for t, emb in zip(batch, embeddings):
+            cache.put(key, t, emb)
+            out[t] = emb
+    if progress is not None and todo:
+        progress.step("encode", len(todo), len(todo))
+    return out
+
+
+def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, int],
+                  batch_size: int = 32) -> Dict[int, np.ndarray]:
+    """Per-slice saliency probabilities on the slice grid."""
+    import torch
+
+    ts = sorted(embeddings)
+    maps = {}
+    device = model.backbone.device
+    with torch.inference_mode():
+        for start in range(0, len(ts), batch_size):
+            batch = ts[start:start + batch_size]
+            emb = torch.stack([embeddings[t] for t in batch]).to(device)
+            logits = model.backbone.to_slice(model.head(emb), *shape_hw)
+            for t, prob in zip(batch, torch.sigmoid(logits).float().cpu().numpy()):
+                maps[t] = prob
+    return maps
+
+
+def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress) -> Dict[int, np.ndarray]:
+    """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None). Returns t -> bool mask."""
+    import torch
+
+    from .models.backbone import pad_points
+
+    masks = {}
+    device = backbone.device
+    for start in range(0, len(jobs), batch_size):
+        if progress is not None:
+            progress.step("decode", start, len(jobs))
+        batch = jobs[start:start + batch_size]
+        emb = torch.stack([embeddings[t] for t, *_ in batch]).to(device)
+        has_points = any(len(p) for _, p, _, _ in batch)
+        points = labels = None
+        if has_points:
+            points, labels = pad_points([p for _, p, _, _ in batch], [lab for _, _, lab, _ in batch])
+        boxes = None
+        if batch[0][3] is not None:
+            boxes = torch.as_tensor(np.stack([b for *_, b in batch]), dtype=torch.float32)
+        with torch.inference_mode():
+            low_res, _ = backbone.decode(emb, points, labels, boxes)
+            logits = backbone.to_slice(low_res.float(), *shape_hw).cpu().numpy()
+        for (t, *_), lg in zip(batch, logits):
+            masks[t] = lg > 0
+    if progress is not None and jobs:
+        progress.step("decode", len(jobs), len(jobs))
+    return masks
+
+
+def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = None,
+            progress: Optional[Progress] = None, cache=None) -> Result:
+    from .spd_model import SPDModel
+
+    options = options or SegmentOptions()
+    progress = progress or Progress()
+    validate_array(volume.array)
+    timings: Dict[str, float] = {}
+    t_start = time.perf_counter()
+    is_spd = isinstance(model, SPDModel)
+    mode = ("spd" if is_spd else "raw") if options.mode == "auto" else options.mode
+    if mode == "spd" and not is_spd:
+        raise InputError("SPD mode needs an SPD model (for example spd-hippocampus or a .spd.safetensors file); "
+                         "with a plain backbone use raw mode.")
+    backbone = model.backbone if is_spd else model
+    axis = int(prompts.axis)
+    n_slices = volume.shape[axis]
+    by_slice = prompts.by_slice()
+    if options.slice_range is not None:
+        lo, hi = options.slice_range
+        by_slice = {t: v for t, v in by_slice.items() if lo <= t <= hi}
+    if not by_slice:
+        raise InputError("No prompts to segment from (none inside the volume or the chosen slice range). "
+                         "Place at least one point on the structure.")
+    shape_hw = tuple(s for a, s in enumerate(volume.shape) if a != axis)
+    intensity = intensity_range(volume.array, options.modality, options.window)
+    tau = model.tau if is_spd and options.tau is None else (options.tau if options.tau is not None else 0.5)
+    n = model.neighbours if is_spd and options.neighbours is None else (
+        options.neighbours if options.neighbours is not None else 2)
+
+    targets = cpd.target_slices(by_slice, n, n_slices) if mode == "spd" else sorted(by_slice)
+    if options.slice_range is not None:
+        targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
+    t0 = time.perf_counter()
+    embeddings = encode_slices(backbone, volume, axis, targets, intensity, cache, progress, options.batch_size,
+                               identity=model.identity if is_spd else None)
+    timings["encode_s"] = time.perf_counter() - t0
+    progress.check()
+
+    transform = backbone.transform(*shape_hw)
+    audit: List[cpd.AuditEntry] = []
+    saliency = None
+    jobs = []
+    if mode == "spd":
+        t0 = time.perf_counter()
+        maps = saliency_maps(model, embeddings, shape_hw)
+        result = cpd.distill(by_slice, maps, tau=tau, neighbours=n, targets=targets, local_only=options.local_only)
+        audit = result.audit
+        timings["saliency_distill_s"] = time.perf_counter() - t0
+        prompted = sorted(by_slice)
+        for t in targets:
+            consensus = result.consensus.get(t)
+            if consensus is not None and len(consensus.positives):
+                box = cpd.saliency_box(maps[t], consensus.positives, tau)
+                jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels,
+                             transform.box_rc_to_model(*box)))
+            elif options.empty_slice == "saliency" and prompted[0] <= t <= prompted[-1]:
+                box = cpd.saliency_box(maps[t], np.zeros((0, 2)), tau)
+                if box is not None:
+                    jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
+        if options.return_saliency:
+            saliency = np.zeros(volume.shape, np.float32)
+            for t, prob in maps.items():
+                put_slice(saliency, axis, t, prob)
+    else:
+        spacing_rc = [volume.spacing[::-1][a] for a in range(3) if a != axis]
+        margin = options.box_margin_mm / float(min(spacing_rc))
+        for t in targets:
+            rc, labels = by_slice[t]
+            positives = rc[np.asarray(labels) > 0]
+            box = None
+            if options.use_box:
+                if not len(positives):
+                    continue  # a box needs a foreground point
+                box = transform.box_rc_to_model(*cpd.points_box(positives, margin, shape_hw))
+            jobs.append((t, transform.rc_to_model_xy(rc), np.asarray(labels), box))
+    progress.check()
+
+    t0 = time.perf_counter()
+    # prompt-free (saliency box only) slices are decoded in their own batch
+    with_points = [j for j in jobs if len(j[1])]
+    box_only = [j for j in jobs if not len(j[1])]
+    slice_masks = _decode(backbone, embeddings, with_points, shape_hw, options.batch_size, progress)
+    if box_only:
+        slice_masks.update(_decode(backbone, embeddings, box_only, shape_hw, options.batch_size, progress))
+    timings["decode_s"] = time.perf_counter() - t0
+    progress.check()
+
+    mask = np.zeros(volume.shape, np.uint8)
+    for t, m in slice_masks.items():
+        put_slice(mask, axis, t, m.astype(np.uint8))
+    timings["total_s"] = time.perf_counter() - t_start
+    return Result(mask=mask, axis=axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
+                  timings=timings, mode=mode)

@@ -1,0 +1,475 @@
+"""MRML <-> core: the only SPDSegmentLib module that touches Slicer.
+
+``slicer`` and ``vtk`` are imported inside the functions, so importing this module is cheap and
+works without Slicer. It runs in desktop Slicer and on the ``slicer-core`` wheel (real MRML in plain
+Python, no Qt). Long work runs off the UI thread (``runner.BackgroundRun``): read the nodes with
+:func:`prepare_inputs` on the main thread, compute in a worker, then :func:`write_result` on the main thread.
+
+Frames: MRML stores RAS, the core works in LPS (``Volume.ijk_to_lps``). Every geometry read here is
+taken to *world* coordinates (parent transforms applied, linear only), and every write goes back into
+the target node's own coordinates, so the core never sees a transform.
+
+Results are written through ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap``: the segment
+editor node's editable area (mask mode), editable intensity range and "modify other segments"
+(overwrite mode) apply as for Slicer's own effects, and the state before the write is saved for undo.
+Nothing is written unless the run succeeded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .volume import LPS_TO_RAS, Volume, ijk_to_physical, slice_axes, validate_array
+
+SPD_EDITOR_NODE_TAG = "SPDSegment"
+AUDIT_COLOURS = {"kept": (0.1, 0.8, 0.2), "rejected": (0.9, 0.1, 0.1), "borrowed": (0.95, 0.85, 0.1)}
+SALIENCY_COLOUR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
+                            "vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
+MODES = ("set", "add", "remove")
+
+
+# ---------------------------------------------------------------- matrices and transforms
+
+def _array_from_vtk_matrix(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], float)
+
+
+def _vtk_matrix(array: np.ndarray):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def node_to_world(node) -> np.ndarray:
+    """4x4 RAS matrix from ``node``'s own coordinates to world (identity without a parent transform)."""
+    transform = node.GetParentTransformNode() if node is not None else None
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise InputError(
+            f"{node.GetName()!r} is under a non-linear transform ({transform.GetName()!r}). SPD works on a regular "
+            "voxel grid: harden the transform on a copy (Data module > right-click > Harden transform) or resample "
+            "the volume, then run again.")
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(matrix)
+    return _array_from_vtk_matrix(matrix)
+
+
+# ---------------------------------------------------------------- reading nodes
+
+def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
+    """A copy of a scalar volume node's voxels with its world geometry (parent transform applied)."""
+    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        kind = volume_node.GetClassName() if volume_node is not None else "nothing"
+        raise InputError(f"SPD needs a scalar volume, got {kind}. Select a scalar (grey-level) volume.")
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"Volume {volume_node.GetName()!r} has no voxel data; load the image again.")
+    components = image.GetNumberOfScalarComponents()
+    if components != 1:
+        raise InputError(f"Volume {volume_node.GetName()!r} has {components} components per voxel; SPD needs a "
+                         "scalar volume (convert it, e.g. with the Vector to Scalar Volume module).")
+    from vtk.util import numpy_support
+
+    dims = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    array = validate_array(array, what=f"volume {volume_node.GetName()!r}")
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = node_to_world(volume_node) @ _array_from_vtk_matrix(matrix)
+    return Volume(array=array, ijk_to_lps=LPS_TO_RAS @ ijk_to_ras, name=name or volume_node.GetName())
+
+
+def points_from_markups(markups_node, background_node=None):
+    """Defined control points of a point list or curve, in world LPS, as a ``prompts.PointSet``.
+
+    A point whose description is "background" is a background prompt (label 0), as in .mrk.json files;
+    every point of ``background_node`` is one too. Undefined, preview and missing points are skipped.
+    """
+    from .prompts import from_ras
+
+    ras, labels, names = [], [], []
+    for node, forced in ((markups_node, None), (background_node, 0)):
+        if node is None:
+            continue
+        if not node.IsA("vtkMRMLMarkupsNode"):
+            raise InputError(f"{node.GetName()!r} is a {node.GetClassName()}, not a markups point list or curve.")
+        for index in range(node.GetNumberOfControlPoints()):
+            if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+                continue
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(index, position)
+            ras.append(position)
+            background = (node.GetNthControlPointDescription(index) or "").strip().lower() == "background"
+            labels.append(forced if forced is not None else (0 if background else 1))
+            names.append(node.GetNthControlPointLabel(index) or "")
+    source = markups_node.GetName() if markups_node is not None else ""
+    if not ras:
+        raise InputError(f"Point list {source!r} has no placed points. Place at least one point on the structure.")
+    return from_ras(np.array(ras, float), labels=labels, names=names, source=source)
+
+
+def _geometry(geometry) -> np.ndarray:
+    matrix = geometry.ijk_to_lps if isinstance(geometry, Volume) else np.asarray(geometry, float)
+    if matrix.shape != (4, 4):
+        raise InputError(f"Expected a Volume or a 4x4 ijk_to_lps matrix, got shape {matrix.shape}.")
+    return matrix
+
+
+def oriented_image(array: np.ndarray, geometry, parent_node=None):
+    """A ``vtkOrientedImageData`` of ``array`` (k, j, i) on ``geometry`` (world), in ``parent_node``'s frame."""
+    import slicer
+    from vtk.util import numpy_support
+
+    array = np.ascontiguousarray(array)
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    world_to_node = np.linalg.inv(node_to_world(parent_node))
+    image.SetImageToWorldMatrix(_vtk_matrix(world_to_node @ LPS_TO_RAS @ _geometry(geometry)))
+    return image
+
+
+def _image_to_array(image) -> np.ndarray:
+    from vtk.util import numpy_support
+
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+
+
+def segment_array(segmentation_node, segment_id: str, geometry) -> np.ndarray:
+    """The segment as uint8 0/1 (k, j, i) on a volume's grid (``Volume``, volume node or 4x4 ijk_to_lps)."""
+    import slicer
+
+    if hasattr(geometry, "GetIJKToRASMatrix"):
+        geometry = volume_from_node(geometry)
+    matrix = _geometry(geometry)
+    shape = geometry.shape if isinstance(geometry, Volume) else None
+    if shape is None:
+        raise InputError("segment_array needs a Volume or a volume node to know the grid size.")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
+    labelmap = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap)  # world coordinates (parent transform applied)
+    reference = oriented_image(np.zeros(shape, np.uint8), matrix)
+    out = slicer.vtkOrientedImageData()
+    extent = labelmap.GetExtent()
+    if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+        return np.zeros(shape, np.uint8)
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, out, False)
+    return (_image_to_array(out) == segment.GetLabelValue()).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- segment editor logic
+
+_LOGICS_BY_ID: Dict[Tuple[int, str], Any] = {}
+
+
+def editor_logic_for(editor_node, max_undo_states: int = 10):
+    """The ``vtkSlicerSegmentEditorLogic`` bound to ``editor_node`` (one per node, so undo history persists)."""
+    import slicer
+
+    if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
+        raise InputError("Writing segments from the SPD module needs Slicer 5.10 or later (vtkSlicerSegmentEditorLogic); "
+                         "use the SPD effect in the Segment Editor instead.")
+    key = (id(editor_node.GetScene()), editor_node.GetID() or str(id(editor_node)))
+    logic = _LOGICS_BY_ID.get(key)
+    if logic is None or logic.GetSegmentEditorNode() is not editor_node:
+        logic = slicer.vtkSlicerSegmentEditorLogic()
+        logic.SetMRMLScene(editor_node.GetScene())
+        logic.SetSegmentEditorNode(editor_node)
+        logic.SetMaximumNumberOfUndoStates(max_undo_states)
+        _LOGICS_BY_ID[key] = logic
+    return logic
+
+
+def spd_editor_node(scene):
+    """The scene's SPD segment editor node (a singleton; its mask/overwrite settings apply to console runs)."""
+    import slicer
+
+    node = scene.GetSingletonNode(SPD_EDITOR_NODE_TAG, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = slicer.vtkMRMLSegmentEditorNode()
+        node.SetSingletonTag(SPD_EDITOR_NODE_TAG)
+        node.SetName("SPDSegmentEditor")
+        node.SetHideFromEditors(True)
+        scene.AddNode(node)
+    return node
+
+
+def _resolve_target(target):
+    """(editor_node, segmentation_node, segment_id) from an editor node or (segmentation, segment_id, volume)."""
+    if hasattr(target, "GetSegmentationNode") and hasattr(target, "GetMaskMode"):
+        editor_node = target
+        segmentation_node = editor_node.GetSegmentationNode()
+        segment_id = editor_node.GetSelectedSegmentID()
+        if segmentation_node is None or not segment_id:
+            raise InputError("Select a segmentation and a segment in the Segment Editor first.")
+        return editor_node, segmentation_node, segment_id
+    try:
+        segmentation_node, segment_id, source_volume_node = target
+    except (TypeError, ValueError):
+        raise InputError("Target must be a segment editor node or (segmentation node, segment id, source volume "
+                         "node).") from None
+    editor_node = spd_editor_node(segmentation_node.GetScene())
+    if editor_node.GetSegmentationNode() is not segmentation_node:
+        editor_node.SetAndObserveSegmentationNode(segmentation_node)
+    if source_volume_node is not None and editor_node.GetSourceVolumeNode() is not source_volume_node:
+        editor_node.SetAndObserveSourceVolumeNode(source_volume_node)
+    editor_node.SetSelectedSegmentID(segment_id)
+    return editor_node, segmentation_node, segment_id
+
+
+def modifier_labelmap(mask: np.ndarray, geometry, segmentation_node, reference_geometry=None):
+    """The mask as a modifier labelmap in the segmentation's frame, resampled onto its reference geometry.
+
+    ``reference_geometry`` is a serialised geometry string or a ``vtkOrientedImageData`` (e.g. a scripted
+    effect's ``defaultModifierLabelmap()``); without one the mask keeps its own grid.
+    """
+    import slicer
+
+    mask = np.asarray(mask)
+    matrix = _geometry(geometry)
+    if mask.ndim != 3:
+        raise InputError(f"The mask must be 3D (k, j, i), got shape {mask.shape}.")
+    image = oriented_image((mask > 0).astype(np.uint8), matrix, segmentation_node)
+    if reference_geometry is None:
+        return image
+    if isinstance(reference_geometry, str):
+        reference = slicer.vtkOrientedImageData()
+        slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference_geometry, reference, False)
+    else:
+        reference = reference_geometry
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(image, reference) and \
+            slicer.vtkOrientedImageDataResample.DoExtentsMatch(image, reference):
+        return image
+    out = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, out, False)
+    return out
+
+
+def apply_mask_to_segment(target, mask: np.ndarray, geometry, mode: str = "set", editor_logic=None,
+                          save_undo: bool = True, save_state: Optional[Callable[[], Any]] = None) -> str:
+    """Write ``mask`` (k, j, i on ``geometry``) into a segment as a Slicer effect would; return the segment id.
+
+    ``target``: a ``vtkMRMLSegmentEditorNode`` (its segmentation, selected segment, editable area, intensity
+    mask and overwrite settings are used) or ``(segmentation_node, segment_id, source_volume_node)`` (the
+    scene's SPD editor node supplies the settings). ``mode``: "set" replaces the segment inside the editable
+    area, "add" and "remove" as the Paint and Erase effects. The state before the write is saved for undo
+    (``save_state`` overrides how, e.g. a Segment Editor widget's ``saveStateForUndo``).
+    """
+    if mode not in MODES:
+        raise InputError(f"Unknown modification mode {mode!r}; use one of {MODES}.")
+    editor_node, segmentation_node, segment_id = _resolve_target(target)
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
+    logic = editor_logic or editor_logic_for(editor_node)
+    if logic.GetSegmentEditorNode() is not editor_node:
+        logic.SetSegmentEditorNode(editor_node)
+    reference = logic.GetReferenceImageGeometryString()
+    if not reference:  # no source volume and no reference geometry yet: the mask's grid becomes the reference
+        import slicer
+
+        own = modifier_labelmap(mask, geometry, segmentation_node)
+        reference = slicer.vtkSegmentationConverter.SerializeImageGeometry(own)
+        segmentation_node.GetSegmentation().SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), reference)
+    modifier = modifier_labelmap(mask, geometry, segmentation_node, reference)
+    if segmentation_node.GetSegmentation().GetSourceRepresentationName() != "Binary labelmap":
+        if not logic.SetSourceRepresentationToBinaryLabelMap():
+            raise InputError(f"{segmentation_node.GetName()!r} cannot be converted to a binary labelmap.")
+    if save_undo:
+        (save_state or logic.SaveStateForUndo)()
+    flag = {"set": logic.ModificationModeSet, "add": logic.ModificationModeAdd,
+            "remove": logic.ModificationModeRemove}[mode]
+    logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, flag, False, False)
+    return segment_id
+
+
+def undo(target) -> bool:
+    """Undo the last write to ``target`` (editor node or (segmentation, segment, volume)); False if none."""
+    editor_node = target if hasattr(target, "GetMaskMode") else _resolve_target(target)[0]
+    logic = editor_logic_for(editor_node)
+    if not logic.CanUndo():
+        return False
+    logic.Undo()
+    return True
+
+
+def add_segment(segmentation_node, name: str, color: Optional[Sequence[float]] = None) -> str:
+    """A new empty segment (unique id, given name); returns its id."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.AddEmptySegment("", name)
+    if color is not None:
+        segmentation.GetSegment(segment_id).SetColor(*[float(c) for c in color])
+    return segment_id
+
+
+# ---------------------------------------------------------------- a run on nodes
+
+def prepare_inputs(volume_node, markups_node, axis=None, background_node=None):
+    """(Volume, VoxelPrompts) from MRML nodes. Call on the main thread; the rest can run in a worker."""
+    from .prompts import to_voxels
+
+    volume = volume_from_node(volume_node)
+    points = points_from_markups(markups_node, background_node)
+    return volume, to_voxels(points, volume, axis=axis)
+
+
+def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: Optional[str] = None,
+                     model: Any = None, options=None, progress=None,
+                     segment_fn: Optional[Callable[..., Any]] = None, editor_node=None, axis=None,
+                     background_node=None, mode: str = "set", device: str = "auto"):
+    """Segment from the points of ``markups_node`` and write into a segment; returns the pipeline Result.
+
+    Console use: ``run_spd_on_nodes(volume, points, segmentation)`` creates a segment named after the
+    point list. ``model`` is a model name / checkpoint path (loaded with ``pipeline.load_model``; None is
+    the default SPD model) or a loaded model. ``segment_fn(volume, prompts, model, options=...,
+    progress=...)`` replaces ``pipeline.segment`` (tests). The segment is created and written only after the run succeeded; with
+    ``editor_node`` its editable-area and overwrite settings apply, otherwise those of the scene's SPD
+    editor node. A failed or cancelled run raises and leaves the segmentation unchanged.
+    """
+    if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
+    volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis, background_node=background_node)
+    if segment_fn is None:
+        from . import pipeline
+
+        segment_fn = pipeline.segment
+        if model is None or isinstance(model, str):
+            model = pipeline.load_model(model or pipeline.DEFAULT_MODEL, device=device)
+    result = segment_fn(volume, voxel_prompts, model, options=options, progress=progress)
+    if progress is not None:
+        progress.check()  # a cancel that arrived after the last slice still writes nothing
+    write_result(result, volume, volume_node, segmentation_node, segment_id, markups_node.GetName() or "SPD",
+                 editor_node, mode)
+    return result
+
+
+def write_result(result, volume: Volume, volume_node, segmentation_node, segment_id: Optional[str] = None,
+                 segment_name: str = "SPD", editor_node=None, mode: str = "set") -> str:
+    """Write a finished run's mask into ``segment_id`` (a new segment ``segment_name`` if None); its id.
+
+    Call on the main thread after the run succeeded. A new segment and its contents go in one undo step.
+    """
+    mask = np.asarray(getattr(result, "mask", result))
+    if mask.shape != volume.shape:
+        raise InputError(f"The result mask has shape {mask.shape}, the volume {volume.shape}.")
+    if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
+    if editor_node is None:
+        editor_node = spd_editor_node(segmentation_node.GetScene())
+    editor_node.SetAndObserveSegmentationNode(segmentation_node)
+    editor_node.SetAndObserveSourceVolumeNode(volume_node)
+    logic = editor_logic_for(editor_node)
+    created = segment_id is None
+    if created:
+        logic.SaveStateForUndo()
+        segment_id = add_segment(segmentation_node, segment_name)
+    editor_node.SetSelectedSegmentID(segment_id)
+    return apply_mask_to_segment(editor_node, mask, volume, mode=mode, editor_logic=logic, save_undo=not created)
+
+
+def axis_from_slice_to_ras(slice_to_ras, volume: Volume) -> int:
+    """The array axis of ``volume`` whose slices a slice view with this SliceToRAS matrix shows.
+
+    The view's normal (third column, world RAS) is matched against the volume's i, j, k directions, so any
+    view works (Red, Green, Yellow, or a reformatted one), not only the axial one.
+    """
+    normal = np.asarray(slice_to_ras, float)[:3, 2]
+    directions = volume.ijk_to_ras[:3, :3] / np.linalg.norm(volume.ijk_to_ras[:3, :3], axis=0)
+    ijk_index = int(np.argmax(np.abs(directions.T @ (normal / np.linalg.norm(normal)))))
+    return 2 - ijk_index
+
+
+# ---------------------------------------------------------------- result overlays
+
+def saliency_to_volume_node(saliency, geometry, scene, name: str = "SPD saliency", node=None):
+    """A scalar volume node showing the saliency map (float 0..1 on the volume grid)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    saliency = getattr(saliency, "saliency", saliency)
+    if saliency is None:
+        raise InputError("This run produced no saliency map (raw mode); run in SPD mode to see it.")
+    saliency = np.ascontiguousarray(saliency, dtype=np.float32)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(saliency.shape[2], saliency.shape[1], saliency.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(saliency.ravel(), deep=True))
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(_vtk_matrix(LPS_TO_RAS @ _geometry(geometry)))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(1.0, 0.5)
+        for colour_id in SALIENCY_COLOUR_NODE_IDS:
+            if scene.GetNodeByID(colour_id) is not None:
+                display.SetAndObserveColorNodeID(colour_id)
+                break
+    return node
+
+
+def audit_ijk(entry, axis: Optional[int]) -> np.ndarray:
+    """Continuous (i, j, k) of an audit entry: its own ``ijk``, or ``rc`` on ``slice`` along ``axis``."""
+    if getattr(entry, "ijk", None) is not None:
+        return np.asarray(entry.ijk, float).reshape(3)
+    if axis is None:
+        raise InputError("Audit entries hold in-slice (row, col) positions; pass the run's slicing axis.")
+    index = np.zeros(3)
+    index[axis] = entry.slice
+    index[list(slice_axes(axis))] = np.asarray(entry.rc, float).reshape(2)
+    return index[::-1]
+
+
+def audit_to_markups_nodes(audit, geometry, scene, base_name: str = "SPD audit", nodes=None,
+                           axis: Optional[int] = None) -> Dict[str, Any]:
+    """Three locked point lists: kept (green), rejected (red), borrowed (yellow) consensus prompts.
+
+    ``audit`` is a Result (its axis is used) or a list of AuditEntry; ``nodes`` (from an earlier call) are
+    refilled instead of adding new ones.
+    """
+    axis = getattr(audit, "axis", axis)
+    audit = getattr(audit, "audit", audit) or []
+    matrix = _geometry(geometry)
+    nodes = dict(nodes or {})
+    for status, colour in AUDIT_COLOURS.items():
+        node = nodes.get(status)
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base_name} {status}")
+            node.CreateDefaultDisplayNodes()
+            nodes[status] = node
+        was_modifying = node.StartModify()
+        node.RemoveAllControlPoints()
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetColor(*colour)
+            display.SetSelectedColor(*colour)
+            display.SetPointLabelsVisibility(False)
+        entries = [e for e in audit if e.status == status]
+        if entries:
+            lps = ijk_to_physical(np.array([audit_ijk(e, axis) for e in entries]), matrix)
+            for entry, point in zip(entries, lps * np.array([-1.0, -1.0, 1.0])):
+                index = node.AddControlPoint([float(v) for v in point], f"{status[0]}{entry.slice}")
+                if entry.source_slice != entry.slice:
+                    node.SetNthControlPointDescription(index, f"from slice {entry.source_slice}")
+        node.SetLocked(True)
+        node.EndModify(was_modifying)
+    return nodes

@@ -1,0 +1,180 @@
+"""The SPD model file: one ``.spd.safetensors`` with the weights and a JSON header.
+
+Weights: ``head.*`` (saliency head), ``lora.*`` (encoder adapters, LoRA mode only) and
+``decoder.*`` (the stage-2 tuned mask decoder, stored as float16). The header (safetensors
+metadata ``spd_header``) names the backbone and its SHA-256, LoRA rank, tau, n, the training data
+summary, validation metrics and versions. safetensors loads without executing code.
+Loading checks compatibility and says exactly what does not match.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .errors import CheckpointError
+from .saliency import SaliencyHead, add_lora, lora_state
+
+FORMAT = "spdsegment-model"
+FORMAT_VERSION = 1
+SUFFIX = ".spd.safetensors"
+BUNDLED = {"spd-hippocampus": Path(__file__).parent / "models" / "spd_hippocampus.spd.safetensors"}
+
+
+@dataclass
+class SPDModel:
+    backbone: "object"  # models.backbone.Backbone, with LoRA and tuned decoder applied
+    head: SaliencyHead
+    header: dict
+
+    @property
+    def tau(self) -> float:
+        return float(self.header.get("tau", 0.5))
+
+    @property
+    def neighbours(self) -> int:
+        return int(self.header.get("neighbours", 2))
+
+    @property
+    def identity(self) -> str:
+        """Cache key part: embeddings depend on the LoRA weights, not only the backbone."""
+        if int(self.header.get("lora_rank", 0)) > 0:
+            return f"{self.backbone.identity}+lora:{self.header.get('weights_sha', '')[:12]}"
+        return self.backbone.identity
+
+    def to(self, device):
+        self.backbone.to(device)
+        self.head.to(device)
+        return self
+
+
+def make_header(backbone, head: SaliencyHead, lora_rank: int, tau: float, neighbours: int,
+                decoder_tuned: bool, **extra) -> dict:
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone.name,
+        "backbone_sha256": backbone.checksum,
+        "input_size": backbone.input_size,
+        "embed_dim": backbone.embed_dim,
+        "head_hidden": head.hidden,
+        "lora_rank": int(lora_rank),
+        "tau": float(tau),
+        "neighbours": int(neighbours),
+        "decoder_tuned": bool(decoder_tuned),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"spdsegment": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    header.update(extra)
+    return header
+
+
+def save(path: os.PathLike, backbone, head: SaliencyHead, header: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    if header.get("lora_rank", 0) > 0:
+        tensors.update({f"lora.{k}": v.detach().cpu().contiguous()
+                        for k, v in lora_state(backbone.image_encoder).items()})
+    if header.get("decoder_tuned"):
+        tensors.update({f"decoder.{k}": v.detach().cpu().half().contiguous()
+                        for k, v in backbone.mask_decoder.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_header(path: os.PathLike) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable SPD model file ({exc}).") from exc
+    if "spd_header" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not an SPD model (no spd_header).")
+    header = json.loads(metadata["spd_header"])
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}.")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer SPDSegment (format {header['format_version']}); this one reads "
+            f"format {FORMAT_VERSION}. Update SPDSegment."
+        )
+    return header
+
+
+def is_spd_file(path: os.PathLike) -> bool:
+    return str(path).endswith(SUFFIX) or str(path).endswith(".safetensors")
+
+
+def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
+    """Load an SPD model; ``backbone`` (optional) must be the one it was trained on."""
+    from safetensors.torch import load_file
+
+    from .models.registry import load_backbone
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"SPD model file not found: {path}")
+    header = read_header(path)
+    if backbone is None:
+        backbone = load_backbone(header["backbone"], device=device)
+    problems = []
+    if header.get("backbone_sha256") and backbone.checksum != header["backbone_sha256"]:
+        problems.append(f"backbone weights: the model was trained on {header['backbone']} "
+                        f"(SHA-256 {str(header['backbone_sha256'])[:12]}...), given {backbone.name} "
+                        f"(SHA-256 {str(backbone.checksum)[:12]}...)")
+    for key, actual in (("input_size", backbone.input_size), ("embed_dim", backbone.embed_dim)):
+        if key in header and int(header[key]) != int(actual):
+            problems.append(f"{key}: model {header[key]}, backbone {actual}")
+    if problems:
+        raise CheckpointError(f"{path.name} does not fit this backbone: " + "; ".join(problems) + ".")
+    tensors = load_file(str(path), device="cpu")
+    head = SaliencyHead(backbone.embed_dim, int(header.get("head_hidden", 64)))
+    groups = {"head": {}, "lora": {}, "decoder": {}}
+    for key, value in tensors.items():
+        group, _, name = key.partition(".")
+        if group not in groups:
+            raise CheckpointError(f"{path.name}: unexpected weight {key!r}.")
+        groups[group][name] = value
+    try:
+        head.load_state_dict(groups["head"])
+        if header.get("lora_rank", 0) > 0:
+            add_lora(backbone.image_encoder, int(header["lora_rank"]))
+            missing = backbone.image_encoder.load_state_dict(groups["lora"], strict=False)
+            if missing.unexpected_keys:
+                raise RuntimeError(f"unexpected LoRA weights {missing.unexpected_keys[:3]}")
+        if groups["decoder"]:
+            backbone.mask_decoder.load_state_dict({k: v.float() for k, v in groups["decoder"].items()})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path.name}: weights do not fit ({str(exc).splitlines()[0]}).") from exc
+    header["weights_sha"] = header.get("weights_sha") or str(path.stat().st_size)
+    return SPDModel(backbone.to(device).eval(), head.to(device).eval(), header)
+
+
+def resolve(name_or_path: str) -> Optional[Path]:
+    """Path of an SPD model given a bundled name or a file path; None if it is not an SPD model."""
+    if name_or_path in BUNDLED:
+        path = BUNDLED[name_or_path]
+        if not path.exists():
+            raise CheckpointError(f"The bundled model {name_or_path} is missing from this installation ({path}).")
+        return path
+    if is_spd_file(name_or_path):
+        return Path(os.path.expanduser(name_or_path))
+    return None

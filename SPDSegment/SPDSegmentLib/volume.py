@@ -1,0 +1,325 @@
+"""Images and their geometry.
+
+Conventions (see docs/architecture.md):
+- ``Volume.array`` is indexed (k, j, i) = (z, y, x), as SimpleITK gives it.
+- ``ijk`` points are (i, j, k) continuous voxel coordinates; ``lps``/``ras`` are millimetres.
+- ``ijk_to_lps`` is a 4x4 built from origin, spacing and direction (oblique allowed).
+- A *slicing axis* is an array axis (0 = k, 1 = j, 2 = i). Slice ``t`` along axis ``a`` is
+  ``np.take(array, t, axis=a)``; its 2D ``rc`` (row, col) are the remaining array axes in order.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Window presets (level, width) in Hounsfield units, as Slicer's volume display presets.
+CT_WINDOWS = {
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (60.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (k, j, i)
+    ijk_to_lps: np.ndarray  # 4 x 4
+    name: str = "volume"
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size along (i, j, k) in mm."""
+        return np.linalg.norm(self.ijk_to_lps[:3, :3], axis=0)
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        return LPS_TO_RAS @ self.ijk_to_lps
+
+    def fingerprint(self) -> str:
+        """Content hash of voxels and geometry: the key of the embedding cache."""
+        h = hashlib.sha256()
+        h.update(str(self.array.shape).encode() + str(self.array.dtype).encode())
+        h.update(np.ascontiguousarray(self.array).tobytes())
+        h.update(np.round(self.ijk_to_lps, 6).tobytes())
+        return h.hexdigest()[:32]
+
+
+def geometry_matrix(origin, spacing, direction) -> np.ndarray:
+    """ijk -> physical 4x4 from SimpleITK-style origin, spacing and 3x3 direction (row-major)."""
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(direction, float).reshape(3, 3) @ np.diag(np.asarray(spacing, float))
+    m[:3, 3] = np.asarray(origin, float)
+    return m
+
+
+def ijk_to_physical(points_ijk: np.ndarray, ijk_to_phys: np.ndarray) -> np.ndarray:
+    p = np.asarray(points_ijk, float).reshape(-1, 3)
+    return p @ ijk_to_phys[:3, :3].T + ijk_to_phys[:3, 3]
+
+
+def physical_to_ijk(points_phys: np.ndarray, ijk_to_phys: np.ndarray) -> np.ndarray:
+    p = np.asarray(points_phys, float).reshape(-1, 3)
+    inv = np.linalg.inv(ijk_to_phys)
+    return p @ inv[:3, :3].T + inv[:3, 3]
+
+
+def ras_to_lps(points: np.ndarray) -> np.ndarray:
+    p = np.array(points, float).reshape(-1, 3)
+    p[:, :2] *= -1
+    return p
+
+
+lps_to_ras = ras_to_lps  # the same sign flip
+
+
+def validate_array(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """Reject images SPD cannot segment: not 3D, empty, or with NaN/inf voxels."""
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(
+            f"The {what} has {array.ndim} dimensions {tuple(array.shape)}; SPD needs a 3D scalar volume. "
+            "Extract one time point or channel first (for a 2D image, stack it into a one-slice volume)."
+        )
+    if min(array.shape) < 1:
+        raise InputError(f"The {what} is empty: shape {tuple(array.shape)}.")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise InputError(
+            f"The {what} has {bad} NaN or infinite voxels; fill or mask them (e.g. replace with the minimum) and retry."
+        )
+    return array
+
+
+def from_sitk(image, name: str = "volume") -> Volume:
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3:
+        raise InputError(
+            f"The image has {image.GetDimension()} dimensions; SPD needs a 3D volume "
+            "(choose one time point of a 4D series, or stack a 2D image into a volume)."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"The image has {image.GetNumberOfComponentsPerPixel()} components per voxel; SPD needs a scalar volume."
+        )
+    array = validate_array(sitk.GetArrayFromImage(image))
+    matrix = geometry_matrix(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    return Volume(array=array, ijk_to_lps=matrix, name=name)
+
+
+def read(path: str | os.PathLike) -> Volume:
+    """Read NIfTI, NRRD, MHA (a file) or a DICOM series (a folder) keeping the geometry."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Image not found: {path}")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(f"No DICOM series found in folder {path}.")
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read image {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    name = path.name.split(".")[0]
+    return from_sitk(image, name=name)
+
+
+def to_sitk(array: np.ndarray, ijk_to_lps: np.ndarray):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(d) for d in (ijk_to_lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(o) for o in ijk_to_lps[:3, 3]])
+    return image
+
+
+def read_label(path: str | os.PathLike, like: Optional[Volume] = None) -> np.ndarray:
+    """Read a label map as uint8 foreground (label > 0); check it matches ``like``'s grid."""
+    label = read(path)
+    if like is not None:
+        if label.shape != like.shape or not np.allclose(label.ijk_to_lps, like.ijk_to_lps, atol=1e-3):
+            raise InputError(
+                f"Label {path} does not match its image: shape {label.shape} vs {like.shape} or different "
+                "origin/spacing/direction. Resample the label onto the image grid."
+            )
+    return (label.array > 0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- intensity
+
+def normalise(array: np.ndarray, modality: str = "auto", window: Optional[Tuple[float, float]] = None,
+              percentiles: Tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Map intensities to [0, 1] float32 without touching the input.
+
+    ``window`` (level, width) or a CT preset name applies a window; MR (and ``auto`` when the
+    range does not look like Hounsfield units) clips to robust percentiles of the nonzero voxels.
+    """
+    a = np.asarray(array, dtype=np.float32)
+    if isinstance(window, str):
+        if window not in CT_WINDOWS:
+            raise InputError(f"Unknown window preset {window!r}; choose one of {sorted(CT_WINDOWS)}.")
+        window = CT_WINDOWS[window]
+    if window is None and modality == "ct":
+        window = CT_WINDOWS["soft_tissue"]
+    if window is not None:
+        level, width = window
+        lo, hi = level - width / 2.0, level + width / 2.0
+    else:
+        sample = a[a != 0] if np.any(a != 0) else a.ravel()
+        if sample.size > 2_000_000:  # percentiles of a strided subsample are exact enough
+            sample = sample[:: sample.size // 1_000_000]
+        lo, hi = (float(v) for v in np.percentile(sample, percentiles))  # NumPy 2: a float64 scalar would upcast
+    if hi <= lo:
+        hi = lo + 1.0
+    out = (a - lo) / (hi - lo)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def intensity_range(array: np.ndarray, modality: str = "auto", window=None,
+                    percentiles: Tuple[float, float] = (0.5, 99.5)) -> Tuple[float, float]:
+    """The (lo, hi) that :func:`normalise` would use, so slices can be normalised one at a time."""
+    if isinstance(window, str):
+        window = CT_WINDOWS[window]
+    if window is None and modality == "ct":
+        window = CT_WINDOWS["soft_tissue"]
+    if window is not None:
+        return window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
+    step = max(1, array.size // 2_000_000)
+    sample = np.asarray(array).ravel()[::step]
+    nz = sample[sample != 0]
+    sample = nz if nz.size else sample
+    lo, hi = np.percentile(sample.astype(np.float32), percentiles)
+    return float(lo), float(max(hi, lo + 1.0))
+
+
+def apply_range(slice2d: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    out = (np.asarray(slice2d, np.float32) - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- slices
+
+def get_slice(array: np.ndarray, axis: int, t: int) -> np.ndarray:
+    return np.take(array, t, axis=axis)
+
+
+def slice_axes(axis: int) -> Tuple[int, int]:
+    """Array axes that become (row, col) of a slice along ``axis``."""
+    return tuple(a for a in range(3) if a != axis)  # type: ignore[return-value]
+
+
+def put_slice(volume_array: np.ndarray, axis: int, t: int, slice2d: np.ndarray) -> None:
+    index = [slice(None)] * 3
+    index[axis] = t
+    volume_array[tuple(index)] = slice2d
+
+
+@dataclass(frozen=True)
+class SliceTransform:
+    """Slice (h, w) <-> model input (size x size): resize the longest side, pad bottom/right.
+
+    Pixel-centre convention (as F.interpolate with align_corners=False and SAM's prompt encoder,
+    which adds 0.5): slice pixel index p maps to model index (p + 0.5) * scale - 0.5.
+    """
+
+    height: int
+    width: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        return self.size / max(self.height, self.width)
+
+    @property
+    def resized_hw(self) -> Tuple[int, int]:
+        return int(round(self.height * self.scale)), int(round(self.width * self.scale))
+
+    def rc_to_model_xy(self, rc: np.ndarray) -> np.ndarray:
+        rc = np.asarray(rc, float).reshape(-1, 2)
+        return (rc[:, ::-1] + 0.5) * self.scale - 0.5
+
+    def model_xy_to_rc(self, xy: np.ndarray) -> np.ndarray:
+        xy = np.asarray(xy, float).reshape(-1, 2)
+        return ((xy + 0.5) / self.scale - 0.5)[:, ::-1]
+
+    def box_rc_to_model(self, rc_min: np.ndarray, rc_max: np.ndarray) -> np.ndarray:
+        """Box (x0, y0, x1, y1) in model pixels around slice pixels rc_min..rc_max inclusive."""
+        lo = (np.asarray(rc_min, float)[::-1]) * self.scale
+        hi = (np.asarray(rc_max, float)[::-1] + 1.0) * self.scale - 1.0
+        return np.concatenate([lo, hi])
+
+
+def fingerprint_key(volume: Volume, axis: int, backbone_id: str, intensity: Tuple[float, float]) -> str:
+    return f"{volume.fingerprint()}:{axis}:{backbone_id}:{intensity[0]:.4g}:{intensity[1]:.4g}"
+
+
+# ---------------------------------------------------------------- output
+
+def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_lps: np.ndarray,
+                       segment_name: str = "Segment_1", color=(0.9, 0.6, 0.2)) -> Path:
+    """Write a Slicer ``.seg.nrrd`` (one binary segment) or a NIfTI/NRRD label map.
+
+    The file is written to a temporary name and renamed, so a failure leaves no partial file.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    mask = np.asarray(mask, dtype=np.uint8)
+    image = to_sitk(mask, ijk_to_lps)
+    name = path.name.lower()
+    if name.endswith(".seg.nrrd"):
+        extent = f"0 {mask.shape[2] - 1} 0 {mask.shape[1] - 1} 0 {mask.shape[0] - 1}"
+        fields = {
+            "Segmentation_MasterRepresentation": "Binary labelmap",
+            "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+            "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+            "Segment0_ID": "Segment_1",
+            "Segment0_Name": segment_name,
+            "Segment0_Color": " ".join(f"{c:g}" for c in color),
+            "Segment0_ColorAutoGenerated": "0",
+            "Segment0_LabelValue": "1",
+            "Segment0_Layer": "0",
+            "Segment0_Extent": extent,
+            "Segment0_Tags": "SPDSegment.method:SPD|",
+            "Segment0_NameAutoGenerated": "0",
+        }
+        for key, value in fields.items():
+            image.SetMetaData(key, value)
+    elif not (name.endswith(".nii") or name.endswith(".nii.gz") or name.endswith(".nrrd") or name.endswith(".mha")):
+        raise InputError(f"Unsupported output type {path.name}; use .seg.nrrd, .nii.gz, .nrrd or .mha.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if name.endswith((".seg.nrrd", ".nii.gz")) else path.suffix
+    tmp = path.with_name(f".{path.name}.partial{suffix}")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

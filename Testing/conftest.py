@@ -1,0 +1,42 @@
+"""Shared fixtures. The suite runs without desktop Slicer and without ../shared/data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "SPDSegment"))  # the core package, also when not pip-installed
+
+SAMPLE_DIR = ROOT / "Resources" / "SampleData"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_paths():
+    return {
+        "image": SAMPLE_DIR / "hippocampus_001_image.nii.gz",
+        "label": SAMPLE_DIR / "hippocampus_001_label.nii.gz",
+        "points": SAMPLE_DIR / "hippocampus_001_centerline.mrk.json",
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from SPDSegmentLib.models import load_backbone
+
+    return load_backbone("tiny_sam_test", device="cpu")
+
+
+@pytest.fixture()
+def oblique_volume():
+    """A small volume with an oblique direction, non-unit spacing and an offset origin."""
+    from SPDSegmentLib.volume import Volume, geometry_matrix
+
+    angle = np.deg2rad(20)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    matrix = geometry_matrix(origin=(10.0, -5.0, 3.0), spacing=(0.8, 0.9, 2.0), direction=direction.ravel())
+    rng = np.random.default_rng(0)
+    return Volume(array=rng.random((6, 12, 10)).astype(np.float32), ijk_to_lps=matrix, name="oblique")
