@@ -278,6 +278,21 @@ def test_editable_area_is_respected(app, loaded, sample):
     np.testing.assert_array_equal(sa.segment_array(segmentation_node, area, volume), area_mask)
 
 
+def test_editable_intensity_range_is_respected(app, loaded, sample):
+    volume, _ = sample
+    volume_node, _, segmentation_node, _ = loaded
+    segment_id = sa.add_segment(segmentation_node, "bright")
+    editor = sa.spd_editor_node(app.scene)
+    low, high = np.percentile(volume.array, [50, 100])
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(float(low), float(high))
+    box = box_mask(volume.shape, (4, 6, 8), (20, 30, 25))
+    sa.apply_mask_to_segment((segmentation_node, segment_id, volume_node), box, volume)
+    expected = box & ((volume.array >= low) & (volume.array <= high)).astype(np.uint8)
+    assert 0 < expected.sum() < box.sum()
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, segment_id, volume), expected)
+
+
 def test_volume_and_segmentation_under_one_transform(app, loaded, sample):
     volume_node, _, segmentation_node, _ = loaded
     transform_node, _ = add_linear_transform(app.scene, volume_node, angle_deg=30.0)
@@ -466,3 +481,25 @@ def test_real_pipeline_with_tiny_model(loaded, sample):
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     np.testing.assert_array_equal(sa.segment_array(segmentation_node, segment_id, volume),
                                   (np.asarray(result.mask) > 0).astype(np.uint8))
+
+
+def test_background_flow_reads_computes_then_writes(app, loaded, sample):
+    """The GUI's path: read nodes on the main thread, compute in a worker, write only after success."""
+    from SPDSegmentLib.runner import BackgroundRun
+
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    vol, voxel_prompts = sa.prepare_inputs(volume_node, markups_node, axis="axial")
+    assert voxel_prompts.axis == 0
+    segment = fake_segment(label)
+    run = BackgroundRun(lambda progress: segment(vol, voxel_prompts, None, progress=progress)).start()
+    assert run.wait(10)
+    segment_id = sa.write_result(run.result(), vol, volume_node, segmentation_node, None, "bg")
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, segment_id, volume_node), label)
+
+    cancelled = BackgroundRun(lambda progress: (progress.cancel(), segment(vol, voxel_prompts, None,
+                                                                           progress=progress))[1]).start()
+    assert cancelled.wait(10)
+    with pytest.raises(Cancelled):
+        cancelled.result()
+    assert segmentation_node.GetSegmentation().GetNumberOfSegments() == 1

@@ -89,7 +89,7 @@ def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: fl
         passes_own[t] = scores > tau
         for p, label, score, ok in zip(rc, labels, scores, passes_own[t]):
             status = "kept" if (ok or label == 0) else "rejected"
-            result.audit.append(AuditEntry(np.asarray(p, float), t, status, t, float(score), int(label)))
+            result.audit.append(AuditEntry(np.array(p, float), t, status, t, float(score), int(label)))  # a copy
 
     for t in targets:
         if t not in saliency:

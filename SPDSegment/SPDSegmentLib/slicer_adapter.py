@@ -16,8 +16,7 @@ Nothing is written unless the run succeeded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -99,6 +98,8 @@ def points_from_markups(markups_node, background_node=None):
     """
     from .prompts import from_ras
 
+    if markups_node is None:
+        raise InputError("Choose a point list (or curve) with clicks on the structure.")
     ras, labels, names = [], [], []
     for node, forced in ((markups_node, None), (background_node, 0)):
         if node is None:
@@ -176,7 +177,7 @@ def segment_array(segmentation_node, segment_id: str, geometry) -> np.ndarray:
 
 # ---------------------------------------------------------------- segment editor logic
 
-_LOGICS_BY_ID: Dict[Tuple[int, str], Any] = {}
+_LOGICS_BY_ID: Dict[str, Any] = {}
 
 
 def editor_logic_for(editor_node, max_undo_states: int = 10):
@@ -184,9 +185,9 @@ def editor_logic_for(editor_node, max_undo_states: int = 10):
     import slicer
 
     if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
-        raise InputError("Writing segments from the SPD module needs Slicer 5.10 or later (vtkSlicerSegmentEditorLogic); "
-                         "use the SPD effect in the Segment Editor instead.")
-    key = (id(editor_node.GetScene()), editor_node.GetID() or str(id(editor_node)))
+        raise InputError("Writing segments from the SPD module needs Slicer 5.10 or later "
+                         "(vtkSlicerSegmentEditorLogic); use the SPD effect in the Segment Editor instead.")
+    key = editor_node.GetAddressAsString("vtkObject")  # the C++ object, whatever its Python wrapper
     logic = _LOGICS_BY_ID.get(key)
     if logic is None or logic.GetSegmentEditorNode() is not editor_node:
         logic = slicer.vtkSlicerSegmentEditorLogic()
@@ -339,9 +340,9 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     Console use: ``run_spd_on_nodes(volume, points, segmentation)`` creates a segment named after the
     point list. ``model`` is a model name / checkpoint path (loaded with ``pipeline.load_model``; None is
     the default SPD model) or a loaded model. ``segment_fn(volume, prompts, model, options=...,
-    progress=...)`` replaces ``pipeline.segment`` (tests). The segment is created and written only after the run succeeded; with
-    ``editor_node`` its editable-area and overwrite settings apply, otherwise those of the scene's SPD
-    editor node. A failed or cancelled run raises and leaves the segmentation unchanged.
+    progress=...)`` replaces ``pipeline.segment`` (tests). The segment is created and written only after
+    the run succeeded; with ``editor_node`` its editable-area and overwrite settings apply, otherwise those
+    of the scene's SPD editor node. A failed or cancelled run raises and leaves the segmentation unchanged.
     """
     if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")

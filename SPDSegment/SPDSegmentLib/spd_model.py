@@ -8,6 +8,7 @@ Loading checks compatibility and says exactly what does not match.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -108,7 +109,12 @@ def read_header(path: os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a readable SPD model file ({exc}).") from exc
     if "spd_header" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not an SPD model (no spd_header).")
-    header = json.loads(metadata["spd_header"])
+    try:
+        header = json.loads(metadata["spd_header"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has a damaged SPD header (not JSON: {exc}).") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a damaged SPD header (a JSON {type(header).__name__}, not an object).")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}.")
     if int(header.get("format_version", 0)) > FORMAT_VERSION:
@@ -164,7 +170,12 @@ def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
             backbone.mask_decoder.load_state_dict({k: v.float() for k, v in groups["decoder"].items()})
     except RuntimeError as exc:
         raise CheckpointError(f"{path.name}: weights do not fit ({str(exc).splitlines()[0]}).") from exc
-    header["weights_sha"] = header.get("weights_sha") or str(path.stat().st_size)
+    if not header.get("weights_sha"):  # the cache identity of LoRA embeddings: a digest of the adapters
+        digest = hashlib.sha256()
+        for key in sorted(groups["lora"]):
+            digest.update(key.encode())
+            digest.update(groups["lora"][key].float().contiguous().numpy().tobytes())
+        header["weights_sha"] = digest.hexdigest()
     return SPDModel(backbone.to(device).eval(), head.to(device).eval(), header)
 
 

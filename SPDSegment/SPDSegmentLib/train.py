@@ -213,6 +213,10 @@ def train_stage2(config: TrainConfig, backbone, items: List[CaseData], progress:
         p.requires_grad_(False)
     for p in decoder.parameters():
         p.requires_grad_(True)
+    # The IoU head gets no gradient from the mask losses: freeze it, so that DDP does not wait for
+    # gradients that never come ("parameters that were not used in producing loss").
+    for p in decoder.iou_prediction_head.parameters():
+        p.requires_grad_(False)
     module = decoder
     if distributed:
         module = torch.nn.parallel.DistributedDataParallel(decoder)
@@ -224,10 +228,20 @@ def train_stage2(config: TrainConfig, backbone, items: List[CaseData], progress:
     decoder.train()
     loss_value = float("nan")
     pe = backbone.prompt_encoder.get_dense_pe()
+    max_draws = 100 * 2 * config.batch_size  # CPD may leave (almost) no prompts: never loop forever
     for step in range(config.stage2_steps):
         progress.step("stage 2 (decoder)", step, config.stage2_steps)
         jobs, targets, pair_index = [], [], []
+        draws = 0
         while len(jobs) < 2 * config.batch_size:
+            draws += 1
+            if draws > max_draws:
+                if jobs:
+                    break
+                raise InputError(
+                    f"Stage 2 found no slice with prompts after {max_draws} draws: the saliency head rejects "
+                    f"every simulated click at tau {config.tau}. Train stage 1 longer or lower --tau."
+                )
             i, t = generator.choice(pairs)
             item = items[i]
             prompts = generator.choice(item.prompts)
@@ -302,7 +316,10 @@ def train(config: TrainConfig, progress: Optional[Progress] = None) -> Path:
         add_lora(backbone.image_encoder, config.lora_rank)
         backbone.to(device)
     items = prepare(config, backbone, cache, progress)
-    if stage1_file.exists():  # resume: stage 1 already done
+    resume = stage1_file.exists()
+    if distributed:  # every rank decides before rank 0 can write stage1.pt
+        torch.distributed.barrier()
+    if resume:  # resume: stage 1 already done
         state = torch.load(stage1_file, map_location=device, weights_only=True)
         head.load_state_dict(state["head"])
         backbone.image_encoder.load_state_dict(state.get("lora", {}), strict=False)
@@ -311,7 +328,9 @@ def train(config: TrainConfig, progress: Optional[Progress] = None) -> Path:
         stage1_loss = train_stage1(config, backbone, head, items, progress, device)
         lora = {k: v for k, v in backbone.image_encoder.state_dict().items() if ".lora_" in k}
         if _rank_world(distributed)[0] == 0:
-            torch.save({"head": head.state_dict(), "lora": lora, "loss": stage1_loss}, stage1_file)
+            partial = stage1_file.with_name(stage1_file.name + ".partial")  # a crash leaves no half file
+            torch.save({"head": head.state_dict(), "lora": lora, "loss": stage1_loss}, partial)
+            os.replace(partial, stage1_file)
     if config.mode == "lora":  # stage 2 runs on frozen encoder features: encode once with the adapters
         for item in items:
             with torch.no_grad():

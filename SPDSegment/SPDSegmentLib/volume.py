@@ -54,7 +54,7 @@ class Volume:
         """Content hash of voxels and geometry: the key of the embedding cache."""
         h = hashlib.sha256()
         h.update(str(self.array.shape).encode() + str(self.array.dtype).encode())
-        h.update(np.ascontiguousarray(self.array).tobytes())
+        h.update(memoryview(np.ascontiguousarray(self.array)).cast("B"))  # no copy of a large volume
         h.update(np.round(self.ijk_to_lps, 6).tobytes())
         return h.hexdigest()[:32]
 

@@ -1,0 +1,219 @@
+"""Running SPD off the UI thread, without Qt: a worker thread the GUI polls (e.g. from a QTimer).
+
+Slicer's GUI and MRML belong to the main thread, so a run is three steps: read the nodes on the main
+thread (``slicer_adapter.prepare_inputs``), compute here in a worker (:func:`compute`), then write on the
+main thread (``slicer_adapter.write_result``) once :attr:`BackgroundRun.done` and only if it succeeded.
+Importing this module imports no torch.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .errors import InputError
+from .progress import Progress
+
+_MODELS: Dict[Tuple[str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(name_or_path: Optional[str] = None, device: str = "auto"):
+    """``pipeline.load_model`` once per (model, device) in this process (the GUI runs many previews)."""
+    from . import pipeline
+
+    key = (str(name_or_path or pipeline.DEFAULT_MODEL), device)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = pipeline.load_model(key[0], device=device)
+        return _MODELS[key]
+
+
+def forget_models() -> None:
+    """Drop the loaded models (and so their GPU memory once nothing else holds them)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
+def compute(volume, voxel_prompts, model=None, options=None, progress: Optional[Progress] = None,
+            device: str = "auto"):
+    """Load (cached) and segment: the part of a run that may take minutes. Touches no MRML."""
+    from . import pipeline
+    from .cache import default_cache
+
+    if model is None or isinstance(model, str):
+        model = cached_model(model, device)
+    return pipeline.segment(volume, voxel_prompts, model, options=options, progress=progress,
+                            cache=default_cache())
+
+
+class BackgroundRun:
+    """``work(progress)`` in a daemon thread; poll :attr:`done`, :meth:`state`, then :meth:`result`.
+
+    ``cancel()`` sets the Progress flag, so the pipeline stops at its next step and :meth:`result`
+    raises ``errors.Cancelled``.
+    """
+
+    def __init__(self, work: Callable[[Progress], Any], name: str = "SPD run"):
+        self._work = work
+        self._lock = threading.Lock()
+        self._state: Tuple[str, int, int] = ("starting", 0, 1)
+        self._result: Any = None
+        self._error: Optional[BaseException] = None
+        self.progress = Progress(self._on_progress)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        with self._lock:
+            self._state = (stage, int(done), int(total))
+
+    def _run(self) -> None:
+        try:
+            self._result = self._work(self.progress)
+        except BaseException as exc:  # handed to the main thread by result()
+            self._error = exc
+        finally:
+            self.finished_at = time.perf_counter()
+
+    def start(self) -> "BackgroundRun":
+        self.started_at = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.progress.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.progress.cancelled
+
+    @property
+    def done(self) -> bool:
+        return self.started_at is not None and not self._thread.is_alive()
+
+    def state(self) -> Tuple[str, int, int]:
+        """(stage, done, total) of the latest progress report."""
+        with self._lock:
+            return self._state
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return self.done
+
+    def result(self):
+        """The work's return value; re-raises its exception (Cancelled, InputError, ...) here."""
+        if not self.done:
+            raise RuntimeError("The run has not finished; poll `done` first.")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+# ---------------------------------------------------------------- batch (files in, files out; no MRML)
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+POINT_EXTENSIONS = (".mrk.json", ".json", ".csv", ".tsv", ".fcsv")
+
+
+def pair_cases(folder) -> List[Tuple[str, Path, Path]]:
+    """(name, image, points) for each image in ``folder`` with a point file named like it.
+
+    ``CASE.nii.gz`` pairs with ``CASE.mrk.json`` / ``CASE.csv``, or ``CASE_<anything>.mrk.json`` (e.g.
+    ``CASE_centerline.mrk.json``). Labels (``*_label*``) and earlier outputs (``*.seg.nrrd``) are skipped.
+    """
+    folder = Path(folder or "")
+    if not folder.is_dir():
+        raise InputError(f"Batch input folder {str(folder)!r} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    points = [p for p in files if p.name.lower().endswith(POINT_EXTENSIONS)]
+    cases, unmatched = [], []
+    for image in files:
+        lower = image.name.lower()
+        if not lower.endswith(IMAGE_EXTENSIONS) or lower.endswith(".seg.nrrd") or "_label" in lower:
+            continue
+        name = next(image.name[: -len(e)] for e in IMAGE_EXTENSIONS if lower.endswith(e))
+        stem = name[:-6] if name.endswith("_image") else name
+        match = [p for p in points if p.name.startswith((name + ".", name + "_", stem + ".", stem + "_"))]
+        if match:
+            cases.append((stem, image, match[0]))
+        else:
+            unmatched.append(image.name)
+    if not cases:
+        raise InputError(f"No image in {folder} has a point file named like it (CASE.nii.gz + CASE.mrk.json)"
+                         + (f"; images without points: {unmatched[:5]}" if unmatched else "") + ".")
+    return cases
+
+
+def run_batch(cases, output_folder, model=None, options=None, progress: Optional[Progress] = None,
+              device: str = "auto") -> List[Dict[str, Any]]:
+    """Segment each case and write ``OUT/NAME_spd.seg.nrrd``; one row per case (failures are reported, not
+    fatal). Cancellation stops before the next case; finished cases stay written."""
+    from . import prompts, volume as vol
+    from .errors import Cancelled, SPDError
+
+    progress = progress or Progress()
+    if not output_folder:
+        raise InputError("Choose an output folder for the batch.")
+    out_dir = Path(output_folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (name, image_path, points_path) in enumerate(cases):
+        progress.step("batch", index, len(cases))
+        t0 = time.perf_counter()
+        try:
+            image = vol.read(image_path)
+            voxel_prompts = prompts.to_voxels(prompts.read(points_path), image)
+            result = compute(image, voxel_prompts, model, options, progress, device)
+            path = vol.write_segmentation(out_dir / f"{name}_spd.seg.nrrd", result.mask, image.ijk_to_lps,
+                                          segment_name=name)
+            rows.append({"case": name, "output": str(path), "voxels": int(result.mask.sum()), "error": "",
+                         "seconds": round(time.perf_counter() - t0, 2)})
+        except Cancelled:
+            raise
+        except (SPDError, OSError, MemoryError) as exc:
+            rows.append({"case": name, "output": "", "voxels": 0, "error": str(exc),
+                         "seconds": round(time.perf_counter() - t0, 2)})
+    progress.step("batch", len(cases), len(cases))
+    return rows
+
+
+# ---------------------------------------------------------------- helpers for the module GUI (no Qt)
+
+def model_choices(default_spd_model: Optional[str] = None) -> List[Tuple[str, str]]:
+    """(name, title) for the model menu: the default SPD model, then the backbone catalogue."""
+    from . import pipeline
+    from .models.registry import catalogue
+
+    spd = default_spd_model or pipeline.DEFAULT_MODEL
+    return [(spd, f"{spd} (SPD model, bundled)")] + [(n, e["title"]) for n, e in catalogue().items()]
+
+
+def model_status(name: str) -> str:
+    from .models import registry
+
+    if name not in registry.catalogue():
+        return "SPD model bundled with the extension."
+    entry = registry.catalogue()[name]
+    size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
+    state = "on this machine" if registry.is_available(name) else f"not downloaded{size}"
+    return f"{state}; licence {entry['licence']}"
+
+
+def train_arguments(data_folder, output_path, epochs: int = 8, lora: bool = False, device: str = "auto"):
+    """Arguments after the Python executable for ``python -m SPDSegmentLib.cli train``."""
+    if not data_folder or not output_path:
+        raise InputError("Choose a data folder (imagesTr, labelsTr) and an output .spd.safetensors file.")
+    return ["-m", "SPDSegmentLib.cli", "train", "--data", str(data_folder), "--out", str(output_path),
+            "--stage1-epochs", str(int(epochs)), "--mode", "lora" if lora else "frozen", "--device", device]
+
+
+def parse_progress(line: str) -> Optional[float]:
+    """Fraction done from a tqdm line such as 'stage 1 (saliency):  40%|####  | 40/100 [00:10<00:15]'."""
+    match = re.search(r"(\d+)/(\d+)\s*\[", line)
+    if not match or int(match.group(2)) == 0:
+        return None
+    return min(1.0, int(match.group(1)) / int(match.group(2)))

@@ -1,0 +1,1 @@
+"""The SPD segment editor effect (SegmentEditorEffect.py), registered by the SegmentEditorSPD module."""

@@ -1,0 +1,69 @@
+"""The CMake lists stay true: every shipped file is listed in its module's CMakeLists.txt, and every
+listed file exists (a Slicer build copies only what is listed; a missing entry breaks the installed
+extension, a stale one breaks the build)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("SPDSegment", "SegmentEditorSPD")
+SHIPPED = (".py", ".json", ".png", ".ui", ".txt", ".safetensors")
+OPTIONAL = {".safetensors"}  # trained weights: listed only if present (see the foreach in the CMake file)
+
+
+def cmake_tokens(module: str) -> set:
+    text = (ROOT / module / "CMakeLists.txt").read_text(encoding="utf-8")
+    text = re.sub(r"#[^\n]*", "", text).replace("${MODULE_NAME}", module)
+    return set(re.findall(r"[^\s()\"]+", text))
+
+
+def shipped_files(module: str):
+    folder = ROOT / module
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or "__pycache__" in relative.parts or "Testing" in relative.parts:
+            continue
+        if path.name == "CMakeLists.txt" or path.name.startswith("."):
+            continue
+        if path.name.lower().endswith(SHIPPED):
+            yield relative.as_posix()
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_file_is_listed(module):
+    tokens = cmake_tokens(module)
+    missing = [f for f in shipped_files(module) if f not in tokens]
+    assert not missing, f"add to {module}/CMakeLists.txt: {missing}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_listed_file_exists(module):
+    listed = [t for t in cmake_tokens(module) if t.lower().endswith(SHIPPED) and not t.startswith("$")]
+    stale = [t for t in listed if not (ROOT / module / t).is_file() and Path(t).suffix not in OPTIONAL]
+    assert not stale, f"listed in {module}/CMakeLists.txt but missing: {stale}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_macro_and_tests(module):
+    text = (ROOT / module / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert f"set(MODULE_NAME {module})" in text
+
+
+def test_top_level_cmake():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "project(SPDSegment)" in text
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} \S", text), key
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert re.search(r'set\(EXTENSION_DEPENDS "?PyTorch"?\)', text)
+    order = ["find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(SPDSegment)",
+             "add_subdirectory(SegmentEditorSPD)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+             "include(${Slicer_EXTENSION_CPACK})"]
+    positions = [text.index(line) for line in order]
+    assert positions == sorted(positions)

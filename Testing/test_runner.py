@@ -1,0 +1,112 @@
+"""Background runs, batches and the GUI helpers of SPDSegmentLib.runner (no Qt, no Slicer)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from SPDSegmentLib import prompts, runner
+from SPDSegmentLib.errors import Cancelled, InputError
+from SPDSegmentLib.volume import read, read_label
+
+
+def test_background_run_returns_result_and_progress():
+    gate = threading.Event()
+
+    def work(progress):
+        progress.step("encode", 1, 4)
+        gate.wait(5)
+        return 42
+
+    run = runner.BackgroundRun(work).start()
+    with pytest.raises(RuntimeError, match="not finished"):
+        run.result()
+    gate.set()
+    assert run.wait(5) and run.done
+    assert run.state() == ("encode", 1, 4)
+    assert run.result() == 42
+
+
+def test_background_run_reraises_errors_and_cancels():
+    run = runner.BackgroundRun(lambda progress: (_ for _ in ()).throw(InputError("bad points"))).start()
+    run.wait(5)
+    with pytest.raises(InputError, match="bad points"):
+        run.result()
+
+    started = threading.Event()
+
+    def slow(progress):
+        for step in range(1000):
+            started.set()
+            progress.step("decode", step, 1000)
+            threading.Event().wait(0.005)
+        return "finished"
+
+    run = runner.BackgroundRun(slow).start()
+    started.wait(5)
+    run.cancel()
+    assert run.wait(5) and run.cancelled
+    with pytest.raises(Cancelled):
+        run.result()
+
+
+def test_parse_progress_and_train_arguments():
+    assert runner.parse_progress("stage 1 (saliency):  40%|####      | 40/100 [00:10<00:15,  4.00it/s]") == 0.4
+    assert runner.parse_progress("loading cases") is None
+    args = runner.train_arguments("/data/Task04", "/out/m.spd.safetensors", epochs=3, lora=True, device="cpu")
+    assert args[:3] == ["-m", "SPDSegmentLib.cli", "train"]
+    assert args[args.index("--stage1-epochs") + 1] == "3" and args[args.index("--mode") + 1] == "lora"
+    with pytest.raises(InputError):
+        runner.train_arguments("", "/out/m.spd.safetensors")
+
+
+def test_train_arguments_parse_with_the_cli():
+    cli = pytest.importorskip("SPDSegmentLib.cli")
+    parsed = cli.build_parser().parse_args(runner.train_arguments("/d", "/o.spd.safetensors", 2)[2:])
+    assert parsed.data == "/d" and parsed.out == "/o.spd.safetensors" and parsed.stage1_epochs == 2
+
+
+def test_model_menu_without_torch():
+    names = [name for name, _ in runner.model_choices()]
+    assert names[0].startswith("spd") and "litemedsam" in names and "tiny_sam_test" in names
+    assert "licence" in runner.model_status("sam_vit_b")
+    assert "bundled" in runner.model_status(names[0])
+
+
+def write_case(folder, name, sample_paths, points_name):
+    import shutil
+
+    shutil.copy(sample_paths["image"], folder / f"{name}.nii.gz")
+    volume = read(sample_paths["image"])
+    label = read_label(sample_paths["label"], like=volume)
+    k, j, i = np.argwhere(label > 0)[len(np.argwhere(label > 0)) // 2]
+    lps = (volume.ijk_to_lps @ [i, j, k, 1.0])[:3]
+    prompts.write_markups(folder / points_name, lps[None])
+
+
+def test_pair_cases(tmp_path, sample_paths):
+    write_case(tmp_path, "a", sample_paths, "a_centerline.mrk.json")
+    write_case(tmp_path, "b", sample_paths, "b.mrk.json")
+    (tmp_path / "c.nii.gz").write_bytes(b"")  # an image without points is left out
+    (tmp_path / "a_label.nii.gz").write_bytes(b"")
+    cases = runner.pair_cases(tmp_path)
+    assert [(name, image.name, points.name) for name, image, points in cases] == [
+        ("a", "a.nii.gz", "a_centerline.mrk.json"), ("b", "b.nii.gz", "b.mrk.json")]
+    with pytest.raises(InputError, match="does not exist"):
+        runner.pair_cases(tmp_path / "nope")
+
+
+def test_run_batch_with_tiny_model(tmp_path, sample_paths):
+    pytest.importorskip("SPDSegmentLib.pipeline")
+    from SPDSegmentLib.pipeline import SegmentOptions
+
+    write_case(tmp_path, "a", sample_paths, "a.mrk.json")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    prompts.write_markups(tmp_path / "broken.mrk.json", np.zeros((1, 3)))
+    model = runner.cached_model("tiny_sam_test", "cpu")
+    assert runner.cached_model("tiny_sam_test", "cpu") is model
+    rows = runner.run_batch(runner.pair_cases(tmp_path), tmp_path / "out", model, SegmentOptions(mode="raw"))
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["a"]["error"] == "" and (tmp_path / "out" / "a_spd.seg.nrrd").is_file()
+    assert by_case["broken"]["error"] and not (tmp_path / "out" / "broken_spd.seg.nrrd").exists()
