@@ -40,3 +40,14 @@ def oblique_volume():
     matrix = geometry_matrix(origin=(10.0, -5.0, 3.0), spacing=(0.8, 0.9, 2.0), direction=direction.ravel())
     rng = np.random.default_rng(0)
     return Volume(array=rng.random((6, 12, 10)).astype(np.float32), ijk_to_lps=matrix, name="oblique")
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Heavy test modules run torch on one thread (CI has 2 cores shared with other work)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

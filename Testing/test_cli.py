@@ -16,12 +16,7 @@ from SPDSegmentLib import volume as vol
 from SPDSegmentLib.saliency import SaliencyHead
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # 2-core machines: no oversubscription
 
 
 @pytest.fixture(scope="module")

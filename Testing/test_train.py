@@ -27,12 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "Resources" / "SampleData"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # 2-core machines: no oversubscription
 
 
 def ellipsoid_case(shape=(20, 32, 24), spacing=(1.0, 1.0, 1.5), seed=0):

@@ -155,6 +155,7 @@ def cmd_train(args) -> int:
                          modality=args.modality, backbone=args.backbone, mode=args.mode, lora_rank=args.lora_rank,
                          stage1_epochs=args.stage1_epochs, stage2_steps=args.stage2_steps,
                          psc_weight=args.psc_weight, prompt_mode=args.prompt_mode, local_only=args.local_only,
+                         dense_prior=args.dense_prior,
                          seed=args.seed, device=args.device, cache_dir=args.cache_dir, batch_size=args.batch_size,
                          tau=args.tau, neighbours=args.neighbours)
     t0 = time.perf_counter()
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psc-weight", type=float, default=0.5)
     p.add_argument("--prompt-mode", default="spd", choices=["spd", "raw"])
     p.add_argument("--local-only", action="store_true")
+    p.add_argument("--dense-prior", action="store_true",
+                   help="also feed the saliency logits to the decoder as SAM's dense mask prompt")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--neighbours", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -260,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="benchmark")
     p.add_argument("--cache-dir", help="embedding cache on disk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unet-epochs", type=int, default=30, help="train the U-Net baseline if it is missing")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 

@@ -23,6 +23,7 @@ METHODS = {
     "spd_local": "SPD ablation: local validation only",
     "spd_no_psc": "SPD ablation: CPD without PSC",
     "spd": "SPD (ours)",
+    "spd_dense": "SPD + dense saliency prompt (ours)",
 }
 
 
@@ -90,11 +91,12 @@ def _model_files(models_dir: Path, dataset: str) -> Dict[str, Path]:
     return {"spd": models_dir / f"{dataset}_spd.spd.safetensors",
             "spd_no_psc": models_dir / f"{dataset}_spd_nopsc.spd.safetensors",
             "sam_tuning": models_dir / f"{dataset}_samtune.spd.safetensors",
+            "spd_dense": models_dir / f"{dataset}_spd_dense.spd.safetensors",
             "unet": models_dir / f"{dataset}_unet.pt"}
 
 
 def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: List[str], seed: int, cache,
-                     device: str, log) -> List[dict]:
+                     device: str, log, unet_epochs: int = 30) -> List[dict]:
     from . import prompts as P
     from . import spd_model, unet
     from .data import find_cases, load_split
@@ -114,8 +116,14 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
         spd = spd_model.load(files["spd"], device)
         models["spd_local"] = (spd, SegmentOptions(mode="spd", local_only=True))
         models["spd"] = (spd, SegmentOptions(mode="spd"))
+    if files["spd_dense"].exists():
+        models["spd_dense"] = (spd_model.load(files["spd_dense"], device), SegmentOptions(mode="spd"))
     if files["spd_no_psc"].exists():
         models["spd_no_psc"] = (spd_model.load(files["spd_no_psc"], device), SegmentOptions(mode="spd"))
+    if not files["unet"].exists() and unet_epochs > 0:  # baseline (d) trains on the same split
+        log(f"{dataset}: training the U-Net baseline ({unet_epochs} epochs)")
+        unet.train_unet(find_cases(data_root / dataset, split["train"]), axis, files["unet"], epochs=unet_epochs,
+                        seed=seed)
     unet_net = unet.load(files["unet"]) if files["unet"].exists() else None
     rows = []
     for index, case in enumerate(find_cases(data_root / dataset, split["test"])):
@@ -233,7 +241,8 @@ def run_benchmark(args) -> None:
     rows = []
     for dataset in args.datasets:
         rows += evaluate_dataset(dataset, Path(args.data_root), Path(args.models_dir), args.levels, args.seed,
-                                 cache, device, log=lambda line: print(line, flush=True))
+                                 cache, device, log=lambda line: print(line, flush=True),
+                                 unet_epochs=args.unet_epochs)
     summary = summarise(rows, args.levels)
     meta = {"command": "spd " + " ".join(sys.argv[1:]), "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, device {device}"}

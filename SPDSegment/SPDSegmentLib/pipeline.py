@@ -102,8 +102,12 @@ def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intens
 
 
 def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, int],
-                  batch_size: int = 32) -> Dict[int, np.ndarray]:
-    """Per-slice saliency probabilities on the slice grid."""
+                  batch_size: int = 32, dense: Optional[dict] = None) -> Dict[int, np.ndarray]:
+    """Per-slice saliency probabilities on the slice grid.
+
+    If ``dense`` is a dict, it receives each slice's saliency logits in the model frame at the
+    decoder's mask-prompt resolution (for models trained with the dense prior).
+    """
     import torch
 
     ts = sorted(embeddings)
@@ -113,14 +117,20 @@ def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, i
         for start in range(0, len(ts), batch_size):
             batch = ts[start:start + batch_size]
             emb = torch.stack([embeddings[t] for t in batch]).to(device)
-            logits = model.backbone.to_slice(model.head(emb), *shape_hw)
+            head_logits = model.head(emb)
+            logits = model.backbone.to_slice(head_logits, *shape_hw)
             for t, prob in zip(batch, torch.sigmoid(logits).float().cpu().numpy()):
                 maps[t] = prob
+            if dense is not None:
+                for t, low in zip(batch, model.backbone.mask_prompt(head_logits)):
+                    dense[t] = low
     return maps
 
 
-def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress) -> Dict[int, np.ndarray]:
-    """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None). Returns t -> bool mask."""
+def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=None) -> Dict[int, np.ndarray]:
+    """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None); dense: t -> mask prompt.
+
+    Returns t -> bool mask on the slice grid."""
     import torch
 
     from .models.backbone import pad_points
@@ -139,8 +149,11 @@ def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress) -> Dict[
         boxes = None
         if batch[0][3] is not None:
             boxes = torch.as_tensor(np.stack([b for *_, b in batch]), dtype=torch.float32)
+        mask_input = None
+        if dense:
+            mask_input = torch.stack([dense[t] for t, *_ in batch]).to(device)
         with torch.inference_mode():
-            low_res, _ = backbone.decode(emb, points, labels, boxes)
+            low_res, _ = backbone.decode(emb, points, labels, boxes, mask_input)
             logits = backbone.to_slice(low_res.float(), *shape_hw).cpu().numpy()
         for (t, *_), lg in zip(batch, logits):
             masks[t] = lg > 0
@@ -190,11 +203,12 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
 
     transform = backbone.transform(*shape_hw)
     audit: List[cpd.AuditEntry] = []
-    saliency = None
+    saliency = dense = None
     jobs = []
     if mode == "spd":
         t0 = time.perf_counter()
-        maps = saliency_maps(model, embeddings, shape_hw)
+        dense = {} if model.header.get("dense_prior") else None
+        maps = saliency_maps(model, embeddings, shape_hw, dense=dense)
         result = cpd.distill(by_slice, maps, tau=tau, neighbours=n, targets=targets, local_only=options.local_only)
         audit = result.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
@@ -231,9 +245,9 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     # prompt-free (saliency box only) slices are decoded in their own batch
     with_points = [j for j in jobs if len(j[1])]
     box_only = [j for j in jobs if not len(j[1])]
-    slice_masks = _decode(backbone, embeddings, with_points, shape_hw, options.batch_size, progress)
+    slice_masks = _decode(backbone, embeddings, with_points, shape_hw, options.batch_size, progress, dense)
     if box_only:
-        slice_masks.update(_decode(backbone, embeddings, box_only, shape_hw, options.batch_size, progress))
+        slice_masks.update(_decode(backbone, embeddings, box_only, shape_hw, options.batch_size, progress, dense))
     timings["decode_s"] = time.perf_counter() - t0
     progress.check()
 

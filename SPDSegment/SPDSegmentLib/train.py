@@ -59,6 +59,7 @@ class TrainConfig:
     psc_weight: float = 0.5
     prompt_mode: str = "spd"  # "spd" (consensus prompts) or "raw" (SAM-Tuning baseline)
     local_only: bool = False
+    dense_prior: bool = False  # also give the decoder the saliency logits as SAM's dense mask prompt
     noise_levels: Tuple[str, ...] = ("mild", "moderate", "severe")
     prompt_seeds: int = 3
     seed: int = 0
@@ -82,6 +83,7 @@ class CaseData:
     targets: Dict[int, torch.Tensor] = field(default_factory=dict)
     embeddings: Dict[int, torch.Tensor] = field(default_factory=dict)
     saliency: Dict[int, np.ndarray] = field(default_factory=dict)
+    dense: Dict[int, torch.Tensor] = field(default_factory=dict)  # saliency logits as SAM mask prompts
     prompts: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
 
 
@@ -182,9 +184,11 @@ def compute_saliency(backbone, head, items: List[CaseData], device: str) -> None
         for start in range(0, len(ts), 16):
             batch = ts[start:start + 16]
             emb = torch.stack([item.embeddings[t] for t in batch]).to(device)
-            maps = torch.sigmoid(backbone.to_slice(head(emb), *item.shape_hw)).cpu().numpy()
-            for t, m in zip(batch, maps):
+            head_logits = head(emb)
+            maps = torch.sigmoid(backbone.to_slice(head_logits, *item.shape_hw)).cpu().numpy()
+            for t, m, low in zip(batch, maps, backbone.mask_prompt(head_logits).cpu()):
                 item.saliency[t] = m
+                item.dense[t] = low
 
 
 def _prompt_for(config: TrainConfig, backbone, item: CaseData, prompts, t: int):
@@ -251,14 +255,17 @@ def train_stage2(config: TrainConfig, backbone, items: List[CaseData], progress:
                 continue
             for tt, job in ((t, first), (t + 1, second)):
                 if job is not None:
-                    jobs.append((item.embeddings[tt], *job))
+                    jobs.append((item.embeddings[tt], *job, item.dense[tt]))
                     targets.append(item.targets[tt])
             pair_index.append(len(jobs) - 2 if first is not None and second is not None else -1)
         emb = torch.stack([j[0] for j in jobs]).to(device)
         points, labels = pad_points([j[1] for j in jobs], [j[2] for j in jobs])
         boxes = torch.as_tensor(np.stack([j[3] for j in jobs]), dtype=torch.float32, device=device)
+        mask_input = None
+        if config.dense_prior and config.prompt_mode == "spd":
+            mask_input = torch.stack([j[4] for j in jobs]).to(device)
         sparse, dense = backbone.prompt_encoder(points=(points.to(device), labels.to(device)),
-                                                boxes=boxes[:, None, :], masks=None)
+                                                boxes=boxes[:, None, :], masks=mask_input)
         low_res, _ = module(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
                             dense_prompt_embeddings=dense, multimask_output=False)
         logits = _upsample(low_res, backbone.input_size)
@@ -342,6 +349,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None) -> Path:
         backbone, head, config.lora_rank if config.mode == "lora" else 0, config.tau, config.neighbours,
         decoder_tuned=bool(config.stage2_steps), prompt_mode=config.prompt_mode, axis=config.axis,
         psc_weight=config.psc_weight, local_only=config.local_only,
+        dense_prior=bool(config.dense_prior and config.prompt_mode == "spd"),
         training={"data": Path(config.data).name, "cases": [i.case.name for i in items], "mode": config.mode,
                   "noise_levels": list(config.noise_levels), "seed": config.seed,
                   "stage1_epochs": config.stage1_epochs, "stage2_steps": config.stage2_steps,

@@ -83,6 +83,11 @@ class Backbone(nn.Module):
                                         multimask_output=False)
         return logits, iou[:, 0]
 
+    def mask_prompt(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, h, w) in the model frame -> SAM's dense mask prompt size (B, 1, 4E, 4E)."""
+        size = tuple(4 * s for s in self.prompt_encoder.image_embedding_size)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
     def to_slice(self, low_res_logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Low-resolution logits (B, 1, L, L) -> logits on the slice grid (B, h, w)."""
         tf = self.transform(height, width)
