@@ -23,6 +23,7 @@ METHODS = {
     "spd_local": "SPD ablation: local validation only",
     "spd_no_psc": "SPD ablation: CPD without PSC",
     "spd": "SPD (ours)",
+    "spd_fill": "SPD, empty slices from saliency (ours)",
     "spd_dense": "SPD + dense saliency prompt (ours)",
 }
 
@@ -116,6 +117,7 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
         spd = spd_model.load(files["spd"], device)
         models["spd_local"] = (spd, SegmentOptions(mode="spd", local_only=True))
         models["spd"] = (spd, SegmentOptions(mode="spd"))
+        models["spd_fill"] = (spd, SegmentOptions(mode="spd", empty_slice="saliency"))
     if files["spd_dense"].exists():
         models["spd_dense"] = (spd_model.load(files["spd_dense"], device), SegmentOptions(mode="spd"))
     if files["spd_no_psc"].exists():
