@@ -272,3 +272,19 @@ def test_resolve():
     else:
         with pytest.raises(CheckpointError, match="missing"):
             spd_model.resolve("spd-hippocampus")
+
+
+def test_update_header_keeps_weights(tmp_path, tiny_backbone):
+    from safetensors.torch import load_file
+
+    from SPDSegmentLib import spd_model as sm
+    from SPDSegmentLib.saliency import SaliencyHead
+
+    head = SaliencyHead(tiny_backbone.embed_dim, 8)
+    path = sm.save(tmp_path / "m.spd.safetensors", tiny_backbone, head,
+                   sm.make_header(tiny_backbone, head, 0, 0.5, 2, decoder_tuned=False))
+    before = load_file(str(path))
+    header = sm.update_header(path, evaluation={"dice": {"moderate": 0.8}})
+    assert sm.read_header(path)["evaluation"] == {"dice": {"moderate": 0.8}} == header["evaluation"]
+    after = load_file(str(path))
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)

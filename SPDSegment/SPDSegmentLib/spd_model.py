@@ -125,6 +125,24 @@ def read_header(path: os.PathLike) -> dict:
     return header
 
 
+def update_header(path: os.PathLike, **fields) -> dict:
+    """Add fields (e.g. evaluation metrics measured after training) to a model file's header."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    header = read_header(path)
+    header.update(fields)
+    tensors = load_file(str(path), device="cpu")
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return header
+
+
 def is_spd_file(path: os.PathLike) -> bool:
     return str(path).endswith(SUFFIX) or str(path).endswith(".safetensors")
 
