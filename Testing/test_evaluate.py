@@ -52,7 +52,7 @@ def test_summary_statistics_and_reports(tmp_path):
     for name in ("per_case.csv", "summary.csv", "results.md", "dice_vs_noise.png", "meta.json"):
         assert (tmp_path / name).stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
-    assert "SPD (ours)" in table and "0.0312" in table
+    assert "SPD, empty slices skipped" in table and "0.0312" in table
 
 
 def test_unet_baseline_trains_and_predicts(tmp_path, sample_paths, torch_one_thread):

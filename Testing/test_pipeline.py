@@ -246,7 +246,7 @@ def test_tau_and_neighbours_options_override_the_model(case, tiny_backbone, spd_
 
 def test_local_only_borrows_nothing(case, tiny_backbone, spd_cache):
     volume, prompts = case
-    result = segment(volume, prompts, spd(tiny_backbone, bias=10.0), SegmentOptions(local_only=True),
+    result = segment(volume, prompts, spd(tiny_backbone, bias=10.0), SegmentOptions(local_only=True, empty_slice="skip"),
                      cache=spd_cache)
     assert result.audit_counts()["borrowed"] == 0
     assert result.slices == prompted_slices(prompts)

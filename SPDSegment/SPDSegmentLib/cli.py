@@ -188,7 +188,8 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=None, help="saliency threshold (default: the model's, 0.5)")
     p.add_argument("--neighbours", type=int, default=None, help="neighbour slices n (default: the model's, 2)")
     p.add_argument("--no-box", action="store_true", help="raw mode: points only, no box around them")
-    p.add_argument("--empty-slice", default="skip", choices=["skip", "saliency"])
+    p.add_argument("--empty-slice", default="saliency", choices=["skip", "saliency"],
+                   help="SPD: a slice left without prompts is decoded from its saliency box (default) or skipped")
     p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"))
     p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"])
     p.add_argument("--window", default=None, help="CT window: preset (soft_tissue, abdomen, lung, bone, brain) "
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="embedding cache on disk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-epochs", type=int, default=30, help="train the U-Net baseline if it is missing")
+    p.add_argument("--merge", nargs="*", default=[], help="per_case.csv files of earlier runs to report with")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 

@@ -22,10 +22,11 @@ METHODS = {
     "unet": "Supervised 2D U-Net (no prompts)",
     "spd_local": "SPD ablation: local validation only",
     "spd_no_psc": "SPD ablation: CPD without PSC",
-    "spd": "SPD (ours)",
-    "spd_fill": "SPD, empty slices from saliency (ours)",
-    "spd_dense": "SPD + dense saliency prompt (ours)",
+    "spd": "SPD, empty slices skipped",
+    "spd_dense": "SPD + dense saliency prompt",
+    "spd_fill": "SPD (default: empty slices from saliency)",
 }
+REFERENCE = "spd_fill"  # what the Wilcoxon tests compare against: SPD as shipped
 
 
 def dice_score(prediction: np.ndarray, label: np.ndarray) -> float:
@@ -115,13 +116,15 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
         models["sam_tuning"] = (spd_model.load(files["sam_tuning"], device), SegmentOptions(mode="raw", use_box=True))
     if files["spd"].exists():
         spd = spd_model.load(files["spd"], device)
-        models["spd_local"] = (spd, SegmentOptions(mode="spd", local_only=True))
-        models["spd"] = (spd, SegmentOptions(mode="spd"))
+        models["spd_local"] = (spd, SegmentOptions(mode="spd", local_only=True, empty_slice="skip"))
+        models["spd"] = (spd, SegmentOptions(mode="spd", empty_slice="skip"))
         models["spd_fill"] = (spd, SegmentOptions(mode="spd", empty_slice="saliency"))
     if files["spd_dense"].exists():
-        models["spd_dense"] = (spd_model.load(files["spd_dense"], device), SegmentOptions(mode="spd"))
+        models["spd_dense"] = (spd_model.load(files["spd_dense"], device),
+                               SegmentOptions(mode="spd", empty_slice="skip"))
     if files["spd_no_psc"].exists():
-        models["spd_no_psc"] = (spd_model.load(files["spd_no_psc"], device), SegmentOptions(mode="spd"))
+        models["spd_no_psc"] = (spd_model.load(files["spd_no_psc"], device),
+                                SegmentOptions(mode="spd", empty_slice="skip"))
     if not files["unet"].exists() and unet_epochs > 0:  # baseline (d) trains on the same split
         log(f"{dataset}: training the U-Net baseline ({unet_epochs} epochs)")
         unet.train_unet(find_cases(data_root / dataset, split["train"]), axis, files["unet"], epochs=unet_epochs,
@@ -155,14 +158,16 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
     return rows
 
 
-def summarise(rows: List[dict], levels: List[str]) -> List[dict]:
+def summarise(rows: List[dict], levels: List[str], reference: str = REFERENCE) -> List[dict]:
     from scipy.stats import wilcoxon
 
+    if not any(r["method"] == reference for r in rows):
+        reference = "spd"
     summary = []
     for dataset in sorted({r["dataset"] for r in rows}):
         for level in levels:
             subset = [r for r in rows if r["dataset"] == dataset and r["level"] == level]
-            spd = {r["case"]: r for r in subset if r["method"] == "spd"}
+            spd = {r["case"]: r for r in subset if r["method"] == reference}
             for method in METHODS:
                 mine = [r for r in subset if r["method"] == method]
                 if not mine:
@@ -173,12 +178,13 @@ def summarise(rows: List[dict], levels: List[str]) -> List[dict]:
                     entry[f"{metric}_mean"], entry[f"{metric}_sd"] = float(values.mean()), float(values.std(ddof=1)) \
                         if len(values) > 1 else 0.0
                 p = None
-                if method != "spd" and spd:
+                if method != reference and spd:
                     pairs = [(spd[r["case"]]["dice"], r["dice"]) for r in mine if r["case"] in spd]
                     diffs = [a - b for a, b in pairs]
                     if len(pairs) >= 2 and any(abs(d) > 1e-12 for d in diffs):
                         p = float(wilcoxon([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
                 entry["wilcoxon_p_vs_spd"] = p
+                entry["reference"] = reference
                 summary.append(entry)
     return summary
 
@@ -202,7 +208,7 @@ def write_reports(rows: List[dict], summary: List[dict], levels: List[str], out_
     for dataset in sorted({s["dataset"] for s in summary}):
         n = max(s["n"] for s in summary if s["dataset"] == dataset)
         lines += [f"### {dataset} ({n} test cases)", "",
-                  "| method | level | Dice | HD95 (mm) | ASD (mm) | Wilcoxon p (Dice vs SPD) |",
+                  "| method | level | Dice | HD95 (mm) | ASD (mm) | Wilcoxon p (Dice vs SPD default) |",
                   "|---|---|---|---|---|---|"]
         for s in (s for s in summary if s["dataset"] == dataset):
             p = "" if s["wilcoxon_p_vs_spd"] is None else f"{s['wilcoxon_p_vs_spd']:.3g}"
@@ -230,6 +236,18 @@ def write_reports(rows: List[dict], summary: List[dict], levels: List[str], out_
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def read_rows(paths: List[Path]) -> List[dict]:
+    """Per-case rows back from per_case.csv files (to merge runs or rewrite reports)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key in ("dice", "hd95", "asd", "seconds"):
+                    row[key] = float(row[key])
+                rows.append(row)
+    return rows
+
+
 def run_benchmark(args) -> None:
     import platform
     import sys
@@ -240,7 +258,7 @@ def run_benchmark(args) -> None:
 
     device = resolve_device(args.device)
     cache = EmbeddingCache(max_bytes=2 << 30, directory=args.cache_dir)
-    rows = []
+    rows = read_rows([Path(p) for p in args.merge]) if args.merge else []
     for dataset in args.datasets:
         rows += evaluate_dataset(dataset, Path(args.data_root), Path(args.models_dir), args.levels, args.seed,
                                  cache, device, log=lambda line: print(line, flush=True),
