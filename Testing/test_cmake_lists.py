@@ -26,6 +26,8 @@ def shipped_files(module: str):
         relative = path.relative_to(folder)
         if not path.is_file() or "__pycache__" in relative.parts or "Testing" in relative.parts:
             continue
+        if any(part.endswith(".egg-info") for part in relative.parts):  # pip's build metadata, not shipped
+            continue
         if path.name == "CMakeLists.txt" or path.name.startswith("."):
             continue
         if path.name.lower().endswith(SHIPPED):
