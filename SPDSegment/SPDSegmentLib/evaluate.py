@@ -223,7 +223,7 @@ def write_reports(rows: List[dict], summary: List[dict], levels: List[str], out_
             values = [next((s["dice_mean"] for s in summary if s["dataset"] == dataset and s["level"] == lv
                             and s["method"] == method), np.nan) for lv in levels]
             if not np.all(np.isnan(values)):
-                ax.plot(levels, values, marker="o", label=title, linewidth=2.5 if method == "spd" else 1.2)
+                ax.plot(levels, values, marker="o", label=title, linewidth=2.5 if method == REFERENCE else 1.2)
         ax.set_title(dataset)
         ax.set_xlabel("noise level")
         ax.set_ylabel("Dice")
