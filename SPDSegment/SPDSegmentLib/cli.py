@@ -194,7 +194,8 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"])
     p.add_argument("--window", default=None, help="CT window: preset (soft_tissue, abdomen, lung, bone, brain) "
                                                   "or LEVEL,WIDTH")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="slices per encoder/decoder call "
+                                                                  "(default: 1 on a CPU, 16 on a GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,10 +92,12 @@ def run_speed_benchmark(args) -> None:
         case = find_cases(la_root, load_split("left_atrium")["test"][:1])[0]
         volume, label = case.load()
         cases.append((case.name, volume, 0, label))
-    encoder_rate, decoder_rate = _throughput(backbone, batch=8)
+    batch = 1 if backbone.device.type == "cpu" else 16  # the pipeline's default (see SegmentOptions)
+    encoder_rate, decoder_rate = _throughput(backbone, batch=batch)
     print(f"device {backbone.device}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"{platform.machine()}; {date.today()}")
-    print(f"encoder {encoder_rate:.2f} slices/s (batch 8), decoder {decoder_rate:.1f} prompts/s (batch 32)")
+    print(f"encoder {encoder_rate:.2f} slices/s (batch {batch}), decoder {decoder_rate:.1f} prompts/s "
+          f"(batch {batch * 4})")
     print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'re-prompt s':>11} {'naive/SPD':>9}")
     for name, volume, axis, label in cases:
         prompts = _case(volume, label, axis)
