@@ -78,8 +78,6 @@ def make_header(backbone, head: SaliencyHead, lora_rank: int, tau: float, neighb
 
 
 def save(path: os.PathLike, backbone, head: SaliencyHead, header: dict) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     if header.get("lora_rank", 0) > 0:
@@ -88,6 +86,13 @@ def save(path: os.PathLike, backbone, head: SaliencyHead, header: dict) -> Path:
     if header.get("decoder_tuned"):
         tensors.update({f"decoder.{k}": v.detach().cpu().half().contiguous()
                         for k, v in backbone.mask_decoder.state_dict().items()})
+    return _write(path, tensors, header)
+
+
+def _write(path: Path, tensors: dict, header: dict) -> Path:
+    """Atomic write (temporary name, then rename): a failure leaves no partial model file."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
@@ -127,19 +132,12 @@ def read_header(path: os.PathLike) -> dict:
 
 def update_header(path: os.PathLike, **fields) -> dict:
     """Add fields (e.g. evaluation metrics measured after training) to a model file's header."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(path)
     header = read_header(path)
     header.update(fields)
-    tensors = load_file(str(path), device="cpu")
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _write(path, load_file(str(path), device="cpu"), header)
     return header
 
 
