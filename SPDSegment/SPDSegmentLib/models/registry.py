@@ -153,7 +153,8 @@ def assemble(name: str, architecture: str, input_size: int, normalisation: str, 
                 f"(e.g. {missing[:2]}) and {len(result.unexpected_keys)} unexpected "
                 f"(e.g. {result.unexpected_keys[:2]}). Choose the matching model type."
             )
-    return backbone.to(device).eval()
+    backbone = backbone.to(device).eval()
+    return backbone.use_channels_last() if device == "cpu" else backbone
 
 
 def load_backbone(name_or_path: str = DEFAULT_MODEL, device: str = "auto", allow_download: bool = True,
