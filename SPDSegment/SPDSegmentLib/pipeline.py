@@ -38,8 +38,8 @@ class SegmentOptions:
     slice_range: Optional[Tuple[int, int]] = None  # inclusive range of slices to segment
     modality: str = "auto"  # "auto", "mr" or "ct"
     window: object = None  # CT (level, width) or a preset name
-    # None: 1 on a CPU, 16 on a GPU. Measured on a 2-core CPU (docs/performance.md): batch 1 encodes
-    # 0.78 slices/s against 0.54 at batch 8, and decodes 18.5 prompts/s against 11.4 at batch 16.
+    # None: 1 on a CPU, 16 on a GPU. On a 2-core CPU batch 1 is the fastest for both the encoder and
+    # the decoder (scripts/encoder_sweep.py, docs/performance.md).
     batch_size: Optional[int] = None
     return_saliency: bool = False
 
