@@ -18,12 +18,14 @@ from SPDSegmentLib.volume import LPS_TO_RAS, read, read_label  # noqa: E402
 from slicer_app import make_standalone_app  # noqa: E402
 
 
-@dataclass
-class FakeAudit:
-    ijk: np.ndarray
-    slice: int
-    status: str
-    source_slice: int
+def audit_at(ijk, status, source_slice, axis):
+    """A real AuditEntry for the voxel ``ijk`` on a run along ``axis`` (rc + slice, as the pipeline makes)."""
+    from SPDSegmentLib.distill import AuditEntry
+
+    index = np.asarray(ijk, float)[::-1]  # (k, j, i)
+    others = [a for a in range(3) if a != axis]
+    return AuditEntry(rc=index[others], slice=int(index[axis]), status=status, source_slice=source_slice,
+                      score=0.9)
 
 
 @dataclass
@@ -44,9 +46,9 @@ def fake_segment(mask):
         if progress is not None:
             progress.step("segment", 1, 1)
         return FakeResult(mask=mask.copy(), saliency=mask.astype(np.float32) * 0.8,
-                          audit=[FakeAudit(np.array([5.0, 6.0, 7.0]), 7, "kept", 7),
-                                 FakeAudit(np.array([9.0, 9.0, 8.0]), 8, "rejected", 8),
-                                 FakeAudit(np.array([10.0, 12.0, 9.0]), 9, "borrowed", 8)],
+                          audit=[audit_at([5.0, 6.0, 7.0], "kept", 7, voxel_prompts.axis),
+                                 audit_at([9.0, 9.0, 8.0], "rejected", 8, voxel_prompts.axis),
+                                 audit_at([10.0, 12.0, 9.0], "borrowed", 8, voxel_prompts.axis)],
                           axis=voxel_prompts.axis)
 
     segment.calls = calls
@@ -447,7 +449,7 @@ def test_saliency_and_audit_nodes(app, loaded, sample):
     kept = sa.points_from_markups(nodes["kept"])
     np.testing.assert_allclose(kept.lps[0], (volume.ijk_to_lps @ [5.0, 6.0, 7.0, 1.0])[:3], atol=1e-6)
     assert nodes["rejected"].GetDisplayNode().GetSelectedColor() == pytest.approx(sa.AUDIT_COLOURS["rejected"])
-    again = sa.audit_to_markups_nodes(result.audit[:1], volume, app.scene, nodes=nodes)  # reuse, refill
+    again = sa.audit_to_markups_nodes(result.audit[:1], volume, app.scene, nodes=nodes, axis=result.axis)  # refill
     assert again["kept"] is nodes["kept"] and again["rejected"].GetNumberOfControlPoints() == 0
     with pytest.raises(InputError, match="saliency"):
         sa.saliency_to_volume_node(None, volume, app.scene)

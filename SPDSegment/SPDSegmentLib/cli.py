@@ -67,14 +67,7 @@ def write_audit(path, result, vol) -> Path:
     from .prompts import write_markups
     from .volume import ijk_to_physical
 
-    ijk = []
-    for entry in result.audit:
-        full = [0.0, 0.0, 0.0]
-        rows_cols = [a for a in range(3) if a != result.axis]
-        full[2 - result.axis] = entry.slice
-        full[2 - rows_cols[0]], full[2 - rows_cols[1]] = entry.rc
-        ijk.append(full)
-    lps = ijk_to_physical(np.array(ijk), vol.ijk_to_lps)
+    lps = ijk_to_physical(np.array([e.ijk(result.axis) for e in result.audit]), vol.ijk_to_lps)
     names = [f"{e.status[0].upper()}{i}" for i, e in enumerate(result.audit)]
     descriptions = [f"{e.status} (clicked on slice {e.source_slice}, saliency {e.score:.2f})" for e in result.audit]
     return write_markups(path, lps, names=names, descriptions=descriptions, node_name="SPD prompt audit")

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import InputError
-from .volume import Volume, read, read_label
+from .volume import read, read_label
 
 SPLITS_PATH = Path(__file__).parent / "splits.json"
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")

@@ -28,6 +28,13 @@ class AuditEntry:
     score: float  # saliency at the point on `slice`
     label: int = 1
 
+    def ijk(self, axis: int) -> np.ndarray:
+        """Continuous (i, j, k) of the record: ``rc`` placed on ``slice`` along the array axis ``axis``."""
+        index = np.zeros(3)
+        index[axis] = self.slice
+        index[[a for a in range(3) if a != axis]] = self.rc
+        return index[::-1]
+
 
 @dataclass
 class Consensus:

@@ -143,8 +143,6 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
             voxel_prompts = P.to_voxels(P.from_ijk(sim.ijk, sim.labels), volume, axis=axis)
             for method, (model, options) in models.items():
                 t0 = time.perf_counter()
-                if method == "sam_tuning":
-                    options = SegmentOptions(mode="raw", use_box=True)
                 result = segment(volume, voxel_prompts, model, options, cache=cache)
                 seconds = time.perf_counter() - t0
                 hd95, asd = surface_distances(result.mask, label, spacing_kji)

@@ -177,14 +177,13 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     validate_array(volume.array)
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
-    batch_size = options.batch_size or (1 if (model.backbone if hasattr(model, "head") else model).device.type
-                                        == "cpu" else 16)
     is_spd = isinstance(model, SPDModel)
     mode = ("spd" if is_spd else "raw") if options.mode == "auto" else options.mode
     if mode == "spd" and not is_spd:
         raise InputError("SPD mode needs an SPD model (for example spd-hippocampus or a .spd.safetensors file); "
                          "with a plain backbone use raw mode.")
     backbone = model.backbone if is_spd else model
+    batch_size = options.batch_size or (1 if backbone.device.type == "cpu" else 16)
     axis = int(prompts.axis)
     n_slices = volume.shape[axis]
     by_slice = prompts.by_slice()

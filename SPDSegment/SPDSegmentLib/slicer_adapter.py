@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .volume import LPS_TO_RAS, Volume, ijk_to_physical, slice_axes, validate_array
+from .volume import LPS_TO_RAS, Volume, ijk_to_physical, validate_array
 
 SPD_EDITOR_NODE_TAG = "SPDSegment"
 AUDIT_COLOURS = {"kept": (0.1, 0.8, 0.2), "rejected": (0.9, 0.1, 0.1), "borrowed": (0.95, 0.85, 0.1)}
@@ -428,18 +428,6 @@ def saliency_to_volume_node(saliency, geometry, scene, name: str = "SPD saliency
     return node
 
 
-def audit_ijk(entry, axis: Optional[int]) -> np.ndarray:
-    """Continuous (i, j, k) of an audit entry: its own ``ijk``, or ``rc`` on ``slice`` along ``axis``."""
-    if getattr(entry, "ijk", None) is not None:
-        return np.asarray(entry.ijk, float).reshape(3)
-    if axis is None:
-        raise InputError("Audit entries hold in-slice (row, col) positions; pass the run's slicing axis.")
-    index = np.zeros(3)
-    index[axis] = entry.slice
-    index[list(slice_axes(axis))] = np.asarray(entry.rc, float).reshape(2)
-    return index[::-1]
-
-
 def audit_to_markups_nodes(audit, geometry, scene, base_name: str = "SPD audit", nodes=None,
                            axis: Optional[int] = None) -> Dict[str, Any]:
     """Three locked point lists: kept (green), rejected (red), borrowed (yellow) consensus prompts.
@@ -449,6 +437,8 @@ def audit_to_markups_nodes(audit, geometry, scene, base_name: str = "SPD audit",
     """
     axis = getattr(audit, "axis", axis)
     audit = getattr(audit, "audit", audit) or []
+    if audit and axis is None:
+        raise InputError("Audit entries hold in-slice (row, col) positions; pass the run's slicing axis.")
     matrix = _geometry(geometry)
     nodes = dict(nodes or {})
     for status, colour in AUDIT_COLOURS.items():
@@ -466,7 +456,7 @@ def audit_to_markups_nodes(audit, geometry, scene, base_name: str = "SPD audit",
             display.SetPointLabelsVisibility(False)
         entries = [e for e in audit if e.status == status]
         if entries:
-            lps = ijk_to_physical(np.array([audit_ijk(e, axis) for e in entries]), matrix)
+            lps = ijk_to_physical(np.array([e.ijk(axis) for e in entries]), matrix)
             for entry, point in zip(entries, lps * np.array([-1.0, -1.0, 1.0])):
                 index = node.AddControlPoint([float(v) for v in point], f"{status[0]}{entry.slice}")
                 if entry.source_slice != entry.slice:

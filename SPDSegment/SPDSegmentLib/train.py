@@ -126,11 +126,10 @@ def prepare(config: TrainConfig, backbone, cache: EmbeddingCache, progress: Prog
         item = CaseData(case, shape_hw, slices)
         for t in slices:
             item.targets[t] = _model_frame_target(get_slice(label, axis, t), backbone.input_size)
+        rng = intensity_range(volume.array, config.modality)
         if config.mode == "frozen":
-            rng = intensity_range(volume.array, config.modality)
             item.embeddings = encode_slices(backbone, volume, axis, slices, rng, cache, None, 4, identity)
         else:
-            rng = intensity_range(volume.array, config.modality)
             item.images = {t: apply_range(get_slice(volume.array, axis, t), *rng) for t in slices}
         for level in config.noise_levels:
             for s in range(config.prompt_seeds):
