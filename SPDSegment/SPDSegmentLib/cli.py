@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import SPDError
+from .models.registry import DEFAULT_SPD_MODEL
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
 
@@ -172,7 +173,7 @@ def cmd_bench_speed(args) -> int:
 
 
 def _segment_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="spd-hippocampus",
+    p.add_argument("--model", default=DEFAULT_SPD_MODEL,
                    help="SPD model (spd-hippocampus or a .spd.safetensors file) or a backbone for raw mode "
                         "(litemedsam, sam_vit_b, ..., or a .pth checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="run on the bundled sample case and print Dice")
-    p.add_argument("--model", default="spd-hippocampus")
+    p.add_argument("--model", default=DEFAULT_SPD_MODEL)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-dir", default="spd_demo")
     p.set_defaults(func=cmd_demo)
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--device", default="auto")
-    p.add_argument("--model", default="spd-hippocampus")
+    p.add_argument("--model", default=DEFAULT_SPD_MODEL)
     p.set_defaults(func=cmd_bench_speed)
     return parser
 

@@ -16,10 +16,9 @@ import numpy as np
 
 from . import distill as cpd
 from .errors import InputError
+from .models.registry import DEFAULT_SPD_MODEL as DEFAULT_MODEL
 from .progress import Progress
 from .volume import Volume, apply_range, get_slice, intensity_range, put_slice, validate_array
-
-DEFAULT_MODEL = "spd-hippocampus"
 
 
 @dataclass

@@ -21,12 +21,13 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError
+from .models.registry import BUNDLED_SPD_MODELS
 from .saliency import SaliencyHead, add_lora, lora_state
 
 FORMAT = "spdsegment-model"
 FORMAT_VERSION = 1
 SUFFIX = ".spd.safetensors"
-BUNDLED = {"spd-hippocampus": Path(__file__).parent / "models" / "spd_hippocampus.spd.safetensors"}
+BUNDLED = BUNDLED_SPD_MODELS
 
 
 @dataclass

@@ -16,7 +16,9 @@ from . import download as dl
 from .compat import bundled_litemedsam_checkpoint, medsam_lite_modules, segment_anything_modules
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
-DEFAULT_MODEL = "litemedsam"
+DEFAULT_MODEL = "litemedsam"  # the default backbone
+DEFAULT_SPD_MODEL = "spd-hippocampus"  # the default model of `spd segment`, the module and the effect
+BUNDLED_SPD_MODELS = {DEFAULT_SPD_MODEL: Path(__file__).parent / "spd_hippocampus.spd.safetensors"}
 VIT_ARCHITECTURES = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
 
 
