@@ -14,6 +14,20 @@ SAMPLE_DIR = ROOT / "Resources" / "SampleData"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """Converted models and downloads go to a temporary user cache, never into the tester's home."""
+    import os
+
+    before = os.environ.get("SPDSEGMENT_CACHE")
+    os.environ["SPDSEGMENT_CACHE"] = str(tmp_path_factory.mktemp("spdsegment-cache"))
+    yield Path(os.environ["SPDSEGMENT_CACHE"])
+    if before is None:
+        os.environ.pop("SPDSEGMENT_CACHE", None)
+    else:
+        os.environ["SPDSEGMENT_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def sample_paths():
     return {

@@ -240,3 +240,21 @@ def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     assert not registry.is_available("sam_vit_b") and registry.is_available("tiny_sam_test")
     with pytest.raises(CheckpointError, match="not on this machine"):
         registry.checkpoint_for("sam_vit_b", allow_download=False)
+
+
+def test_torch_bf16_autocast_returns_float32_close_to_fp32():
+    from SPDSegmentLib.models.registry import load_backbone
+
+    reference = load_backbone("tiny_sam_test", device="cpu").set_runtime("torch", "fp32")
+    mixed = load_backbone("tiny_sam_test", device="cpu").set_runtime("torch", "bf16")
+    assert mixed.runtime_name == "torch-bf16" and mixed.identity.endswith("+bf16")
+    images = torch.rand(1, 3, reference.input_size, reference.input_size)
+    points, labels = torch.tensor([[[12.0, 20.0]]]), torch.tensor([[1.0]])
+    with torch.inference_mode():
+        expected = reference.encode(images)
+        embeddings = mixed.encode(images)
+        logits, iou = mixed.decode(embeddings, points, labels)
+        expected_logits, _ = reference.decode(expected, points, labels)
+    assert embeddings.dtype == torch.float32 and logits.dtype == torch.float32 and iou.dtype == torch.float32
+    assert float((embeddings - expected).norm() / expected.norm()) < 0.05
+    assert float((logits - expected_logits).norm() / expected_logits.norm()) < 0.1

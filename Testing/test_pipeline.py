@@ -109,17 +109,43 @@ def test_second_run_hits_the_cache_and_encodes_nothing(case, tiny_backbone, raw_
     cache = EmbeddingCache()
     first = segment(volume, prompts, tiny_backbone, SegmentOptions(mode="raw"), cache=cache)
     n = len(prompted_slices(prompts))
-    assert cache.misses == n and cache.hits == 0 and len(cache) == n
+    assert cache.misses == n and cache.hits == 0
+    assert len(cache) == 2 * n  # n embeddings and n decoded slices (remembered for re-prompting)
     misses, hits = cache.misses, cache.hits
 
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("encode() called although every slice is cached")
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network ran although every slice and prompt is cached")
 
-    monkeypatch.setattr(tiny_backbone, "encode", no_encoding)
+    monkeypatch.setattr(tiny_backbone, "encode", no_network)
+    monkeypatch.setattr(tiny_backbone, "decode", no_network)
     second = segment(volume, prompts, tiny_backbone, SegmentOptions(mode="raw"), cache=cache)
     assert cache.misses == misses and cache.hits == hits + n
     np.testing.assert_array_equal(second.mask, first.mask)
     np.testing.assert_array_equal(first.mask, raw_result.mask)
+
+
+def test_reprompting_decodes_only_the_slices_whose_prompts_changed(case, tiny_backbone, monkeypatch):
+    import dataclasses
+
+    volume, prompts = case
+    cache = EmbeddingCache()
+    first = segment(volume, prompts, tiny_backbone, SegmentOptions(mode="raw"), cache=cache)
+    moved = prompts.ijk.copy()
+    moved[0, (3 - prompts.axis) % 3] += 1.0  # the clinician drags one click by a voxel within its slice
+    edited = dataclasses.replace(prompts, ijk=moved)
+    decoded = []
+    real_decode = tiny_backbone.decode
+
+    def counting_decode(embeddings, *args, **kwargs):
+        decoded.append(embeddings.shape[0])
+        return real_decode(embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_backbone, "decode", counting_decode)
+    second = segment(volume, edited, tiny_backbone, SegmentOptions(mode="raw"), cache=cache)
+    assert sum(decoded) == 1  # one slice changed, one decoded; the others are recalled
+    assert second.slices == first.slices
+    fresh = segment(volume, edited, tiny_backbone, SegmentOptions(mode="raw"), cache=EmbeddingCache())
+    np.testing.assert_array_equal(second.mask, fresh.mask)  # recalled slices equal recomputed ones
 
 
 # ---------------------------------------------------------------- errors and cancelling

@@ -3,6 +3,10 @@
 Keyed by (volume content fingerprint, slicing axis, backbone identity incl. LoRA, intensity range)
 and slice index. In memory with an LRU bound in bytes; optionally mirrored on disk (float16 .npy)
 so training and benchmarks encode each slice once across runs.
+
+The same LRU also remembers per-slice results derived from an embedding (saliency maps, decoded
+masks for a given prompt), memory only, so that re-prompting recomputes only the slices whose
+prompts changed (``remember``/``recall``; keys built by ``pipeline``).
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ class EmbeddingCache:
         self.misses = 0
 
     @staticmethod
-    def _nbytes(tensor) -> int:
-        return tensor.element_size() * tensor.nelement()
+    def _nbytes(item) -> int:
+        if isinstance(item, np.ndarray):
+            return int(item.nbytes)
+        return item.element_size() * item.nelement()
 
     def _file(self, key: str, t: int) -> Optional[Path]:
         if self.directory is None:
@@ -60,6 +66,16 @@ class EmbeddingCache:
             tmp = path.with_name(path.stem + ".partial.npy")
             np.save(tmp, tensor.numpy().astype(np.float16))
             os.replace(tmp, path)
+
+    def remember(self, key: str, t: int, value) -> None:
+        """Keep a derived result in memory only (never on disk)."""
+        self._store(key, t, value)
+
+    def recall(self, key: str, t: int):
+        item = self._items.get((key, t))
+        if item is not None:
+            self._items.move_to_end((key, t))
+        return item
 
     def _store(self, key: str, t: int, tensor) -> None:
         if (key, t) in self._items:

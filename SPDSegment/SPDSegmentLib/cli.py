@@ -38,7 +38,7 @@ def cmd_segment(args) -> int:
     if len(voxel_prompts.outside_lps):
         print(f"warning: {len(voxel_prompts.outside_lps)} of {len(points)} points lie outside the image and were "
               "dropped", file=sys.stderr)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     result = segment(vol, voxel_prompts, model, _options(args), progress=tqdm_progress(disable=args.quiet))
     out = Path(args.out or f"{vol.name}_spd.seg.nrrd")
     volume.write_segmentation(out, result.mask, vol.ijk_to_lps, segment_name=args.segment_name)
@@ -107,7 +107,7 @@ def cmd_demo(args) -> int:
         ("SAM (LiteMedSAM), box around raw points", "litemedsam", SegmentOptions(mode="raw", use_box=True)),
         ("SPD", args.model, SegmentOptions(mode="spd")),
     ):
-        model = load_model(model_name, device=args.device)
+        model = load_model(model_name, device=args.device, runtime=args.runtime, precision=args.precision)
         t0 = time.perf_counter()
         result = segment(vol, points, model, options)
         seconds = time.perf_counter() - t0
@@ -172,6 +172,13 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                   help="inference engine (default: OpenVINO on a CPU when installed, else PyTorch)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="default: bf16 with OpenVINO on a CPU with native bf16, else fp32 (docs/performance.md)")
+
+
 def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_SPD_MODEL,
                    help="SPD model (spd-hippocampus or a .spd.safetensors file) or a backbone for raw mode "
@@ -190,6 +197,7 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
                                                   "or LEVEL,WIDTH")
     p.add_argument("--batch-size", type=int, default=None, help="slices per encoder/decoder call "
                                                                   "(default: 1 on a CPU, 16 on a GPU)")
+    add_runtime_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_SPD_MODEL)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-dir", default="spd_demo")
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("simulate", help="sloppy centerline clicks from a label (.mrk.json)")
@@ -262,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-epochs", type=int, default=30, help="train the U-Net baseline if it is missing")
     p.add_argument("--merge", nargs="*", default=[], help="per_case.csv files of earlier runs to report with")
     p.add_argument("--device", default="auto")
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--device", default="auto")
     p.add_argument("--model", default=DEFAULT_SPD_MODEL)
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser
 

@@ -98,7 +98,8 @@ def _model_files(models_dir: Path, dataset: str) -> Dict[str, Path]:
 
 
 def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: List[str], seed: int, cache,
-                     device: str, log, unet_epochs: int = 30) -> List[dict]:
+                     device: str, log, unet_epochs: int = 30, runtime: str = "torch",
+                     precision: str = "fp32") -> List[dict]:
     from . import prompts as P
     from . import spd_model, unet
     from .data import find_cases, load_split
@@ -129,6 +130,8 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
         log(f"{dataset}: training the U-Net baseline ({unet_epochs} epochs)")
         unet.train_unet(find_cases(data_root / dataset, split["train"]), axis, files["unet"], epochs=unet_epochs,
                         seed=seed)
+    for backbone in {id(b): b for b in (getattr(m, "backbone", m) for m, _ in models.values())}.values():
+        backbone.set_runtime(runtime, precision)
     unet_net = unet.load(files["unet"]) if files["unet"].exists() else None
     rows = []
     for index, case in enumerate(find_cases(data_root / dataset, split["test"])):
@@ -260,9 +263,10 @@ def run_benchmark(args) -> None:
     for dataset in args.datasets:
         rows += evaluate_dataset(dataset, Path(args.data_root), Path(args.models_dir), args.levels, args.seed,
                                  cache, device, log=lambda line: print(line, flush=True),
-                                 unet_epochs=args.unet_epochs)
+                                 unet_epochs=args.unet_epochs, runtime=args.runtime, precision=args.precision)
     summary = summarise(rows, args.levels)
     meta = {"command": "spd " + " ".join(sys.argv[1:]), "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, device {device}"}
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, device {device}",
+            "runtime": f"{args.runtime}/{args.precision}"}
     write_reports(rows, summary, args.levels, Path(args.out_dir), meta)
     print((Path(args.out_dir) / "results.md").read_text())

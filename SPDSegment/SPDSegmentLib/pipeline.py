@@ -8,6 +8,7 @@ modified, and nothing is written here: callers write only after success.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -61,21 +62,24 @@ class Result:
         return cpd.DistillResult(audit=self.audit).counts()
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto"):
-    """A Backbone (catalogue name or .pth) or an SPDModel (bundled name or .spd.safetensors)."""
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", runtime: str = "auto",
+               precision: str = "auto"):
+    """A Backbone (catalogue name or .pth) or an SPDModel (bundled name or .spd.safetensors), ready for
+    inference with the chosen runtime and precision (``Backbone.set_runtime``)."""
     from . import spd_model
     from .models.registry import load_backbone, resolve_device
 
     device = resolve_device(device)
     path = spd_model.resolve(name_or_path)
-    if path is not None:
-        return spd_model.load(path, device=device)
-    return load_backbone(name_or_path, device=device)
+    model = spd_model.load(path, device=device) if path is not None else load_backbone(name_or_path, device=device)
+    backbone = model.backbone if path is not None else model
+    backbone.set_runtime(runtime, precision)
+    return model
 
 
 def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intensity: Tuple[float, float],
                   cache=None, progress: Optional[Progress] = None, batch_size: int = 8,
-                  identity: Optional[str] = None) -> Dict[int, "object"]:
+                  identity: Optional[str] = None, key: Optional[str] = None) -> Dict[int, "object"]:
     """Embeddings (C, E, E) of the given slices; cached ones are not recomputed."""
     import torch
 
@@ -83,7 +87,7 @@ def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intens
     from .volume import fingerprint_key
 
     cache = default_cache() if cache is None else cache
-    key = fingerprint_key(volume, axis, identity or backbone.identity, intensity)
+    key = key or fingerprint_key(volume, axis, identity or backbone.identity, intensity)
     out, todo = {}, []
     for t in slices:
         hit = cache.get(key, t)
@@ -106,17 +110,36 @@ def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intens
     return out
 
 
+def weights_tag(owner, *modules) -> str:
+    """A digest of ``modules``' weights, computed once per loaded model (results are memoised on it)."""
+    from .models.backbone import weights_digest
+
+    name = "_weights_tag_" + "_".join(type(m).__name__ for m in modules)
+    if getattr(owner, name, None) is None:
+        setattr(owner, name, weights_digest(*modules)[:16])
+    return getattr(owner, name)
+
+
 def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, int],
-                  batch_size: int = 32, dense: Optional[dict] = None) -> Dict[int, np.ndarray]:
+                  batch_size: int = 32, dense: Optional[dict] = None, cache=None,
+                  key: Optional[str] = None) -> Dict[int, np.ndarray]:
     """Per-slice saliency probabilities on the slice grid.
 
     If ``dense`` is a dict, it receives each slice's saliency logits in the model frame at the
-    decoder's mask-prompt resolution (for models trained with the dense prior).
+    decoder's mask-prompt resolution (for models trained with the dense prior). With a ``cache`` and
+    the embeddings' ``key``, maps computed by an earlier run are recalled instead of recomputed.
     """
     import torch
 
-    ts = sorted(embeddings)
     maps = {}
+    memo_key = None
+    if cache is not None and key is not None and dense is None:
+        memo_key = f"{key}|saliency|{weights_tag(model, model.head)}"
+        for t in embeddings:
+            hit = cache.recall(memo_key, t)
+            if hit is not None:
+                maps[t] = hit
+    ts = sorted(t for t in embeddings if t not in maps)
     device = model.backbone.device
     with torch.inference_mode():
         for start in range(0, len(ts), batch_size):
@@ -126,21 +149,46 @@ def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, i
             logits = model.backbone.to_slice(head_logits, *shape_hw)
             for t, prob in zip(batch, torch.sigmoid(logits).float().cpu().numpy()):
                 maps[t] = prob
+                if memo_key is not None:
+                    cache.remember(memo_key, t, prob)
             if dense is not None:
                 for t, low in zip(batch, model.backbone.mask_prompt(head_logits)):
                     dense[t] = low
     return maps
 
 
-def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=None) -> Dict[int, np.ndarray]:
+def _job_digest(job) -> str:
+    _, points, labels, box = job
+    digest = hashlib.sha1(np.asarray(points, np.float32).tobytes())
+    digest.update(np.asarray(labels, np.float32).tobytes())
+    digest.update(b"-" if box is None else np.asarray(box, np.float32).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=None, cache=None,
+            key: Optional[str] = None) -> Dict[int, np.ndarray]:
     """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None); dense: t -> mask prompt.
 
-    Returns t -> bool mask on the slice grid."""
+    Returns t -> bool mask on the slice grid. With a ``cache`` and the embeddings' ``key``, a slice
+    decoded before with exactly the same prompt is recalled (re-prompting decodes only what changed).
+    """
     import torch
 
     from .models.backbone import pad_points
 
     masks = {}
+    memo_key = None
+    if cache is not None and key is not None and not dense:
+        tag = weights_tag(backbone, backbone.prompt_encoder, backbone.mask_decoder)
+        memo_key = f"{key}|mask|{tag}|{backbone.runtime_name}|{batch_size}"
+        todo = []
+        for job in jobs:
+            hit = cache.recall(f"{memo_key}|{_job_digest(job)}", job[0])
+            if hit is None:
+                todo.append(job)
+            else:
+                masks[job[0]] = hit
+        jobs = todo
     device = backbone.device
     for start in range(0, len(jobs), batch_size):
         if progress is not None:
@@ -160,8 +208,10 @@ def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=No
         with torch.inference_mode():
             low_res, _ = backbone.decode(emb, points, labels, boxes, mask_input)
             logits = backbone.to_slice(low_res.float(), *shape_hw).cpu().numpy()
-        for (t, *_), lg in zip(batch, logits):
-            masks[t] = lg > 0
+        for job, lg in zip(batch, logits):
+            masks[job[0]] = lg > 0
+            if memo_key is not None:
+                cache.remember(f"{memo_key}|{_job_digest(job)}", job[0], masks[job[0]])
     if progress is not None and jobs:
         progress.step("decode", len(jobs), len(jobs))
     return masks
@@ -201,9 +251,13 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     targets = cpd.target_slices(by_slice, n, n_slices) if mode == "spd" else sorted(by_slice)
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
+    from .cache import default_cache
+    from .volume import fingerprint_key
+
+    cache = default_cache() if cache is None else cache
+    key = fingerprint_key(volume, axis, model.identity, intensity)
     t0 = time.perf_counter()
-    embeddings = encode_slices(backbone, volume, axis, targets, intensity, cache, progress, batch_size,
-                               identity=model.identity if is_spd else None)
+    embeddings = encode_slices(backbone, volume, axis, targets, intensity, cache, progress, batch_size, key=key)
     timings["encode_s"] = time.perf_counter() - t0
     progress.check()
 
@@ -214,7 +268,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     if mode == "spd":
         t0 = time.perf_counter()
         dense = {} if model.header.get("dense_prior") else None
-        maps = saliency_maps(model, embeddings, shape_hw, dense=dense)
+        maps = saliency_maps(model, embeddings, shape_hw, dense=dense, cache=cache, key=key)
         result = cpd.distill(by_slice, maps, tau=tau, neighbours=n, targets=targets, local_only=options.local_only)
         audit = result.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
@@ -251,9 +305,10 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     # prompt-free (saliency box only) slices are decoded in their own batch
     with_points = [j for j in jobs if len(j[1])]
     box_only = [j for j in jobs if not len(j[1])]
-    slice_masks = _decode(backbone, embeddings, with_points, shape_hw, batch_size, progress, dense)
+    slice_masks = _decode(backbone, embeddings, with_points, shape_hw, batch_size, progress, dense, cache, key)
     if box_only:
-        slice_masks.update(_decode(backbone, embeddings, box_only, shape_hw, batch_size, progress, dense))
+        slice_masks.update(_decode(backbone, embeddings, box_only, shape_hw, batch_size, progress, dense, cache,
+                                   key))
     timings["decode_s"] = time.perf_counter() - t0
     progress.check()
 

@@ -1,8 +1,10 @@
 """``spd bench-speed``: the naive slice-by-slice SAM loop against the project's path, side by side.
 
-(a) naive: encode and decode one slice at a time, batch 1, fp32, no cache (what peers do);
-(b) ours: ``pipeline.segment`` (only needed slices, batched encoder, batched decoder, cache),
-then a re-prompt of the already-encoded volume. Both on the sample case and on a left-atrium case.
+(a) naive: eager PyTorch fp32, encode and decode one slice at a time, batch 1, no cache (what peers do);
+(b) ours: ``pipeline.segment`` with the default runtime (OpenVINO bf16 on a CPU that has it; only the
+needed slices; embedding, saliency and decode caches), then two re-prompts of the encoded volume:
+one click dragged (the usual edit) and every click replaced (the worst case). Both on the sample
+case and on a left-atrium case.
 """
 from __future__ import annotations
 
@@ -65,16 +67,33 @@ def _throughput(backbone, batch: int, repeats: int = 2):
     return encoder, decoder
 
 
-def _case(volume, label, axis, n_slices=30):
+def _case(volume, label, axis, n_slices=30, seed=0, within=None):
     """Sloppy moderate clicks over (up to) n_slices consecutive slices of the structure."""
     from . import prompts as P
     from .simulate import simulate
 
-    sim = simulate(label, axis, "moderate", seed=0)
+    sim = simulate(label, axis, "moderate", seed=seed)
     t = np.rint(sim.ijk[:, 2 - axis]).astype(int)
     first = int(t.min())
     keep = (t >= first) & (t < first + n_slices)
+    if within is not None:
+        keep &= np.isin(t, within)
     return P.to_voxels(P.from_ijk(sim.ijk[keep], sim.labels[keep]), volume, axis=axis)
+
+
+def _one_click_moved(prompts):
+    """The same clicks with the middle one dragged by two voxels within its slice."""
+    import dataclasses
+
+    ijk = prompts.ijk.copy()
+    ijk[len(ijk) // 2, (3 - prompts.axis) % 3] += 2.0
+    return dataclasses.replace(prompts, ijk=ijk)
+
+
+def _timed(function, *args, **kwargs):
+    t0 = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - t0
 
 
 def run_speed_benchmark(args) -> None:
@@ -83,7 +102,10 @@ def run_speed_benchmark(args) -> None:
     from .pipeline import SegmentOptions, load_model, segment
     from .volume import intensity_range, read, read_label
 
-    model = load_model(args.model, device=args.device)
+    # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
+    naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")
+    naive_backbone = naive_model.backbone if hasattr(naive_model, "head") else naive_model
+    model, load_s = _timed(load_model, args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     backbone = model.backbone if hasattr(model, "head") else model
     cases = [("hippocampus_001 (sample)", read(SAMPLE / "hippocampus_001_image.nii.gz"), 1)]
     cases[0] = cases[0] + (read_label(SAMPLE / "hippocampus_001_label.nii.gz", like=cases[0][1]),)
@@ -93,23 +115,27 @@ def run_speed_benchmark(args) -> None:
         volume, label = case.load()
         cases.append((case.name, volume, 0, label))
     batch = 1 if backbone.device.type == "cpu" else 16  # the pipeline's default (see SegmentOptions)
-    encoder_rate, decoder_rate = _throughput(backbone, batch=batch)
     print(f"device {backbone.device}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"{platform.machine()}; {date.today()}")
-    print(f"encoder {encoder_rate:.2f} slices/s (batch {batch}), decoder {decoder_rate:.1f} prompts/s "
-          f"(batch {batch * 4})")
-    print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'re-prompt s':>11} {'naive/SPD':>9}")
+    print(f"(a) naive: torch-fp32, batch 1, no cache; (b) SPD: {backbone.runtime_name}, batch {batch}, "
+          f"model load {load_s:.1f} s (includes the one-time OpenVINO conversion when not cached)")
+    for label_, bb, b in (("(a)", naive_backbone, 1), ("(b)", backbone, batch)):
+        encoder_rate, decoder_rate = _throughput(bb, batch=b)
+        print(f"{label_} encoder {encoder_rate:.2f} slices/s (batch {b}), decoder {decoder_rate:.1f} prompts/s "
+              f"(batch {b * 4})")
+    print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'naive/SPD':>9} {'1 click moved s':>15} "
+          f"{'all clicks new s':>16}")
     for name, volume, axis, label in cases:
         prompts = _case(volume, label, axis)
         slices = sorted(prompts.by_slice())
         intensity = intensity_range(volume.array, "auto")
-        naive = _naive(backbone, volume, axis, slices, prompts.by_slice(), intensity)
+        naive = _naive(naive_backbone, volume, axis, slices, prompts.by_slice(), intensity)
         cache = EmbeddingCache()
-        t0 = time.perf_counter()
-        result = segment(volume, prompts, model, SegmentOptions(), cache=cache)
-        ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        segment(volume, prompts, model, SegmentOptions(), cache=cache)
-        again = time.perf_counter() - t0
-        print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {again:>11.2f} {naive / ours:>9.2f}")
+        result, ours = _timed(segment, volume, prompts, model, SegmentOptions(), cache=cache)
+        _, moved = _timed(segment, volume, _one_click_moved(prompts), model, SegmentOptions(), cache=cache)
+        others = _case(volume, label, axis, seed=1, within=slices)
+        _, new = _timed(segment, volume, others, model, SegmentOptions(), cache=cache)
+        print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {naive / ours:>9.2f} {moved:>15.2f} "
+              f"{new:>16.2f}")
+        print("    SPD first run: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     print(f"peak resident memory {_peak_rss_mb():.0f} MB")

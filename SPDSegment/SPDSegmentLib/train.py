@@ -307,7 +307,8 @@ def train(config: TrainConfig, progress: Optional[Progress] = None) -> Path:
         raise InputError(f"Unknown training mode {config.mode!r}: use frozen (CPU) or lora (GPU).")
     distributed = _init_distributed()
     seed_everything(config.seed)
-    backbone = load_model(config.backbone, device=config.device)
+    # eager fp32 PyTorch: training needs gradients, and its cached embeddings must be the exact ones
+    backbone = load_model(config.backbone, device=config.device, runtime="torch", precision="fp32")
     if not hasattr(backbone, "image_encoder"):
         raise InputError("--backbone must be a SAM-family backbone, not an SPD model file.")
     device = str(backbone.device)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,6 +17,10 @@ from ..volume import SliceTransform
 
 IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+RUNTIMES = ("auto", "torch", "openvino")
+# bf16 is the CPU default only because its Dice was measured within 0.5 points of fp32 on the benchmark
+# (docs/performance.md, scripts/precision_check.py); set False to make fp32 the default.
+AUTO_BF16 = True
 
 
 class Backbone(nn.Module):
@@ -29,6 +34,8 @@ class Backbone(nn.Module):
         self.input_size = int(input_size)
         self.pixel_normalisation = pixel_normalisation
         self.checksum = checksum
+        self.runtime = None  # an OpenVINORuntime for CPU inference (set_runtime), else eager PyTorch
+        self.precision = "fp32"
 
     # ------------------------------------------------------------ geometry
     @property
@@ -41,8 +48,12 @@ class Backbone(nn.Module):
 
     @property
     def identity(self) -> str:
-        """What the embedding cache keys on: architecture plus weights."""
-        return f"{self.name}@{(self.checksum or 'random')[:16]}"
+        """What the embedding cache keys on: architecture, weights, and bf16 (its embeddings differ ~4 %)."""
+        return f"{self.name}@{(self.checksum or 'random')[:16]}" + ("+bf16" if self.precision == "bf16" else "")
+
+    @property
+    def runtime_name(self) -> str:
+        return ("openvino" if self.runtime is not None else "torch") + f"-{self.precision}"
 
     def transform(self, height: int, width: int) -> SliceTransform:
         return SliceTransform(height, width, self.input_size)
@@ -68,10 +79,51 @@ class Backbone(nn.Module):
         self._channels_last = True
         return self
 
+    def set_runtime(self, runtime: str = "auto", precision: str = "auto") -> "Backbone":
+        """Choose how inference runs (training always uses eager PyTorch with gradients).
+
+        runtime "auto": OpenVINO on a CPU when it is installed, else PyTorch; "torch"; "openvino".
+        precision "auto": bf16 with OpenVINO on a CPU that has native bf16, else fp32; "fp32"; "bf16"
+        (with PyTorch: autocast). Measured speed and Dice of each choice: docs/performance.md.
+        The environment variables SPDSEGMENT_RUNTIME and SPDSEGMENT_PRECISION replace "auto" (for
+        Slicer, where there is no command line).
+        """
+        import os
+
+        from . import openvino_runtime as ovr
+
+        if runtime == "auto":
+            runtime = os.environ.get("SPDSEGMENT_RUNTIME", "auto")
+        if precision == "auto":
+            precision = os.environ.get("SPDSEGMENT_PRECISION", "auto")
+        if runtime not in RUNTIMES or precision not in ("auto",) + ovr.PRECISIONS:
+            raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of auto, fp32, bf16; "
+                             f"got {runtime!r}, {precision!r}")
+        on_cpu = self.device.type == "cpu"
+        if runtime == "openvino" and not on_cpu:
+            raise ValueError("The OpenVINO runtime runs on the CPU; use --runtime torch with a GPU.")
+        if runtime == "openvino" and not ovr.available():
+            raise ImportError("--runtime openvino needs the openvino package: pip install openvino")
+        use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and ovr.available())
+        if precision == "auto":
+            precision = "bf16" if use_openvino and AUTO_BF16 and ovr.cpu_supports_bf16() else "fp32"
+        self.runtime = ovr.OpenVINORuntime(self, precision) if use_openvino else None
+        self.precision = precision
+        return self
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _use_runtime(self) -> bool:
+        return self.runtime is not None and not torch.is_grad_enabled()
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self._use_runtime():
+            return self.runtime.encode(images)
         if getattr(self, "_channels_last", False):
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.image_encoder(images)
+        with self._autocast():
+            return self.image_encoder(images).float()
 
     def decode(self, embeddings: torch.Tensor, points: Optional[torch.Tensor] = None,
                labels: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None,
@@ -83,13 +135,17 @@ class Backbone(nn.Module):
         """
         if points is None and boxes is None:
             raise ValueError("decode needs points or boxes")
+        if self._use_runtime():
+            return self.runtime.decode(embeddings, points, labels, boxes, mask_input)
         point_arg = None if points is None else (points.to(embeddings.device), labels.to(embeddings.device))
         box_arg = None if boxes is None else boxes.to(embeddings.device)[:, None, :]
-        sparse, dense = self.prompt_encoder(points=point_arg, boxes=box_arg, masks=mask_input)
-        logits, iou = self.mask_decoder(image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=False)
-        return logits, iou[:, 0]
+        with self._autocast():
+            sparse, dense = self.prompt_encoder(points=point_arg, boxes=box_arg, masks=mask_input)
+            logits, iou = self.mask_decoder(image_embeddings=embeddings,
+                                            image_pe=self.prompt_encoder.get_dense_pe(),
+                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                            multimask_output=False)
+        return logits.float(), iou[:, 0].float()
 
     def mask_prompt(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, h, w) in the model frame -> SAM's dense mask prompt size (B, 1, 4E, 4E)."""
@@ -104,6 +160,16 @@ class Backbone(nn.Module):
                           align_corners=False)
         x = x[..., :rh, :rw]
         return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """SHA-256 of the modules' weights: the key of converted models and of memoised results."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, value in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pad_points(point_sets: List[np.ndarray], label_sets: Optional[List[np.ndarray]] = None
