@@ -230,6 +230,12 @@ def test_effect_click_preview_apply_undo_cancel(gui):
     effect.updateMRMLFromGUI()
     assert scripted.params["Model"] == "tiny_sam_test" and scripted.params["Mode"] == "raw"
 
+    from SPDSegmentLib import runner
+    from SPDSegmentLib.cache import default_cache
+
+    default_cache().clear()  # so that encoding ahead has work to do
+    ahead = runner.encode_ahead()
+    encoded_before = ahead.encoded
     coronal = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # Green view: normal A
     click = vtk.vtkCommand.LeftButtonPressEvent
     for i, j, k in gui.ijk:
@@ -237,6 +243,8 @@ def test_effect_click_preview_apply_undo_cancel(gui):
         assert effect.processInteractionEvents(Interactor(), click, SliceView(list(ras), coronal))
     points = effect.promptsNode()
     assert points.GetNumberOfControlPoints() == len(gui.ijk)
+    assert ahead.wait_idle(60) and ahead.last_error is None
+    assert ahead.encoded > encoded_before  # the clicked slices were encoded while "the user" was clicking
     effect.processInteractionEvents(Interactor(remove=True), click, SliceView(list(ras), coronal))
     assert points.GetNumberOfControlPoints() == len(gui.ijk) - 1
     assert effect.slicingAxis(gui.volume, sa) == 1  # from the clicked view, not assumed axial

@@ -110,3 +110,68 @@ def test_run_batch_with_tiny_model(tmp_path, sample_paths):
     by_case = {r["case"]: r for r in rows}
     assert by_case["a"]["error"] == "" and (tmp_path / "out" / "a_spd.seg.nrrd").is_file()
     assert by_case["broken"]["error"] and not (tmp_path / "out" / "broken_spd.seg.nrrd").exists()
+
+
+# ---------------------------------------------------------------- encoding ahead of the Preview
+
+@pytest.fixture()
+def clicked_case(sample_paths):
+    volume = read(sample_paths["image"])
+    clicks = prompts.to_voxels(prompts.read(sample_paths["points"]), volume, axis=1)
+    return volume, clicks
+
+
+def test_encode_ahead_leaves_nothing_for_the_preview_to_encode(clicked_case, tiny_backbone, monkeypatch):
+    from SPDSegmentLib.cache import EmbeddingCache
+    from SPDSegmentLib.pipeline import SegmentOptions, plan, segment
+
+    volume, clicks = clicked_case
+    options = SegmentOptions(mode="raw")
+    cache = EmbeddingCache()
+    ahead = runner.EncodeAhead(cache)
+    ahead.request(volume, clicks, tiny_backbone, options)
+    assert ahead.wait_idle(60) and ahead.last_error is None
+    targets = plan(volume, clicks, tiny_backbone, options).targets
+    assert ahead.encoded == len(targets)
+    expected = segment(volume, clicks, tiny_backbone, options, cache=EmbeddingCache())
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the Preview encoded a slice that was encoded ahead")
+
+    monkeypatch.setattr(tiny_backbone, "encode", no_encoding)
+    result = segment(volume, clicks, tiny_backbone, options, cache=cache)
+    np.testing.assert_array_equal(result.mask, expected.mask)
+
+
+def test_encode_ahead_stops_between_slices_and_newest_request_wins(clicked_case, tiny_backbone, monkeypatch):
+    from SPDSegmentLib.cache import EmbeddingCache
+    from SPDSegmentLib.pipeline import SegmentOptions
+
+    volume, clicks = clicked_case
+    first_slice = threading.Event()
+    release = threading.Event()
+    real_encode = tiny_backbone.encode
+
+    def slow_encode(images):
+        first_slice.set()
+        release.wait(5)
+        return real_encode(images)
+
+    monkeypatch.setattr(tiny_backbone, "encode", slow_encode)
+    ahead = runner.EncodeAhead(EmbeddingCache())
+    ahead.request(volume, clicks, tiny_backbone, SegmentOptions(mode="raw"))
+    assert first_slice.wait(10)
+    ahead.stop()  # a Preview starts
+    release.set()
+    assert ahead.wait_idle(10)
+    assert ahead.encoded == 1  # the slice under way is finished, no further one is started
+
+
+def test_encode_ahead_keeps_errors_to_itself(clicked_case, tiny_backbone):
+    from SPDSegmentLib.pipeline import SegmentOptions
+
+    volume, clicks = clicked_case
+    ahead = runner.EncodeAhead()
+    ahead.request(volume, clicks, tiny_backbone, SegmentOptions(mode="raw", slice_range=(900, 901)))  # no prompts there
+    assert ahead.wait_idle(10)
+    assert isinstance(ahead.last_error, InputError)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ class EmbeddingCache:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self._lock = threading.RLock()  # the GUI encodes ahead in one thread while a run reads in another
 
     @staticmethod
     def _nbytes(item) -> int:
@@ -41,6 +43,10 @@ class EmbeddingCache:
         return self.directory / digest / f"{t:05d}.npy"
 
     def get(self, key: str, t: int):
+        with self._lock:
+            return self._get(key, t)
+
+    def _get(self, key: str, t: int):
         item = self._items.get((key, t))
         if item is not None:
             self._items.move_to_end((key, t))
@@ -59,7 +65,8 @@ class EmbeddingCache:
 
     def put(self, key: str, t: int, tensor) -> None:
         tensor = tensor.detach().to("cpu", copy=True)
-        self._store(key, t, tensor)
+        with self._lock:
+            self._store(key, t, tensor)
         path = self._file(key, t)
         if path is not None and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,13 +76,15 @@ class EmbeddingCache:
 
     def remember(self, key: str, t: int, value) -> None:
         """Keep a derived result in memory only (never on disk)."""
-        self._store(key, t, value)
+        with self._lock:
+            self._store(key, t, value)
 
     def recall(self, key: str, t: int):
-        item = self._items.get((key, t))
-        if item is not None:
-            self._items.move_to_end((key, t))
-        return item
+        with self._lock:
+            item = self._items.get((key, t))
+            if item is not None:
+                self._items.move_to_end((key, t))
+            return item
 
     def _store(self, key: str, t: int, tensor) -> None:
         if (key, t) in self._items:
@@ -86,9 +95,18 @@ class EmbeddingCache:
             _, old = self._items.popitem(last=False)
             self._bytes -= self._nbytes(old)
 
+    def contains(self, key: str, t: int) -> bool:
+        """In memory or on disk, without loading it."""
+        with self._lock:
+            if (key, t) in self._items:
+                return True
+        path = self._file(key, t)
+        return path is not None and path.exists()
+
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -217,24 +217,34 @@ def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=No
     return masks
 
 
-def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = None,
-            progress: Optional[Progress] = None, cache=None) -> Result:
-    from .spd_model import SPDModel
+@dataclass
+class Plan:
+    """What a run will do before any network runs: its slices, thresholds and cache key."""
+    mode: str
+    backbone: "object"
+    axis: int
+    by_slice: dict
+    targets: List[int]  # the slices to encode (prompted slices, and their n neighbours in SPD mode)
+    shape_hw: Tuple[int, int]
+    intensity: Tuple[float, float]
+    tau: float
+    neighbours: int
+    batch_size: int
+    key: str  # embedding-cache key of this volume, axis, model and intensity range
 
-    options = options or SegmentOptions()
-    progress = progress or Progress()
+
+def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
+    from .spd_model import SPDModel
+    from .volume import fingerprint_key
+
     validate_array(volume.array)
-    timings: Dict[str, float] = {}
-    t_start = time.perf_counter()
     is_spd = isinstance(model, SPDModel)
     mode = ("spd" if is_spd else "raw") if options.mode == "auto" else options.mode
     if mode == "spd" and not is_spd:
         raise InputError("SPD mode needs an SPD model (for example spd-hippocampus or a .spd.safetensors file); "
                          "with a plain backbone use raw mode.")
     backbone = model.backbone if is_spd else model
-    batch_size = options.batch_size or (1 if backbone.device.type == "cpu" else 16)
     axis = int(prompts.axis)
-    n_slices = volume.shape[axis]
     by_slice = prompts.by_slice()
     if options.slice_range is not None:
         lo, hi = options.slice_range
@@ -242,22 +252,34 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     if not by_slice:
         raise InputError("No prompts to segment from (none inside the volume or the chosen slice range). "
                          "Place at least one point on the structure.")
-    shape_hw = tuple(s for a, s in enumerate(volume.shape) if a != axis)
-    intensity = intensity_range(volume.array, options.modality, options.window)
     tau = model.tau if is_spd and options.tau is None else (options.tau if options.tau is not None else 0.5)
     n = model.neighbours if is_spd and options.neighbours is None else (
         options.neighbours if options.neighbours is not None else 2)
-
-    targets = cpd.target_slices(by_slice, n, n_slices) if mode == "spd" else sorted(by_slice)
+    targets = cpd.target_slices(by_slice, n, volume.shape[axis]) if mode == "spd" else sorted(by_slice)
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
-    from .cache import default_cache
-    from .volume import fingerprint_key
+    intensity = intensity_range(volume.array, options.modality, options.window)
+    return Plan(mode=mode, backbone=backbone, axis=axis, by_slice=by_slice, targets=targets,
+                shape_hw=tuple(s for a, s in enumerate(volume.shape) if a != axis), intensity=intensity,
+                tau=tau, neighbours=n,
+                batch_size=options.batch_size or (1 if backbone.device.type == "cpu" else 16),
+                key=fingerprint_key(volume, axis, model.identity, intensity))
 
+
+def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = None,
+            progress: Optional[Progress] = None, cache=None) -> Result:
+    from .cache import default_cache
+
+    options = options or SegmentOptions()
+    progress = progress or Progress()
     cache = default_cache() if cache is None else cache
-    key = fingerprint_key(volume, axis, model.identity, intensity)
+    timings: Dict[str, float] = {}
+    t_start = time.perf_counter()
+    p = plan(volume, prompts, model, options)
+    backbone, axis, by_slice, targets, shape_hw, key = p.backbone, p.axis, p.by_slice, p.targets, p.shape_hw, p.key
+    mode, tau, n, batch_size = p.mode, p.tau, p.neighbours, p.batch_size
     t0 = time.perf_counter()
-    embeddings = encode_slices(backbone, volume, axis, targets, intensity, cache, progress, batch_size, key=key)
+    embeddings = encode_slices(backbone, volume, axis, targets, p.intensity, cache, progress, batch_size, key=key)
     timings["encode_s"] = time.perf_counter() - t0
     progress.check()
 

@@ -113,6 +113,93 @@ class BackgroundRun:
         return self._result
 
 
+class EncodeAhead:
+    """Encode the slices a run will need while the user is still clicking.
+
+    The effect calls :meth:`request` after each click; one daemon worker encodes the slices that
+    ``pipeline.plan`` says the run needs (nearest to the newest click first) into the shared
+    embedding cache, so the Preview that follows encodes only what is still missing. A newer request
+    replaces the current one, :meth:`stop` (a Preview starting) halts it between two slices. Encoding
+    ahead is only an optimisation: its failures are kept in :attr:`last_error`, never raised; the
+    Preview reports real problems.
+    """
+
+    def __init__(self, cache=None):
+        self._cache = cache
+        self._lock = threading.Lock()
+        self._job: Optional[tuple] = None
+        self._generation = 0
+        self._thread: Optional[threading.Thread] = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self.encoded = 0  # slices encoded ahead so far
+        self.last_error: Optional[BaseException] = None
+
+    def request(self, volume, voxel_prompts, model=None, options=None, device: str = "auto") -> None:
+        with self._lock:
+            self._job = (volume, voxel_prompts, model, options, device)
+            self._generation += 1
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="SPD encode ahead", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._job = None
+            self._generation += 1
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """True once every request so far has been worked off (or stopped)."""
+        return self._idle.wait(timeout)
+
+    def _current(self, generation: int) -> bool:
+        with self._lock:
+            return generation == self._generation
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                job, generation, self._job = self._job, self._generation, None
+                if job is None:
+                    self._thread = None
+                    self._idle.set()
+                    return
+            try:
+                self._work(job, generation)
+            except Exception as exc:  # noqa: BLE001 - an optimisation must never break the GUI
+                self.last_error = exc
+
+    def _work(self, job: tuple, generation: int) -> None:
+        from . import pipeline
+        from .cache import default_cache
+
+        volume, voxel_prompts, model, options, device = job
+        if model is None or isinstance(model, str):
+            model = cached_model(model, device)
+        plan = pipeline.plan(volume, voxel_prompts, model, options or pipeline.SegmentOptions())
+        cache = self._cache if self._cache is not None else default_cache()
+        newest = int(voxel_prompts.slice_index()[-1])
+        for t in sorted(plan.targets, key=lambda s: (abs(s - newest), s)):
+            if not self._current(generation):
+                return
+            if not cache.contains(plan.key, t):
+                pipeline.encode_slices(plan.backbone, volume, plan.axis, [t], plan.intensity, cache, None, 1,
+                                       key=plan.key)
+                self.encoded += 1
+
+
+_encode_ahead: Optional[EncodeAhead] = None
+
+
+def encode_ahead() -> EncodeAhead:
+    """The process-wide encoder-ahead of the Segment Editor effect (uses the default cache)."""
+    global _encode_ahead
+    if _encode_ahead is None:
+        _encode_ahead = EncodeAhead()
+    return _encode_ahead
+
+
 # ---------------------------------------------------------------- batch (files in, files out; no MRML)
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")

@@ -235,7 +235,17 @@ The slicing direction follows the view you clicked in.</p></html>"""
         sliceToRas = viewWidget.mrmlSliceNode().GetSliceToRAS()
         normal = [sliceToRas.GetElement(row, 2) for row in range(3)]
         self.scriptedEffect.setParameter("ViewNormal", " ".join(f"{v:.6f}" for v in normal))
+        self.encodeAhead()
         return True
+
+    def encodeAhead(self):
+        """Encode the slices around the clicks while the user goes on clicking, so Preview mostly
+        decodes. Only an optimisation: problems are reported by Preview, not here."""
+        try:
+            volume, voxelPrompts, model, options = self.inputs()
+            self.runner.encode_ahead().request(volume, voxelPrompts, model, options)
+        except Exception:  # noqa: BLE001 - e.g. no source volume yet
+            pass
 
     # ------------------------------------------------------------------ run
     def options(self, pipeline):
@@ -257,16 +267,35 @@ The slicing direction follows the view you clicked in.</p></html>"""
         sliceToRas[:3, 2] = [float(v) for v in text.split()]
         return slicer_adapter.axis_from_slice_to_ras(sliceToRas, volume)
 
+    @property
+    def runner(self):
+        return core()[2]
+
+    def sourceVolume(self, slicer_adapter):
+        """A copy of the source volume, made again only when the node or its voxels changed."""
+        node = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        transform = node.GetParentTransformNode() if node is not None else None
+        key = None if node is None else (node.GetID(), node.GetMTime(), node.GetImageData().GetMTime(),
+                                         transform.GetMTime() if transform is not None else 0)
+        if key is None or getattr(self, "_volumeCopy", (None, None))[0] != key:
+            self._volumeCopy = (key, slicer_adapter.volume_from_node(node))
+        return self._volumeCopy[1]
+
+    def inputs(self):
+        """(volume, voxel prompts, model, options) of a run, read from MRML on the main thread."""
+        pipeline, prompts, runner, slicer_adapter = core()
+        volume = self.sourceVolume(slicer_adapter)
+        points = slicer_adapter.points_from_markups(self.promptsNode())
+        voxelPrompts = prompts.to_voxels(points, volume, axis=self.slicingAxis(volume, slicer_adapter))
+        model = self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
+        return volume, voxelPrompts, model, self.options(pipeline)
+
     def onPreview(self):
         self.clearPreview()
+        runner = self.runner
+        runner.encode_ahead().stop()  # the run takes over; what was encoded ahead is in the cache
         try:
-            pipeline, prompts, runner, slicer_adapter = core()
-            volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-            volume = slicer_adapter.volume_from_node(volumeNode)
-            points = slicer_adapter.points_from_markups(self.promptsNode())
-            voxelPrompts = prompts.to_voxels(points, volume, axis=self.slicingAxis(volume, slicer_adapter))
-            model = self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
-            options = self.options(pipeline)
+            volume, voxelPrompts, model, options = self.inputs()
         except Exception as exc:
             self.statusLabel.text = str(exc) if self.promptsNode() else "Click on the structure in a slice view first."
             return
@@ -362,6 +391,8 @@ The slicing direction follows the view you clicked in.</p></html>"""
     def deactivate(self):
         if self.run is not None:
             self.run.cancel()
+        if "SPDSegmentLib.runner" in sys.modules:  # stop encoding ahead, without importing anything new
+            sys.modules["SPDSegmentLib.runner"].encode_ahead().stop()
         self.clearPreview()
 
     def cleanup(self):
