@@ -138,6 +138,8 @@ def test_auto_choices_and_bad_requests(monkeypatch):
     assert not backbone.identity.endswith("+bf16")
     with pytest.raises(ValueError, match="runtime must be one of"):
         backbone.set_runtime("tensorrt")
+    with pytest.raises(ValueError, match="int8 runs on the CPU with OpenVINO"):
+        backbone.set_runtime("torch", "int8")
     monkeypatch.setattr(ovr, "available", lambda: False)
     assert backbone.set_runtime("auto", "auto").runtime_name == "torch-fp32"  # falls back to PyTorch
     with pytest.raises(ImportError, match="pip install openvino"):
@@ -192,3 +194,21 @@ def test_inference_failures_become_actionable_errors(monkeypatch):
     monkeypatch.setattr(backbone.runtime, "_encoder", Failing("unexpected node"))
     with torch.inference_mode(), pytest.raises(CheckpointError, match="--runtime torch"):
         backbone.encode(images)
+
+
+def test_int8_calibrates_on_the_sample_case_and_needs_nncf(monkeypatch):
+    import builtins
+
+    backbone = load_backbone("tiny_sam_test", device="cpu")
+    images = ovr._calibration_images(backbone)
+    assert len(images) > 10 and images[0].shape == (1, 3, backbone.input_size, backbone.input_size)
+    real_import = builtins.__import__
+
+    def no_nncf(name, *args, **kwargs):
+        if name == "nncf":
+            raise ImportError("No module named 'nncf'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nncf)
+    with pytest.raises(ImportError, match="pip install nncf"):
+        backbone.set_runtime("openvino", "int8")

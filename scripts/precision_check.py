@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -29,7 +30,7 @@ from SPDSegmentLib.models.registry import BUNDLED_SPD_MODELS
 from SPDSegmentLib.pipeline import SegmentOptions, segment
 from SPDSegmentLib.simulate import simulate
 
-CONFIGS = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+CONFIGS = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
 
 
 def main() -> None:
@@ -38,12 +39,18 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"])
     parser.add_argument("--levels", nargs="*", default=["clean", "mild", "moderate", "severe"])
+    parser.add_argument("--configs", nargs="*", default=[f"{r}-{p}" for r, p in CONFIGS],
+                        help="runtime-precision pairs to run (torch-fp32 is the reference)")
+    parser.add_argument("--merge", help="a JSON written by an earlier run whose rows are reused")
     parser.add_argument("--out", default="precision_check.json")
     args = parser.parse_args()
-    report = {"command": "python scripts/precision_check.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                        vars(args).items() if k != "out"),
+    configs = [tuple(c.split("-")) for c in args.configs]
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else {"commands": [], "rows": []}
+    report = {"commands": earlier.get("commands", [earlier.get("command")]) +
+              ["python scripts/precision_check.py " + " ".join(sys.argv[1:])],
               "date": date.today().isoformat(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
-              "rows": []}
+              "rows": earlier["rows"]}
+    done = {(r["runtime"], r["precision"]) for r in report["rows"]}
     for dataset in args.datasets:
         split = load_split(dataset)
         axis = int(split["axis"])
@@ -51,7 +58,9 @@ def main() -> None:
         if not path.exists() and dataset == "hippocampus":
             path = BUNDLED_SPD_MODELS["spd-hippocampus"]
         cases = [c.load() + (c.name,) for c in find_cases(Path(args.data_root) / dataset, split["test"])]
-        for runtime, precision in CONFIGS:
+        for runtime, precision in configs:
+            if (runtime, precision) in done:
+                continue
             model = spd_model.load(path, device="cpu")
             model.backbone.set_runtime(runtime, precision)
             cache = EmbeddingCache(max_bytes=6 << 30)
@@ -74,6 +83,8 @@ def main() -> None:
             reference = dice("torch", "fp32")
             for runtime, precision in CONFIGS:
                 d = dice(runtime, precision)
+                if not len(d):
+                    continue
                 diff = d - reference
                 print(f"{dataset:12} {level:9} {runtime + '-' + precision:15} {d.mean():9.4f} "
                       f"{100 * diff.mean():+18.2f}p {100 * diff.min():+9.2f}p")

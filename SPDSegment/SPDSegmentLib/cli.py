@@ -175,8 +175,9 @@ def cmd_bench_speed(args) -> int:
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
                    help="inference engine (default: OpenVINO on a CPU when installed, else PyTorch)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="default: bf16 with OpenVINO on a CPU with native bf16, else fp32 (docs/performance.md)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="default: bf16 with OpenVINO on a CPU with native bf16, else fp32; int8 (OpenVINO + "
+                        "NNCF): the encoder's fully connected layers in int8 (docs/performance.md)")
 
 
 def _segment_arguments(p: argparse.ArgumentParser) -> None:

@@ -49,7 +49,7 @@ class Backbone(nn.Module):
     @property
     def identity(self) -> str:
         """What the embedding cache keys on: architecture, weights, and bf16 (its embeddings differ ~4 %)."""
-        return f"{self.name}@{(self.checksum or 'random')[:16]}" + ("+bf16" if self.precision == "bf16" else "")
+        return f"{self.name}@{(self.checksum or 'random')[:16]}" + ("" if self.precision == "fp32" else f"+{self.precision}")
 
     @property
     def runtime_name(self) -> str:
@@ -97,13 +97,16 @@ class Backbone(nn.Module):
         if precision == "auto":
             precision = os.environ.get("SPDSEGMENT_PRECISION", "auto")
         if runtime not in RUNTIMES or precision not in ("auto",) + ovr.PRECISIONS:
-            raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of auto, fp32, bf16; "
+            raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of auto, fp32, bf16, int8; "
                              f"got {runtime!r}, {precision!r}")
         on_cpu = self.device.type == "cpu"
         if runtime == "openvino" and not on_cpu:
             raise ValueError("The OpenVINO runtime runs on the CPU; use --runtime torch with a GPU.")
         if runtime == "openvino" and not ovr.available():
             raise ImportError("--runtime openvino needs the openvino package: pip install openvino")
+        if precision == "int8" and (runtime == "torch" or not on_cpu or not ovr.available()):
+            raise ValueError("--precision int8 runs on the CPU with OpenVINO (pip install openvino nncf); "
+                             "use bf16 or fp32 here.")
         use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and ovr.available())
         if precision == "auto":
             precision = "bf16" if use_openvino and AUTO_BF16 and ovr.cpu_supports_bf16() else "fp32"
@@ -111,7 +114,7 @@ class Backbone(nn.Module):
         self.precision = precision
         return self
 
-    def _autocast(self):
+    def _autocast(self):  # eager PyTorch: bf16 autocast (int8 never reaches here)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _use_runtime(self) -> bool:

@@ -28,8 +28,9 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from .backbone import weights_digest
 
-PRECISIONS = ("fp32", "bf16")
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# int8: the encoder's fully connected layers in static int8 (calibrated once), the rest as bf16 where
+# the CPU has it natively, else fp32. Opt-in: docs/performance.md has its speed and Dice.
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def available() -> bool:
@@ -97,18 +98,25 @@ def _ir_cache_root() -> Path:
 
 
 def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) -> None:
-    """torch module -> OpenVINO IR at ``xml_path``, written atomically (a folder renamed into place)."""
+    """torch module -> OpenVINO IR at ``xml_path``."""
     import warnings
 
+    import openvino as ov
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        model = ov.convert_model(module, example_input=example, input=shapes)
+    _save(model, xml_path)
+
+
+def _save(model, xml_path: Path) -> None:
+    """Write an OpenVINO model atomically: into a staging folder, renamed into place."""
     import openvino as ov
 
     root = xml_path.parent.parent
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-            model = ov.convert_model(module, example_input=example, input=shapes)
         ov.save_model(model, str(staging / xml_path.name), compress_to_fp16=False)
         if xml_path.parent.exists() and not xml_path.exists():
             shutil.rmtree(xml_path.parent)  # the remains of a broken conversion
@@ -119,6 +127,34 @@ def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) ->
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _calibration_images(backbone) -> list:
+    """Model inputs for int8 calibration: the slices of the bundled sample case (MR hippocampus)."""
+    from ..volume import apply_range, get_slice, intensity_range, read
+
+    sample = Path(__file__).resolve().parents[3] / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
+    if not sample.exists():
+        raise CheckpointError(f"--precision int8 calibrates on the sample case, which is missing ({sample}); "
+                              "use --precision bf16 or fp32.")
+    volume = read(sample)
+    lo_hi = intensity_range(volume.array)
+    return [backbone.prepare([apply_range(get_slice(volume.array, 1, t), *lo_hi)]).cpu().numpy()
+            for t in range(volume.shape[1])]
+
+
+def _quantise_fully_connected(model, images: list):
+    """Static int8 for the fully connected layers only (NNCF); convolutions stay bf16/fp32.
+
+    Quantising the convolutions too cost 35 % embedding error; the fully connected layers alone
+    about 2 points more than bf16 (docs/performance.md)."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ImportError("--precision int8 needs NNCF: pip install nncf") from exc
+    return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(images),
+                         ignored_scope=nncf.IgnoredScope(types=["Convolution", "GroupConvolution"]))
 
 
 class OpenVINORuntime:
@@ -133,7 +169,8 @@ class OpenVINORuntime:
         self.input_size = backbone.input_size
         self.embedding_size = tuple(backbone.prompt_encoder.image_embedding_size)
         self.mask_size = tuple(4 * s for s in self.embedding_size)
-        self._config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
+        hint = "f32" if precision == "fp32" or (precision == "int8" and not cpu_supports_bf16()) else "bf16"
+        self._config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
         self._core = ov.Core()
         self._backbone = backbone
@@ -141,23 +178,28 @@ class OpenVINORuntime:
         self._lock = threading.Lock()  # an infer request serves one call at a time (GUI runs share models)
         size = self.input_size
         self._encoder = self._compile("encoder", backbone.image_encoder, (torch.zeros(1, 3, size, size),),
-                                      [(1, 3, size, size)])
+                                      [(1, 3, size, size)], int8=precision == "int8")
         self._decoder(with_mask=False)  # at load time, so that a first run never waits for a conversion
 
-    def _compile(self, kind: str, module: nn.Module, example: tuple, shapes: list):
+    def _compile(self, kind: str, module: nn.Module, example: tuple, shapes: list, int8: bool = False):
         """The IR of ``module`` from the cache (converted first if missing), compiled for this CPU."""
         import openvino as ov
 
         version = ov.__version__.split("-")[0]
-        xml_path = _ir_cache_root() / f"{kind}-{weights_digest(module)[:24]}-ov{version}" / "model.xml"
+        digest = weights_digest(module)[:24]
+        fp_path = _ir_cache_root() / f"{kind}-{digest}-ov{version}" / "model.xml"
+        xml_path = _ir_cache_root() / f"{kind}-int8-{digest}-ov{version}" / "model.xml" if int8 else fp_path
         for attempt in (1, 2):
-            if not xml_path.exists():
+            if not fp_path.exists():
                 was_training = module.training
                 module.eval()
                 try:
-                    _convert(module, example, shapes, xml_path)
+                    _convert(module, example, shapes, fp_path)
                 finally:
                     module.train(was_training)
+            if not xml_path.exists():  # int8: quantised from the converted model, once
+                _save(_quantise_fully_connected(self._core.read_model(str(fp_path)),
+                                                _calibration_images(self._backbone)), xml_path)
             try:
                 model = self._core.read_model(str(xml_path))
                 return self._core.compile_model(model, "CPU", self._config).create_infer_request()
@@ -166,6 +208,7 @@ class OpenVINORuntime:
                     raise CheckpointError(f"OpenVINO cannot load the model converted into {xml_path.parent} "
                                           f"({str(exc)[:200]}); use --runtime torch.") from exc
                 shutil.rmtree(xml_path.parent, ignore_errors=True)
+                shutil.rmtree(fp_path.parent, ignore_errors=True)
 
     def _decoder(self, with_mask: bool):
         """The decoder graph, converted and compiled on first use (the mask-input variant is rarely needed)."""
