@@ -28,4 +28,5 @@ for ds in hippocampus left_atrium; do
     $SPD train "${common[@]}" --out "$M/${ds}_spd_dense.spd.safetensors" --psc-weight 0.5 --dense-prior
   fi
 done
-$SPD evaluate --data-root "$DATA" --models-dir "$M" --out-dir "$OUT" --cache-dir "$CACHE"
+# eager PyTorch fp32, as the tables of docs/benchmarks.md (the bf16 default is checked by scripts/precision_check.py)
+$SPD evaluate --data-root "$DATA" --models-dir "$M" --out-dir "$OUT" --cache-dir "$CACHE" --runtime torch --precision fp32
