@@ -274,10 +274,12 @@ The slicing direction follows the view you clicked in.</p></html>"""
     def sourceVolume(self, slicer_adapter):
         """A copy of the source volume, made again only when the node or its voxels changed."""
         node = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        transform = node.GetParentTransformNode() if node is not None else None
-        key = None if node is None else (node.GetID(), node.GetMTime(), node.GetImageData().GetMTime(),
-                                         transform.GetMTime() if transform is not None else 0)
-        if key is None or getattr(self, "_volumeCopy", (None, None))[0] != key:
+        if node is None or node.GetImageData() is None:
+            return slicer_adapter.volume_from_node(node)  # raises its clear message
+        transform = node.GetParentTransformNode()
+        key = (node.GetID(), node.GetMTime(), node.GetImageData().GetMTime(),
+               transform.GetMTime() if transform is not None else 0)
+        if getattr(self, "_volumeCopy", (None, None))[0] != key:
             self._volumeCopy = (key, slicer_adapter.volume_from_node(node))
         return self._volumeCopy[1]
 
@@ -393,6 +395,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
             self.run.cancel()
         if "SPDSegmentLib.runner" in sys.modules:  # stop encoding ahead, without importing anything new
             sys.modules["SPDSegmentLib.runner"].encode_ahead().stop()
+        self._volumeCopy = (None, None)  # release the copy of the source volume
         self.clearPreview()
 
     def cleanup(self):
