@@ -231,6 +231,19 @@ def test_spd_mode_with_a_backbone_exits_2(capsys, sample_paths, tmp_path):
     assert files_in(tmp_path) == []
 
 
+def test_unusable_runtime_exits_2(capsys, sample_paths, tmp_path, monkeypatch):
+    from SPDSegmentLib.models import openvino_runtime
+
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)  # as on a machine without OpenVINO
+    code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
+                                             "--mode", "raw", "--runtime", "openvino"))
+    assert code == 2 and "pip install openvino" in err
+    code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
+                                             "--mode", "raw", "--runtime", "torch", "--precision", "int8"))
+    assert code == 2 and "int8 runs on the CPU with OpenVINO" in err
+    assert files_in(tmp_path) == []
+
+
 def test_unsupported_output_type_exits_2(capsys, sample_paths, tmp_path):
     code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.png",
                                              "--mode", "raw"))

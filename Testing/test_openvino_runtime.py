@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("openvino")
 
 from SPDSegmentLib.cache import EmbeddingCache  # noqa: E402
-from SPDSegmentLib.errors import CheckpointError  # noqa: E402
+from SPDSegmentLib.errors import CheckpointError, RuntimeChoiceError  # noqa: E402
 from SPDSegmentLib.models import openvino_runtime as ovr  # noqa: E402
 from SPDSegmentLib.models.registry import load_backbone  # noqa: E402
 from SPDSegmentLib.pipeline import SegmentOptions, segment  # noqa: E402
@@ -142,7 +142,7 @@ def test_auto_choices_and_bad_requests(monkeypatch):
         backbone.set_runtime("torch", "int8")
     monkeypatch.setattr(ovr, "available", lambda: False)
     assert backbone.set_runtime("auto", "auto").runtime_name == "torch-fp32"  # falls back to PyTorch
-    with pytest.raises(ImportError, match="pip install openvino"):
+    with pytest.raises(RuntimeChoiceError, match="pip install openvino"):
         backbone.set_runtime("openvino")
 
 
@@ -210,5 +210,5 @@ def test_int8_calibrates_on_the_sample_case_and_needs_nncf(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_nncf)
-    with pytest.raises(ImportError, match="pip install nncf"):
+    with pytest.raises(RuntimeChoiceError, match="pip install nncf"):
         backbone.set_runtime("openvino", "int8")

@@ -13,6 +13,10 @@ class CheckpointError(SPDError):
     """A model file is missing, corrupt, of the wrong kind or incompatible."""
 
 
+class RuntimeChoiceError(SPDError, ValueError):
+    """The chosen inference runtime or precision cannot run on this machine or device."""
+
+
 class DownloadError(SPDError):
     """A checkpoint could not be downloaded (no network, bad checksum)."""
 

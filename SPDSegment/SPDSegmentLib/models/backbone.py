@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import RuntimeChoiceError
 from ..volume import SliceTransform
 
 IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
@@ -48,8 +49,10 @@ class Backbone(nn.Module):
 
     @property
     def identity(self) -> str:
-        """What the embedding cache keys on: architecture, weights, and bf16 (its embeddings differ ~4 %)."""
-        return f"{self.name}@{(self.checksum or 'random')[:16]}" + ("" if self.precision == "fp32" else f"+{self.precision}")
+        """What the embedding cache keys on: architecture, weights, and a reduced precision (bf16 or
+        int8 embeddings differ from fp32 ones by several percent)."""
+        reduced = "" if self.precision == "fp32" else f"+{self.precision}"
+        return f"{self.name}@{(self.checksum or 'random')[:16]}{reduced}"
 
     @property
     def runtime_name(self) -> str:
@@ -97,16 +100,16 @@ class Backbone(nn.Module):
         if precision == "auto":
             precision = os.environ.get("SPDSEGMENT_PRECISION", "auto")
         if runtime not in RUNTIMES or precision not in ("auto",) + ovr.PRECISIONS:
-            raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of auto, fp32, bf16, int8; "
-                             f"got {runtime!r}, {precision!r}")
+            raise RuntimeChoiceError(f"runtime must be one of {RUNTIMES} and precision one of auto, fp32, bf16, "
+                                     f"int8; got {runtime!r}, {precision!r}")
         on_cpu = self.device.type == "cpu"
         if runtime == "openvino" and not on_cpu:
-            raise ValueError("The OpenVINO runtime runs on the CPU; use --runtime torch with a GPU.")
+            raise RuntimeChoiceError("The OpenVINO runtime runs on the CPU; use --runtime torch with a GPU.")
         if runtime == "openvino" and not ovr.available():
-            raise ImportError("--runtime openvino needs the openvino package: pip install openvino")
+            raise RuntimeChoiceError("--runtime openvino needs the openvino package: pip install openvino")
         if precision == "int8" and (runtime == "torch" or not on_cpu or not ovr.available()):
-            raise ValueError("--precision int8 runs on the CPU with OpenVINO (pip install openvino nncf); "
-                             "use bf16 or fp32 here.")
+            raise RuntimeChoiceError("--precision int8 runs on the CPU with OpenVINO (pip install openvino nncf); "
+                                     "use bf16 or fp32 here.")
         use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and ovr.available())
         if precision == "auto":
             precision = "bf16" if use_openvino and AUTO_BF16 and ovr.cpu_supports_bf16() else "fp32"

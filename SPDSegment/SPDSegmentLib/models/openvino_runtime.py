@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RuntimeChoiceError
 from .backbone import weights_digest
 
 # int8: the encoder's fully connected layers in static int8 (calibrated once), the rest as bf16 where
@@ -151,7 +151,7 @@ def _quantise_fully_connected(model, images: list):
     try:
         import nncf
     except ImportError as exc:
-        raise ImportError("--precision int8 needs NNCF: pip install nncf") from exc
+        raise RuntimeChoiceError("--precision int8 needs NNCF: pip install nncf") from exc
     return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
                          subset_size=len(images),
                          ignored_scope=nncf.IgnoredScope(types=["Convolution", "GroupConvolution"]))
@@ -164,7 +164,7 @@ class OpenVINORuntime:
         import openvino as ov
 
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+            raise RuntimeChoiceError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.precision = precision
         self.input_size = backbone.input_size
         self.embedding_size = tuple(backbone.prompt_encoder.image_embedding_size)
