@@ -177,13 +177,14 @@ def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=No
     from .models.backbone import pad_points
 
     masks = {}
-    memo_key = None
+    memo_keys = {}  # slice -> its memo key (one job per slice)
     if cache is not None and key is not None and not dense:
         tag = weights_tag(backbone, backbone.prompt_encoder, backbone.mask_decoder)
         memo_key = f"{key}|mask|{tag}|{backbone.runtime_name}|{batch_size}"
+        memo_keys = {job[0]: f"{memo_key}|{_job_digest(job)}" for job in jobs}
         todo = []
         for job in jobs:
-            hit = cache.recall(f"{memo_key}|{_job_digest(job)}", job[0])
+            hit = cache.recall(memo_keys[job[0]], job[0])
             if hit is None:
                 todo.append(job)
             else:
@@ -210,8 +211,8 @@ def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=No
             logits = backbone.to_slice(low_res.float(), *shape_hw).cpu().numpy()
         for job, lg in zip(batch, logits):
             masks[job[0]] = lg > 0
-            if memo_key is not None:
-                cache.remember(f"{memo_key}|{_job_digest(job)}", job[0], masks[job[0]])
+            if memo_keys:
+                cache.remember(memo_keys[job[0]], job[0], masks[job[0]])
     if progress is not None and jobs:
         progress.step("decode", len(jobs), len(jobs))
     return masks
