@@ -212,3 +212,30 @@ def test_int8_calibrates_on_the_sample_case_and_needs_nncf(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_nncf)
     with pytest.raises(RuntimeChoiceError, match="pip install nncf"):
         backbone.set_runtime("openvino", "int8")
+
+
+def test_int8_quantises_only_the_layers_of_its_scope(monkeypatch, tmp_path):
+    """Inputs of qkv, fc1 (lin1 in SAM's ViT) and the neck get int8; fc2, proj and the rest stay float."""
+    pytest.importorskip("nncf")
+    monkeypatch.setenv("SPDSEGMENT_CACHE", str(tmp_path))
+    backbone = load_backbone("tiny_sam_test", device="cpu")
+    monkeypatch.setattr(ovr, "_calibration_images", lambda b: [
+        np.random.default_rng(i).random((1, 3, b.input_size, b.input_size), np.float32) for i in range(3)])
+    backbone.set_runtime("openvino", "int8")
+    assert backbone.runtime_name == "openvino-int8"
+    import openvino as ov
+
+    [xml] = tmp_path.glob(f"openvino/encoder-int8-{ovr.INT8_SCOPE}-*/model.xml")
+    quantised = set()
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() in ("MatMul", "Convolution"):
+            source = op.input_value(0).get_node()
+            if source.get_type_name() == "FakeQuantize":
+                quantised.add(op.get_friendly_name())
+    layers = {name.split("/")[0].replace("__module.", "") for name in quantised}
+    assert any(".attn.qkv" in n for n in layers) and any(".mlp.lin1" in n for n in layers)
+    assert any(n.startswith("neck") for n in layers)
+    assert not any(".mlp.lin2" in n or ".attn.proj" in n or "patch_embed" in n for n in layers), layers
+    with torch.inference_mode():  # and it runs
+        embeddings = backbone.encode(torch.rand(1, 3, backbone.input_size, backbone.input_size))
+    assert embeddings.shape[1] == backbone.embed_dim and torch.isfinite(embeddings).all()

@@ -249,3 +249,20 @@ def test_fingerprint(oblique_volume):
     moved = oblique_volume.ijk_to_lps.copy()
     moved[0, 3] += 1.0
     assert vol.Volume(oblique_volume.array, moved).fingerprint() != key
+
+
+def test_fingerprint_hashes_the_voxels_of_a_read_only_array_once(oblique_volume, monkeypatch):
+    writable = vol.Volume(oblique_volume.array.copy(), oblique_volume.ijk_to_lps.copy())
+    key = writable.fingerprint()
+    writable.array[0, 0, 0] += 1  # a writable array may change in place: hashed on every call
+    assert writable.fingerprint() != key
+    frozen_array = oblique_volume.array.copy()
+    frozen_array.flags.writeable = False
+    frozen = vol.Volume(frozen_array, oblique_volume.ijk_to_lps.copy())
+    assert frozen.fingerprint() == key
+    calls = []
+    real_sha256 = vol.hashlib.sha256
+    monkeypatch.setattr(vol.hashlib, "sha256", lambda *a: calls.append(a) or real_sha256(*a))
+    assert frozen.fingerprint() == key and len(calls) == 1 and calls[0]  # geometry only, seeded by the voxel hash
+    frozen.ijk_to_lps[0, 3] += 1.0  # geometry is always hashed again
+    assert frozen.fingerprint() != key

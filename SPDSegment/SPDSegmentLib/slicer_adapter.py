@@ -66,7 +66,7 @@ def node_to_world(node) -> np.ndarray:
 # ---------------------------------------------------------------- reading nodes
 
 def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
-    """A copy of a scalar volume node's voxels with its world geometry (parent transform applied)."""
+    """A read-only copy of a scalar volume node's voxels with its world geometry (parent transform applied)."""
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         kind = volume_node.GetClassName() if volume_node is not None else "nothing"
         raise InputError(f"SPD needs a scalar volume, got {kind}. Select a scalar (grey-level) volume.")
@@ -82,6 +82,7 @@ def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
     dims = image.GetDimensions()
     array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
     array = validate_array(array, what=f"volume {volume_node.GetName()!r}")
+    array.flags.writeable = False  # a private snapshot: its content hash is computed once (Volume.fingerprint)
     import vtk
 
     matrix = vtk.vtkMatrix4x4()

@@ -28,8 +28,8 @@ import torch.nn as nn
 from ..errors import CheckpointError, RuntimeChoiceError
 from .backbone import weights_digest
 
-# int8: the encoder's fully connected layers in static int8 (calibrated once), the rest as bf16 where
-# the CPU has it natively, else fp32. Opt-in: docs/performance.md has its speed and Dice.
+# int8: part of the encoder in static int8 (INT8_SCOPE, calibrated once), the rest as bf16 where the
+# CPU has it natively, else fp32. Opt-in: docs/performance.md has its speed and Dice.
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -143,18 +143,32 @@ def _calibration_images(backbone) -> list:
             for t in range(volume.shape[1])]
 
 
-def _quantise_fully_connected(model, images: list):
-    """Static int8 for the fully connected layers only (NNCF); convolutions stay bf16/fp32.
+# int8 scope: the matrix products whose inputs come out of a normalisation (attention qkv, MLP fc1,
+# the neck). Left in bf16/fp32: MLP fc2 (its GELU input has outliers) and attention proj, which
+# doubled the embedding error on left-atrium slices, and the MBConv convolutions (35 % error when
+# everything was int8). Measured with scripts/int8_scope.py; docs/performance.md.
+INT8_SCOPE = "qkv-fc1-neck"  # part of the cache folder name: a new scope is quantised afresh
+INT8_SKIPPED_PATTERNS = [r".*mlp\.fc2.*", r".*mlp\.lin2.*", r".*attn\.proj.*"]  # lin2: fc2 in SAM's ViT
 
-    Quantising the convolutions too cost 35 % embedding error; the fully connected layers alone
-    about 2 points more than bf16 (docs/performance.md)."""
+
+def _int8_ignored_scope(model):
+    """NNCF's ignored scope for INT8_SCOPE: every convolution but the neck's, fc2 and proj."""
+    import nncf
+
+    convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
+                    if op.get_type_name() == "Convolution" and "neck" not in op.get_friendly_name()]
+    return nncf.IgnoredScope(names=convolutions, types=["GroupConvolution"], patterns=INT8_SKIPPED_PATTERNS,
+                             validate=False)
+
+
+def _quantise(model, images: list):
+    """Static int8 (NNCF, calibrated on ``images``) for the layers of INT8_SCOPE; the rest stays bf16/fp32."""
     try:
         import nncf
     except ImportError as exc:
         raise RuntimeChoiceError("--precision int8 needs NNCF: pip install nncf") from exc
     return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(images),
-                         ignored_scope=nncf.IgnoredScope(types=["Convolution", "GroupConvolution"]))
+                         subset_size=len(images), ignored_scope=_int8_ignored_scope(model))
 
 
 class OpenVINORuntime:
@@ -188,7 +202,8 @@ class OpenVINORuntime:
         version = ov.__version__.split("-")[0]
         digest = weights_digest(module)[:24]
         fp_path = _ir_cache_root() / f"{kind}-{digest}-ov{version}" / "model.xml"
-        xml_path = _ir_cache_root() / f"{kind}-int8-{digest}-ov{version}" / "model.xml" if int8 else fp_path
+        xml_path = (_ir_cache_root() / f"{kind}-int8-{INT8_SCOPE}-{digest}-ov{version}" / "model.xml" if int8
+                    else fp_path)
         for attempt in (1, 2):
             if not fp_path.exists():
                 was_training = module.training
@@ -198,7 +213,7 @@ class OpenVINORuntime:
                 finally:
                     module.train(was_training)
             if not xml_path.exists():  # int8: quantised from the converted model, once
-                _save(_quantise_fully_connected(self._core.read_model(str(fp_path)),
+                _save(_quantise(self._core.read_model(str(fp_path)),
                                                 _calibration_images(self._backbone)), xml_path)
             try:
                 model = self._core.read_model(str(xml_path))
