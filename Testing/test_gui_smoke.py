@@ -233,9 +233,9 @@ def test_effect_click_preview_apply_undo_cancel(gui):
     from SPDSegmentLib import runner
     from SPDSegmentLib.cache import default_cache
 
-    default_cache().clear()  # so that encoding ahead has work to do
-    ahead = runner.encode_ahead()
-    encoded_before = ahead.encoded
+    default_cache().clear()  # so that working ahead has work to do
+    ahead = runner.run_ahead()
+    encoded_before, runs_before = ahead.encoded, ahead.runs
     coronal = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # Green view: normal A
     click = vtk.vtkCommand.LeftButtonPressEvent
     for i, j, k in gui.ijk:
@@ -245,6 +245,7 @@ def test_effect_click_preview_apply_undo_cancel(gui):
     assert points.GetNumberOfControlPoints() == len(gui.ijk)
     assert ahead.wait_idle(60) and ahead.last_error is None
     assert ahead.encoded > encoded_before  # the clicked slices were encoded while "the user" was clicking
+    assert ahead.runs > runs_before  # and a run over the clicks so far was done and remembered
     effect.processInteractionEvents(Interactor(remove=True), click, SliceView(list(ras), coronal))
     assert points.GetNumberOfControlPoints() == len(gui.ijk) - 1
     assert effect.slicingAxis(gui.volume, sa) == 1  # from the clicked view, not assumed axial

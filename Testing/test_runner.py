@@ -112,7 +112,7 @@ def test_run_batch_with_tiny_model(tmp_path, sample_paths):
     assert by_case["broken"]["error"] and not (tmp_path / "out" / "broken_spd.seg.nrrd").exists()
 
 
-# ---------------------------------------------------------------- encoding ahead of the Preview
+# ---------------------------------------------------------------- working ahead of the Preview
 
 @pytest.fixture()
 def clicked_case(sample_paths):
@@ -121,29 +121,71 @@ def clicked_case(sample_paths):
     return volume, clicks
 
 
-def test_encode_ahead_leaves_nothing_for_the_preview_to_encode(clicked_case, tiny_backbone, monkeypatch):
+def _always_salient_spd(backbone):
+    import torch
+
+    from SPDSegmentLib.saliency import SaliencyHead
+    from SPDSegmentLib.spd_model import SPDModel
+
+    head = SaliencyHead(backbone.embed_dim, 8).eval()
+    with torch.no_grad():
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.fill_(4.0)  # every prompt passes: every slice gets a consensus to decode
+    return SPDModel(backbone, head, header={"tau": 0.5, "neighbours": 2, "lora_rank": 0})
+
+
+@pytest.mark.parametrize("mode", ["raw", "spd"])
+def test_run_ahead_leaves_nothing_for_the_preview_to_encode_or_decode(clicked_case, tiny_backbone, monkeypatch,
+                                                                     mode):
     from SPDSegmentLib.cache import EmbeddingCache
     from SPDSegmentLib.pipeline import SegmentOptions, plan, segment
 
     volume, clicks = clicked_case
-    options = SegmentOptions(mode="raw")
+    model = tiny_backbone if mode == "raw" else _always_salient_spd(tiny_backbone)
+    options = SegmentOptions(mode=mode)
     cache = EmbeddingCache()
-    ahead = runner.EncodeAhead(cache)
-    ahead.request(volume, clicks, tiny_backbone, options)
+    ahead = runner.RunAhead(cache)
+    ahead.request(volume, clicks, model, options)
     assert ahead.wait_idle(60) and ahead.last_error is None
-    targets = plan(volume, clicks, tiny_backbone, options).targets
-    assert ahead.encoded == len(targets)
-    expected = segment(volume, clicks, tiny_backbone, options, cache=EmbeddingCache())
+    targets = plan(volume, clicks, model, options).targets
+    assert ahead.encoded == len(targets) and ahead.runs == 1
+    expected = segment(volume, clicks, model, options, cache=EmbeddingCache())
+    assert expected.voxels > 0
 
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("the Preview encoded a slice that was encoded ahead")
+    def done_ahead(*args, **kwargs):
+        raise AssertionError("the Preview computed what was done ahead")
 
-    monkeypatch.setattr(tiny_backbone, "encode", no_encoding)
-    result = segment(volume, clicks, tiny_backbone, options, cache=cache)
+    monkeypatch.setattr(tiny_backbone, "encode", done_ahead)
+    monkeypatch.setattr(tiny_backbone, "decode", done_ahead)
+    result = segment(volume, clicks, model, options, cache=cache)
     np.testing.assert_array_equal(result.mask, expected.mask)
 
 
-def test_encode_ahead_stops_between_slices_and_newest_request_wins(clicked_case, tiny_backbone, monkeypatch):
+def test_a_newer_click_cancels_the_background_run_quietly(clicked_case, tiny_backbone, monkeypatch):
+    from SPDSegmentLib.cache import EmbeddingCache
+    from SPDSegmentLib.pipeline import SegmentOptions
+
+    volume, clicks = clicked_case
+    decoding = threading.Event()
+    release = threading.Event()
+    real_decode = tiny_backbone.decode
+
+    def slow_decode(*args, **kwargs):
+        decoding.set()
+        release.wait(5)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_backbone, "decode", slow_decode)
+    ahead = runner.RunAhead(EmbeddingCache())
+    ahead.request(volume, clicks, tiny_backbone, SegmentOptions(mode="raw"))
+    assert decoding.wait(30)  # every slice encoded; the background run is decoding
+    ahead.stop()  # a Preview starts
+    release.set()
+    assert ahead.wait_idle(10)
+    assert ahead.runs == 0 and ahead.last_error is None  # cancelled at the next slice, not an error
+
+
+def test_run_ahead_stops_between_slices_and_newest_request_wins(clicked_case, tiny_backbone, monkeypatch):
     from SPDSegmentLib.cache import EmbeddingCache
     from SPDSegmentLib.pipeline import SegmentOptions
 
@@ -158,7 +200,7 @@ def test_encode_ahead_stops_between_slices_and_newest_request_wins(clicked_case,
         return real_encode(images)
 
     monkeypatch.setattr(tiny_backbone, "encode", slow_encode)
-    ahead = runner.EncodeAhead(EmbeddingCache())
+    ahead = runner.RunAhead(EmbeddingCache())
     ahead.request(volume, clicks, tiny_backbone, SegmentOptions(mode="raw"))
     assert first_slice.wait(10)
     ahead.stop()  # a Preview starts
@@ -167,11 +209,11 @@ def test_encode_ahead_stops_between_slices_and_newest_request_wins(clicked_case,
     assert ahead.encoded == 1  # the slice under way is finished, no further one is started
 
 
-def test_encode_ahead_keeps_errors_to_itself(clicked_case, tiny_backbone):
+def test_run_ahead_keeps_errors_to_itself(clicked_case, tiny_backbone):
     from SPDSegmentLib.pipeline import SegmentOptions
 
     volume, clicks = clicked_case
-    ahead = runner.EncodeAhead()
+    ahead = runner.RunAhead()
     ahead.request(volume, clicks, tiny_backbone, SegmentOptions(mode="raw", slice_range=(900, 901)))  # no prompts there
     assert ahead.wait_idle(10)
     assert isinstance(ahead.last_error, InputError)

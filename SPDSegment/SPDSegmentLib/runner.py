@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .progress import Progress
 
 _MODELS: Dict[Tuple[str, str], Any] = {}
@@ -113,15 +113,30 @@ class BackgroundRun:
         return self._result
 
 
-class EncodeAhead:
-    """Encode the slices a run will need while the user is still clicking.
+class _SupersededProgress(Progress):
+    """Cancels a background run as soon as a newer request (or a stop) supersedes it."""
 
-    The effect calls :meth:`request` after each click; one daemon worker encodes the slices that
-    ``pipeline.plan`` says the run needs (nearest to the newest click first) into the shared
-    embedding cache, so the Preview that follows encodes only what is still missing. A newer request
-    replaces the current one, :meth:`stop` (a Preview starting) halts it between two slices. Encoding
-    ahead is only an optimisation: its failures are kept in :attr:`last_error`, never raised; the
-    Preview reports real problems.
+    def __init__(self, current):
+        super().__init__()
+        self._current = current
+
+    def check(self) -> None:
+        if not self._current():
+            self.cancel()
+        super().check()
+
+
+class RunAhead:
+    """Do a run's work while the user is still clicking.
+
+    The effect calls :meth:`request` after each click. One daemon worker first encodes the slices
+    that ``pipeline.plan`` says the run needs (nearest to the newest click first), then runs the
+    whole pipeline for the clicks so far: its saliency maps and decoded slices are remembered in the
+    shared cache, so the Preview that follows recalls every slice whose consensus prompt the last
+    clicks did not change and decodes only the rest. A newer request replaces the current one;
+    :meth:`stop` (a Preview starting) halts it between two slices. Working ahead is only an
+    optimisation: its failures are kept in :attr:`last_error`, never raised; the Preview reports
+    real problems.
     """
 
     def __init__(self, cache=None):
@@ -133,6 +148,7 @@ class EncodeAhead:
         self._idle = threading.Event()
         self._idle.set()
         self.encoded = 0  # slices encoded ahead so far
+        self.runs = 0  # background runs that finished (their slices are remembered)
         self.last_error: Optional[BaseException] = None
 
     def request(self, volume, voxel_prompts, model=None, options=None, device: str = "auto") -> None:
@@ -141,7 +157,7 @@ class EncodeAhead:
             self._generation += 1
             self._idle.clear()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="SPD encode ahead", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="SPD run ahead", daemon=True)
                 self._thread.start()
 
     def stop(self) -> None:
@@ -167,6 +183,8 @@ class EncodeAhead:
                     return
             try:
                 self._work(job, generation)
+            except Cancelled:
+                pass  # superseded by a newer click or stopped by a Preview
             except Exception as exc:  # noqa: BLE001 - an optimisation must never break the GUI
                 self.last_error = exc
 
@@ -177,7 +195,8 @@ class EncodeAhead:
         volume, voxel_prompts, model, options, device = job
         if model is None or isinstance(model, str):
             model = cached_model(model, device)
-        plan = pipeline.plan(volume, voxel_prompts, model, options or pipeline.SegmentOptions())
+        options = options or pipeline.SegmentOptions()
+        plan = pipeline.plan(volume, voxel_prompts, model, options)
         cache = self._cache if self._cache is not None else default_cache()
         newest = int(voxel_prompts.slice_index()[-1])
         for t in sorted(plan.targets, key=lambda s: (abs(s - newest), s)):
@@ -187,17 +206,22 @@ class EncodeAhead:
                 pipeline.encode_slices(plan.backbone, volume, plan.axis, [t], plan.intensity, cache, None, 1,
                                        key=plan.key)
                 self.encoded += 1
+        # every slice is encoded: saliency, distillation and decoding are cheap next to that, and
+        # what they compute is remembered for the Preview
+        pipeline.segment(volume, voxel_prompts, model, options,
+                         progress=_SupersededProgress(lambda: self._current(generation)), cache=cache)
+        self.runs += 1
 
 
-_encode_ahead: Optional[EncodeAhead] = None
+_run_ahead: Optional[RunAhead] = None
 
 
-def encode_ahead() -> EncodeAhead:
-    """The process-wide encoder-ahead of the Segment Editor effect (uses the default cache)."""
-    global _encode_ahead
-    if _encode_ahead is None:
-        _encode_ahead = EncodeAhead()
-    return _encode_ahead
+def run_ahead() -> RunAhead:
+    """The process-wide RunAhead of the Segment Editor effect (uses the default cache)."""
+    global _run_ahead
+    if _run_ahead is None:
+        _run_ahead = RunAhead()
+    return _run_ahead
 
 
 # ---------------------------------------------------------------- batch (files in, files out; no MRML)

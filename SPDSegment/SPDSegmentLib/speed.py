@@ -4,8 +4,8 @@
 (b) ours: ``pipeline.segment`` with the default runtime (OpenVINO bf16 on a CPU that has it; only the
 needed slices; embedding, saliency and decode caches), then two re-prompts of the encoded volume:
 one click dragged (the usual edit) and every click replaced (the worst case); and the Segment Editor
-effect's path, clicks arriving one per second while ``runner.EncodeAhead`` encodes, timed from the
-last click to the finished Preview. Both on the sample case and on a left-atrium case.
+effect's path: clicks arrive one per second while ``runner.RunAhead`` works, Preview is pressed a
+second after the last click, and the Preview is timed. Both on the sample case and on a left-atrium case.
 """
 from __future__ import annotations
 
@@ -92,16 +92,16 @@ def _one_click_moved(prompts):
 
 
 def _clicked_one_per_second(volume, prompts, model, seconds_per_click: float = 1.0) -> float:
-    """The Segment Editor effect's path: clicks arrive one at a time while ``EncodeAhead`` works, then
-    Preview. Returns the seconds from the last click to the finished Preview."""
+    """The Segment Editor effect's path: clicks arrive one at a time while ``RunAhead`` works, then
+    Preview, a click interval after the last click. Returns the seconds the Preview takes."""
     import dataclasses
 
     from .cache import EmbeddingCache
     from .pipeline import SegmentOptions, segment
-    from .runner import EncodeAhead
+    from .runner import RunAhead
 
     cache = EmbeddingCache()
-    ahead = EncodeAhead(cache)
+    ahead = RunAhead(cache)
     order = np.argsort(prompts.slice_index(), kind="stable")  # a reader scrolls through the slices
     for count in range(1, len(order) + 1):
         keep = order[:count]
@@ -148,7 +148,7 @@ def run_speed_benchmark(args) -> None:
         print(f"{label_} encoder {encoder_rate:.2f} slices/s (batch {b}), decoder {decoder_rate:.1f} prompts/s "
               f"(batch {b * 4})")
     print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'naive/SPD':>9} {'1 click moved s':>15} "
-          f"{'all clicks new s':>16} {'after last click s':>18}")
+          f"{'all clicks new s':>16} {'Preview, clicks 1/s':>19}")
     for name, volume, axis, label in cases:
         prompts = _case(volume, label, axis)
         slices = sorted(prompts.by_slice())
@@ -161,6 +161,6 @@ def run_speed_benchmark(args) -> None:
         _, new = _timed(segment, volume, others, model, SegmentOptions(), cache=cache)
         clicking = _clicked_one_per_second(volume, prompts, model)
         print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {naive / ours:>9.2f} {moved:>15.2f} "
-              f"{new:>16.2f} {clicking:>18.2f}")
+              f"{new:>16.2f} {clicking:>19.2f}")
         print("    SPD first run: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     print(f"peak resident memory {_peak_rss_mb():.0f} MB")

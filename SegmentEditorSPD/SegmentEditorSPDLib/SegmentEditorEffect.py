@@ -235,15 +235,15 @@ The slicing direction follows the view you clicked in.</p></html>"""
         sliceToRas = viewWidget.mrmlSliceNode().GetSliceToRAS()
         normal = [sliceToRas.GetElement(row, 2) for row in range(3)]
         self.scriptedEffect.setParameter("ViewNormal", " ".join(f"{v:.6f}" for v in normal))
-        self.encodeAhead()
+        self.runAhead()
         return True
 
-    def encodeAhead(self):
-        """Encode the slices around the clicks while the user goes on clicking, so Preview mostly
-        decodes. Only an optimisation: problems are reported by Preview, not here."""
+    def runAhead(self):
+        """Encode the slices around the clicks and run the pipeline while the user goes on clicking,
+        so Preview mostly recalls. Only an optimisation: problems are reported by Preview, not here."""
         try:
             volume, voxelPrompts, model, options = self.inputs()
-            self.runner.encode_ahead().request(volume, voxelPrompts, model, options)
+            self.runner.run_ahead().request(volume, voxelPrompts, model, options)
         except Exception:  # noqa: BLE001 - e.g. no source volume yet
             pass
 
@@ -295,7 +295,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
     def onPreview(self):
         self.clearPreview()
         runner = self.runner
-        runner.encode_ahead().stop()  # the run takes over; what was encoded ahead is in the cache
+        runner.run_ahead().stop()  # the run takes over; what was done ahead is in the cache
         try:
             volume, voxelPrompts, model, options = self.inputs()
         except Exception as exc:
@@ -393,8 +393,8 @@ The slicing direction follows the view you clicked in.</p></html>"""
     def deactivate(self):
         if self.run is not None:
             self.run.cancel()
-        if "SPDSegmentLib.runner" in sys.modules:  # stop encoding ahead, without importing anything new
-            sys.modules["SPDSegmentLib.runner"].encode_ahead().stop()
+        if "SPDSegmentLib.runner" in sys.modules:  # stop working ahead, without importing anything new
+            sys.modules["SPDSegmentLib.runner"].run_ahead().stop()
         self._volumeCopy = (None, None)  # release the copy of the source volume
         self.clearPreview()
 
