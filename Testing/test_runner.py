@@ -217,3 +217,21 @@ def test_run_ahead_keeps_errors_to_itself(clicked_case, tiny_backbone):
     ahead.request(volume, clicks, tiny_backbone, SegmentOptions(mode="raw", slice_range=(900, 901)))  # no prompts there
     assert ahead.wait_idle(10)
     assert isinstance(ahead.last_error, InputError)
+
+
+def test_bench_speed_clicking_path_previews_the_full_click_set(clicked_case, tiny_backbone, monkeypatch):
+    """``spd bench-speed``'s effect path runs, and the Preview it times is a run over every click."""
+    from SPDSegmentLib import pipeline, speed
+
+    volume, clicks = clicked_case
+    click_counts = []
+    real_segment = pipeline.segment
+
+    def recording_segment(volume_, prompts_, *args, **kwargs):
+        click_counts.append(len(prompts_.ijk))
+        return real_segment(volume_, prompts_, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "segment", recording_segment)
+    seconds = speed._clicked_one_per_second(volume, clicks, tiny_backbone, preview_after=0.0, seconds_per_click=0.01)
+    assert 0.0 <= seconds < 60.0
+    assert len(clicks.ijk) in click_counts
