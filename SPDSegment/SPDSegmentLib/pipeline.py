@@ -277,50 +277,50 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
     p = plan(volume, prompts, model, options)
-    backbone, axis, by_slice, targets, shape_hw, key = p.backbone, p.axis, p.by_slice, p.targets, p.shape_hw, p.key
-    mode, tau, n, batch_size = p.mode, p.tau, p.neighbours, p.batch_size
     t0 = time.perf_counter()
-    embeddings = encode_slices(backbone, volume, axis, targets, p.intensity, cache, progress, batch_size, key=key)
+    embeddings = encode_slices(p.backbone, volume, p.axis, p.targets, p.intensity, cache, progress, p.batch_size,
+                               key=p.key)
     timings["encode_s"] = time.perf_counter() - t0
     progress.check()
 
-    transform = backbone.transform(*shape_hw)
+    transform = p.backbone.transform(*p.shape_hw)
     audit: List[cpd.AuditEntry] = []
     saliency = dense = None
     jobs = []
-    if mode == "spd":
+    if p.mode == "spd":
         t0 = time.perf_counter()
         dense = {} if model.header.get("dense_prior") else None
-        maps = saliency_maps(model, embeddings, shape_hw, dense=dense, cache=cache, key=key)
-        result = cpd.distill(by_slice, maps, tau=tau, neighbours=n, targets=targets, local_only=options.local_only)
+        maps = saliency_maps(model, embeddings, p.shape_hw, dense=dense, cache=cache, key=p.key)
+        result = cpd.distill(p.by_slice, maps, tau=p.tau, neighbours=p.neighbours, targets=p.targets,
+                             local_only=options.local_only)
         audit = result.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
-        prompted = sorted(by_slice)
-        for t in targets:
+        prompted = sorted(p.by_slice)
+        for t in p.targets:
             consensus = result.consensus.get(t)
             if consensus is not None and len(consensus.positives):
-                box = cpd.saliency_box(maps[t], consensus.positives, tau)
+                box = cpd.saliency_box(maps[t], consensus.positives, p.tau)
                 jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels,
                              transform.box_rc_to_model(*box)))
             elif options.empty_slice == "saliency" and prompted[0] <= t <= prompted[-1]:
-                box = cpd.saliency_box(maps[t], np.zeros((0, 2)), tau)
+                box = cpd.saliency_box(maps[t], np.zeros((0, 2)), p.tau)
                 if box is not None:
                     jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
         if options.return_saliency:
             saliency = np.zeros(volume.shape, np.float32)
             for t, prob in maps.items():
-                put_slice(saliency, axis, t, prob)
+                put_slice(saliency, p.axis, t, prob)
     else:
-        spacing_rc = [volume.spacing[::-1][a] for a in range(3) if a != axis]
+        spacing_rc = [volume.spacing[::-1][a] for a in range(3) if a != p.axis]
         margin = options.box_margin_mm / float(min(spacing_rc))
-        for t in targets:
-            rc, labels = by_slice[t]
+        for t in p.targets:
+            rc, labels = p.by_slice[t]
             positives = rc[np.asarray(labels) > 0]
             box = None
             if options.use_box:
                 if not len(positives):
                     continue  # a box needs a foreground point
-                box = transform.box_rc_to_model(*cpd.points_box(positives, margin, shape_hw))
+                box = transform.box_rc_to_model(*cpd.points_box(positives, margin, p.shape_hw))
             jobs.append((t, transform.rc_to_model_xy(rc), np.asarray(labels), box))
     progress.check()
 
@@ -328,16 +328,17 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     # prompt-free (saliency box only) slices are decoded in their own batch
     with_points = [j for j in jobs if len(j[1])]
     box_only = [j for j in jobs if not len(j[1])]
-    slice_masks = _decode(backbone, embeddings, with_points, shape_hw, batch_size, progress, dense, cache, key)
-    if box_only:
-        slice_masks.update(_decode(backbone, embeddings, box_only, shape_hw, batch_size, progress, dense, cache,
-                                   key))
+    slice_masks = {}
+    for group in (with_points, box_only):
+        if group:
+            slice_masks.update(_decode(p.backbone, embeddings, group, p.shape_hw, p.batch_size, progress, dense,
+                                       cache, p.key))
     timings["decode_s"] = time.perf_counter() - t0
     progress.check()
 
     mask = np.zeros(volume.shape, np.uint8)
     for t, m in slice_masks.items():
-        put_slice(mask, axis, t, m.astype(np.uint8))
+        put_slice(mask, p.axis, t, m.astype(np.uint8))
     timings["total_s"] = time.perf_counter() - t_start
-    return Result(mask=mask, axis=axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
-                  timings=timings, mode=mode)
+    return Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
+                  timings=timings, mode=p.mode)
