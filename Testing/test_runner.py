@@ -161,6 +161,26 @@ def test_run_ahead_leaves_nothing_for_the_preview_to_encode_or_decode(clicked_ca
     np.testing.assert_array_equal(result.mask, expected.mask)
 
 
+def test_run_ahead_builds_no_saliency_volume(clicked_case, tiny_backbone, monkeypatch):
+    from SPDSegmentLib import pipeline
+    from SPDSegmentLib.cache import EmbeddingCache
+
+    volume, clicks = clicked_case
+    asked = []
+    real_segment = pipeline.segment
+
+    def recording_segment(*args, **kwargs):
+        asked.append(args[3].return_saliency)
+        return real_segment(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "segment", recording_segment)
+    ahead = runner.RunAhead(EmbeddingCache())
+    model = _always_salient_spd(tiny_backbone)
+    ahead.request(volume, clicks, model, pipeline.SegmentOptions(mode="spd", return_saliency=True))
+    assert ahead.wait_idle(60) and ahead.last_error is None
+    assert asked == [False] and ahead.runs == 1
+
+
 def test_a_newer_click_cancels_the_background_run_quietly(clicked_case, tiny_backbone, monkeypatch):
     from SPDSegmentLib.cache import EmbeddingCache
     from SPDSegmentLib.pipeline import SegmentOptions

@@ -7,6 +7,7 @@ Importing this module imports no torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -207,8 +208,9 @@ class RunAhead:
                                        key=plan.key)
                 self.encoded += 1
         # every slice is encoded: saliency, distillation and decoding are cheap next to that, and
-        # what they compute is remembered for the Preview
-        pipeline.segment(volume, voxel_prompts, model, options,
+        # what they compute is remembered for the Preview. No saliency volume: the maps are remembered
+        # per slice, and a volume-sized array per click would only churn memory on a large CT.
+        pipeline.segment(volume, voxel_prompts, model, dataclasses.replace(options, return_saliency=False),
                          progress=_SupersededProgress(lambda: self._current(generation)), cache=cache)
         self.runs += 1
 
