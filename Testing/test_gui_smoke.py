@@ -235,6 +235,10 @@ def test_effect_click_preview_apply_undo_cancel(gui):
 
     default_cache().clear()  # so that working ahead has work to do
     ahead = runner.run_ahead()
+    runner.forget_models()
+    effect.activate()  # selecting the effect loads its model in the background
+    assert ahead.wait_idle(60) and ahead.last_error is None
+    assert ("tiny_sam_test", "auto") in runner._MODELS
     encoded_before, runs_before = ahead.encoded, ahead.runs
     coronal = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # Green view: normal A
     click = vtk.vtkCommand.LeftButtonPressEvent

@@ -161,6 +161,11 @@ class RunAhead:
                 self._thread = threading.Thread(target=self._loop, name="SPD run ahead", daemon=True)
                 self._thread.start()
 
+    def preload(self, model=None, device: str = "auto") -> None:
+        """Load (and on first use convert) the model in the background, e.g. when the effect is
+        selected, so that neither the first click's work nor the first Preview waits for it."""
+        self.request(None, None, model, None, device)
+
     def stop(self) -> None:
         with self._lock:
             self._job = None
@@ -196,6 +201,8 @@ class RunAhead:
         volume, voxel_prompts, model, options, device = job
         if model is None or isinstance(model, str):
             model = cached_model(model, device)
+        if voxel_prompts is None:  # preload only
+            return
         options = options or pipeline.SegmentOptions()
         plan = pipeline.plan(volume, voxel_prompts, model, options)
         cache = self._cache if self._cache is not None else default_cache()

@@ -390,6 +390,15 @@ The slicing direction follows the view you clicked in.</p></html>"""
             self.preview = None
         self.updateButtons()
 
+    def activate(self):
+        """Load the model in the background while the user places the first clicks. Only an
+        optimisation: a missing dependency or model is reported by Preview, not here."""
+        try:
+            model = self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
+            self.runner.run_ahead().preload(model or None)
+        except Exception:  # noqa: BLE001
+            pass
+
     def deactivate(self):
         if self.run is not None:
             self.run.cancel()
