@@ -32,6 +32,11 @@ def cached_model(name_or_path: Optional[str] = None, device: str = "auto"):
         return _MODELS[key]
 
 
+def _loaded(model, device: str):
+    """A loaded model as it is; a name, path or None (the default) through :func:`cached_model`."""
+    return cached_model(model, device) if model is None or isinstance(model, str) else model
+
+
 def forget_models() -> None:
     """Drop the loaded models (and so their GPU memory once nothing else holds them)."""
     with _MODELS_LOCK:
@@ -44,9 +49,7 @@ def compute(volume, voxel_prompts, model=None, options=None, progress: Optional[
     from . import pipeline
     from .cache import default_cache
 
-    if model is None or isinstance(model, str):
-        model = cached_model(model, device)
-    return pipeline.segment(volume, voxel_prompts, model, options=options, progress=progress,
+    return pipeline.segment(volume, voxel_prompts, _loaded(model, device), options=options, progress=progress,
                             cache=default_cache())
 
 
@@ -199,8 +202,7 @@ class RunAhead:
         from .cache import default_cache
 
         volume, voxel_prompts, model, options, device = job
-        if model is None or isinstance(model, str):
-            model = cached_model(model, device)
+        model = _loaded(model, device)
         if voxel_prompts is None:  # preload only
             return
         options = options or pipeline.SegmentOptions()

@@ -289,8 +289,11 @@ The slicing direction follows the view you clicked in.</p></html>"""
         volume = self.sourceVolume(slicer_adapter)
         points = slicer_adapter.points_from_markups(self.promptsNode())
         voxelPrompts = prompts.to_voxels(points, volume, axis=self.slicingAxis(volume, slicer_adapter))
-        model = self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
-        return volume, voxelPrompts, model, self.options(pipeline)
+        return volume, voxelPrompts, self.modelName(), self.options(pipeline)
+
+    def modelName(self):
+        """The chosen model file, else the chosen catalogue name (empty: the default)."""
+        return self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
 
     def onPreview(self):
         self.clearPreview()
@@ -394,8 +397,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
         """Load the model in the background while the user places the first clicks. Only an
         optimisation: a missing dependency or model is reported by Preview, not here."""
         try:
-            model = self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
-            self.runner.run_ahead().preload(model or None)
+            self.runner.run_ahead().preload(self.modelName() or None)
         except Exception:  # noqa: BLE001
             pass
 
