@@ -1,0 +1,1 @@
+"""Research tools: the feature store for training and benchmarks, simulation, training, evaluation."""
