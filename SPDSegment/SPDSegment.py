@@ -334,21 +334,21 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
 
     # models and dependencies -------------------------------------------------------------
     def modelChoices(self):
-        from SPDSegmentLib import runner
+        from SPDSegmentLib.slicer_side import runner
         return runner.model_choices(self.DEFAULT_SPD_MODEL)
 
     def modelStatus(self, name):
-        from SPDSegmentLib import runner
+        from SPDSegmentLib.slicer_side import runner
         return runner.model_status(name)
 
     def cacheFolder(self):
-        from SPDSegmentLib.models.download import cache_dir
+        from SPDSegmentLib.core.models.download import cache_dir
         return str(cache_dir())
 
     def startDownload(self, name):
         """Download into the per-user cache (outside the install tree) with SHA-256 check, in the background."""
-        from SPDSegmentLib.models import registry
-        from SPDSegmentLib.runner import BackgroundRun
+        from SPDSegmentLib.core.models import registry
+        from SPDSegmentLib.slicer_side.runner import BackgroundRun
 
         def work(progress):
             return registry.checkpoint_for(name, progress=lambda done, total: progress.step(
@@ -395,14 +395,14 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
 
     # segmentation --------------------------------------------------------------------------
     def options(self, mode="auto", tau=None, neighbours=None, sliceRange=None, saliency=False):
-        from SPDSegmentLib.pipeline import SegmentOptions
+        from SPDSegmentLib.core.pipeline import SegmentOptions
         return SegmentOptions(mode=mode, tau=tau, neighbours=neighbours, slice_range=sliceRange,
                               return_saliency=saliency)
 
     def startRun(self, volumeNode, markupsNode, model=None, options=None, axis=None, device="auto"):
         """Read the nodes now, compute in a worker. Returns (run, finish); finish(result, segmentation,
         segmentId=None, overlays=False) writes on the main thread once the run succeeded."""
-        from SPDSegmentLib import runner, slicer_adapter
+        from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
 
         volume, prompts = slicer_adapter.prepare_inputs(volumeNode, markupsNode, axis=axis)
         run = runner.BackgroundRun(lambda p: runner.compute(volume, prompts, model, options, p, device)).start()
@@ -419,7 +419,7 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
     def run(self, volumeNode, markupsNode, segmentationNode, segmentId=None, model=None, options=None,
             progress=None, device="auto"):
         """Synchronous run for the Python console and tests; returns the pipeline Result."""
-        from SPDSegmentLib import runner, slicer_adapter
+        from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
 
         model = runner.cached_model(model, device) if model is None or isinstance(model, str) else model
         return slicer_adapter.run_spd_on_nodes(volumeNode, markupsNode, segmentationNode, segmentId, model=model,
@@ -427,13 +427,13 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def undo(self, segmentationNode):
         """Undo the last SPD write into this segmentation (the new segment goes with its contents)."""
-        from SPDSegmentLib import slicer_adapter
+        from SPDSegmentLib.slicer_side import adapter as slicer_adapter
 
         editor = slicer_adapter.spd_editor_node(segmentationNode.GetScene())
         return editor.GetSegmentationNode() is segmentationNode and slicer_adapter.undo(editor)
 
     def showOverlays(self, result, volume):
-        from SPDSegmentLib import slicer_adapter
+        from SPDSegmentLib.slicer_side import adapter as slicer_adapter
 
         if result.saliency is not None:
             node = slicer.mrmlScene.GetFirstNodeByName("SPD saliency")
@@ -448,7 +448,7 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         return f"{result.mode}: {len(result.slices)} slices, {result.voxels} voxels ({counts})."
 
     def startBatch(self, inputFolder, outputFolder, model=None, options=None, device="auto"):
-        from SPDSegmentLib import runner
+        from SPDSegmentLib.slicer_side import runner
 
         cases = runner.pair_cases(inputFolder)
         return runner.BackgroundRun(lambda p: runner.run_batch(cases, outputFolder, model, options, p, device)).start()
@@ -461,11 +461,11 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         return os.pathsep.join([MODULE_DIR] + ([existing] if existing else []))
 
     def trainArguments(self, dataFolder, outputPath, epochs=8, lora=False, device="auto"):
-        from SPDSegmentLib import runner
+        from SPDSegmentLib.slicer_side import runner
         return runner.train_arguments(dataFolder, outputPath, epochs, lora, device)
 
     def parseProgress(self, line):
-        from SPDSegmentLib import runner
+        from SPDSegmentLib.slicer_side import runner
         return runner.parse_progress(line)
 
 
@@ -497,7 +497,7 @@ class SPDSegmentTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Sample data or PyTorch not available; skipping the segmentation test.")
             return
         import numpy as np
-        from SPDSegmentLib import slicer_adapter
+        from SPDSegmentLib.slicer_side import adapter as slicer_adapter
 
         volumeNode = slicer.util.loadVolume(os.path.join(folder, "hippocampus_001_image.nii.gz"))
         labelNode = slicer.util.loadLabelVolume(os.path.join(folder, "hippocampus_001_label.nii.gz"))

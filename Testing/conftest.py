@@ -39,7 +39,7 @@ def sample_paths():
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from SPDSegmentLib.models import load_backbone
+    from SPDSegmentLib.core.models import load_backbone
 
     return load_backbone("tiny_sam_test", device="cpu")
 
@@ -47,7 +47,7 @@ def tiny_backbone():
 @pytest.fixture()
 def oblique_volume():
     """A small volume with an oblique direction, non-unit spacing and an offset origin."""
-    from SPDSegmentLib.volume import Volume, geometry_matrix
+    from SPDSegmentLib.core.volume import Volume, geometry_matrix
 
     angle = np.deg2rad(20)
     direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from SPDSegmentLib.errors import InputError
-from SPDSegmentLib.slicer_adapter import editor_logic_for
+from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.slicer_side.adapter import editor_logic_for
 
 
 @dataclass

@@ -10,10 +10,10 @@ import SimpleITK as sitk
 import torch
 
 from SPDSegmentLib import cli
-from SPDSegmentLib import prompts as P
-from SPDSegmentLib import spd_model
-from SPDSegmentLib import volume as vol
-from SPDSegmentLib.saliency import SaliencyHead
+from SPDSegmentLib.core import prompts as P
+from SPDSegmentLib.core import spd_model
+from SPDSegmentLib.core import volume as vol
+from SPDSegmentLib.core.saliency import SaliencyHead
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # 2-core machines: no oversubscription
@@ -232,7 +232,7 @@ def test_spd_mode_with_a_backbone_exits_2(capsys, sample_paths, tmp_path):
 
 
 def test_unusable_runtime_exits_2(capsys, sample_paths, tmp_path, monkeypatch):
-    from SPDSegmentLib.models import openvino_runtime
+    from SPDSegmentLib.core.models import openvino_runtime
 
     monkeypatch.setattr(openvino_runtime, "available", lambda: False)  # as on a machine without OpenVINO
     code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",

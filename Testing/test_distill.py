@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SPDSegmentLib import distill as cpd
+from SPDSegmentLib.core import distill as cpd
 
 SHAPE = (20, 20)
 TAU = 0.5

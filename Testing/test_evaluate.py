@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from SPDSegmentLib import evaluate
+from SPDSegmentLib.research import evaluate
 
 
 def test_dice_known_values():
@@ -56,8 +56,8 @@ def test_summary_statistics_and_reports(tmp_path):
 
 
 def test_unet_baseline_trains_and_predicts(tmp_path, sample_paths, torch_one_thread):
-    from SPDSegmentLib import unet
-    from SPDSegmentLib.data import Case
+    from SPDSegmentLib.research import unet
+    from SPDSegmentLib.research.data import Case
 
     case = Case("h001", sample_paths["image"], sample_paths["label"])
     out = unet.train_unet([case], axis=1, out=tmp_path / "unet.pt", epochs=1)

@@ -21,12 +21,13 @@ GUI_FILES = {
         "SegmentEditorEffect.updateGUIFromMRML", "SegmentEditorEffect.icon", "SegmentEditorEffect.helpText"),
 }
 HEAVY_MODULES = ("torch", "torchvision", "segment_anything", "monai", "timm", "PyTorchUtils",
-                 "SPDSegmentLib.spd_model", "SPDSegmentLib.saliency", "SPDSegmentLib.models.backbone")
+                 "SPDSegmentLib.core.spd_model", "SPDSegmentLib.core.saliency", "SPDSegmentLib.core.models.backbone")
 SIDE_EFFECT_CALLS = {"pip_install", "pip_ensure", "installTorch", "installDependencies", "checkpoint_for", "download",
                      "startDownload", "load_model", "cached_model", "load_backbone", "deviceInfo", "urlopen", "compute"}
-CORE_MODULES = ("SPDSegmentLib", "SPDSegmentLib.slicer_adapter", "SPDSegmentLib.runner", "SPDSegmentLib.pipeline",
-                "SPDSegmentLib.prompts", "SPDSegmentLib.models.registry", "SPDSegmentLib.models.download",
-                "SPDSegmentLib.progress", "SPDSegmentLib.errors", "SPDSegmentLib.volume")
+CORE_MODULES = ("SPDSegmentLib", "SPDSegmentLib.slicer_side.adapter", "SPDSegmentLib.slicer_side.runner",
+                "SPDSegmentLib.core.pipeline", "SPDSegmentLib.core.prompts", "SPDSegmentLib.core.models.registry",
+                "SPDSegmentLib.core.models.download", "SPDSegmentLib.core.progress", "SPDSegmentLib.core.errors",
+                "SPDSegmentLib.core.volume")
 
 
 def imported_names(node) -> list:
@@ -142,7 +143,7 @@ def test_adapter_is_the_only_core_file_touching_slicer():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         names = [n for node in ast.walk(tree) for n in imported_names(node)]
         touching = [n for n in names if n.split(".")[0] in ("slicer", "qt", "ctk", "vtk", "vtkmodules")]
-        if path.name == "slicer_adapter.py":
+        if path.relative_to(core).as_posix() == "slicer_side/adapter.py":
             top = [n for node in tree.body for n in imported_names(node)]
             assert not [n for n in top if n.split(".")[0] in ("slicer", "vtk", "qt")], "import slicer/vtk lazily"
         else:

@@ -19,8 +19,9 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (MRML in Python) is not installed", allow_module_level=True)
 pytest.importorskip("torch")
 
-from SPDSegmentLib import prompts, slicer_adapter as sa  # noqa: E402
-from SPDSegmentLib.volume import read, read_label  # noqa: E402
+from SPDSegmentLib.core import prompts  # noqa: E402
+from SPDSegmentLib.core.volume import read, read_label  # noqa: E402
+from SPDSegmentLib.slicer_side import adapter as sa  # noqa: E402
 from slicer_app import make_standalone_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,8 +231,8 @@ def test_effect_click_preview_apply_undo_cancel(gui):
     effect.updateMRMLFromGUI()
     assert scripted.params["Model"] == "tiny_sam_test" and scripted.params["Mode"] == "raw"
 
-    from SPDSegmentLib import runner
-    from SPDSegmentLib.cache import default_cache
+    from SPDSegmentLib.core.cache import default_cache
+    from SPDSegmentLib.slicer_side import runner
 
     default_cache().clear()  # so that working ahead has work to do
     ahead = runner.run_ahead()

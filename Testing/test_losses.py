@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
-from SPDSegmentLib import losses  # noqa: E402
+from SPDSegmentLib.research import losses  # noqa: E402
 
 
 def disc(h=32, w=32, centre=(16, 16), radius=8.0):

@@ -12,8 +12,8 @@ SCRIPT = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {package!r})
     import numpy as np
-    from SPDSegmentLib import pipeline, prompts
-    from SPDSegmentLib.volume import Volume
+    from SPDSegmentLib.core import pipeline, prompts
+    from SPDSegmentLib.core.volume import Volume
     rng = np.random.default_rng(0)
     array = rng.integers(-1000, 1000, size=(600, 512, 512), dtype=np.int16)  # 300 MiB, every page touched
     array[250:350, 200:300, 200:300] = 400

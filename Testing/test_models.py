@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from SPDSegmentLib.errors import CheckpointError, DownloadError
-from SPDSegmentLib.models import backbone as bb
-from SPDSegmentLib.models import compat, download, registry
-from SPDSegmentLib.models import catalogue, load_backbone
+from SPDSegmentLib.core.errors import CheckpointError, DownloadError
+from SPDSegmentLib.core.models import backbone as bb
+from SPDSegmentLib.core.models import catalogue, load_backbone
+from SPDSegmentLib.core.models import compat, download, registry
 
 REQUIRED = ("title", "architecture", "input_size", "pixel_normalisation", "source", "url", "sha256", "size_bytes",
             "licence")
@@ -144,13 +144,13 @@ def test_checkpoint_with_code_is_not_executed(tmp_path):
 def test_no_stand_in_timm_left_behind(tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(registry.Path(registry.__file__).parents[2])!r})
+        sys.path.insert(0, {str(registry.Path(registry.__file__).parents[3])!r})
         try:
             import timm  # noqa: F401
             importable = True
         except ImportError:
             importable = False
-        from SPDSegmentLib.models import load_backbone
+        from SPDSegmentLib.core.models import load_backbone
         load_backbone("litemedsam", "cpu")
         if not importable:
             assert "timm" not in sys.modules and "timm.models" not in sys.modules, "stand-in timm left"
@@ -243,7 +243,7 @@ def test_cache_dir_follows_environment(tmp_path, monkeypatch):
 
 
 def test_torch_bf16_autocast_returns_float32_close_to_fp32():
-    from SPDSegmentLib.models.registry import load_backbone
+    from SPDSegmentLib.core.models.registry import load_backbone
 
     reference = load_backbone("tiny_sam_test", device="cpu").set_runtime("torch", "fp32")
     mixed = load_backbone("tiny_sam_test", device="cpu").set_runtime("torch", "bf16")

@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("openvino")
 
-from SPDSegmentLib.cache import EmbeddingCache  # noqa: E402
-from SPDSegmentLib.errors import CheckpointError, RuntimeChoiceError  # noqa: E402
-from SPDSegmentLib.models import openvino_runtime as ovr  # noqa: E402
-from SPDSegmentLib.models.registry import load_backbone  # noqa: E402
-from SPDSegmentLib.pipeline import SegmentOptions, segment  # noqa: E402
+from SPDSegmentLib.core.cache import EmbeddingCache  # noqa: E402
+from SPDSegmentLib.core.errors import CheckpointError, RuntimeChoiceError  # noqa: E402
+from SPDSegmentLib.core.models import openvino_runtime as ovr  # noqa: E402
+from SPDSegmentLib.core.models.registry import load_backbone  # noqa: E402
+from SPDSegmentLib.core.pipeline import SegmentOptions, segment  # noqa: E402
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_dense_mask_prompt_matches(pair):
 
 
 def test_segment_gives_the_same_mask_on_both_runtimes(pair, sample_paths):
-    from SPDSegmentLib import prompts, volume
+    from SPDSegmentLib.core import prompts, volume
 
     torch_model, ov_model = pair
     vol = volume.read(sample_paths["image"])
@@ -97,7 +97,7 @@ def test_conversion_happens_once_and_the_cache_is_reused(monkeypatch):
 
 
 def test_a_corrupt_cached_model_is_converted_again(user_cache):
-    from SPDSegmentLib.models.backbone import weights_digest
+    from SPDSegmentLib.core.models.digest import weights_digest
 
     backbone = load_backbone("tiny_sam_test", device="cpu").set_runtime("openvino", "fp32")
     xml = list((user_cache / "openvino").glob(f"encoder-{weights_digest(backbone.image_encoder)[:24]}-*/model.xml"))

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from SPDSegmentLib import distill as cpd
-from SPDSegmentLib import prompts as P
-from SPDSegmentLib import volume as vol
-from SPDSegmentLib.cache import EmbeddingCache
-from SPDSegmentLib.errors import Cancelled, InputError
-from SPDSegmentLib.pipeline import SegmentOptions, segment
-from SPDSegmentLib.progress import Progress
-from SPDSegmentLib.saliency import SaliencyHead
-from SPDSegmentLib.spd_model import SPDModel
+from SPDSegmentLib.core import distill as cpd
+from SPDSegmentLib.core import prompts as P
+from SPDSegmentLib.core import volume as vol
+from SPDSegmentLib.core.cache import EmbeddingCache
+from SPDSegmentLib.core.errors import Cancelled, InputError
+from SPDSegmentLib.core.pipeline import SegmentOptions, segment
+from SPDSegmentLib.core.progress import Progress
+from SPDSegmentLib.core.saliency import SaliencyHead
+from SPDSegmentLib.core.spd_model import SPDModel
 
 AXIS = 1
 

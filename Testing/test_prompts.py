@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from SPDSegmentLib import prompts
-from SPDSegmentLib.errors import InputError
-from SPDSegmentLib.volume import Volume, geometry_matrix, ijk_to_physical, lps_to_ras
+from SPDSegmentLib.core import prompts
+from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.volume import Volume, geometry_matrix, ijk_to_physical, lps_to_ras
 
 # (i, j, k) inside the oblique fixture (i < 10, j < 12, k < 6), clicked on axial planes (integer k)
 IJK = np.array([[2.0, 3.0, 1.0], [4.3, 5.7, 1.0], [7.2, 2.2, 3.0]])

@@ -1,4 +1,4 @@
-"""Background runs, batches and the GUI helpers of SPDSegmentLib.runner (no Qt, no Slicer)."""
+"""Background runs, batches and the GUI helpers of SPDSegmentLib.slicer_side.runner (no Qt, no Slicer)."""
 from __future__ import annotations
 
 import threading
@@ -6,9 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from SPDSegmentLib import prompts, runner
-from SPDSegmentLib.errors import Cancelled, InputError
-from SPDSegmentLib.volume import read, read_label
+from SPDSegmentLib.core import prompts
+from SPDSegmentLib.core.errors import Cancelled, InputError
+from SPDSegmentLib.core.volume import read, read_label
+from SPDSegmentLib.slicer_side import runner
 
 
 def test_background_run_returns_result_and_progress():
@@ -98,8 +99,8 @@ def test_pair_cases(tmp_path, sample_paths):
 
 
 def test_run_batch_with_tiny_model(tmp_path, sample_paths):
-    pytest.importorskip("SPDSegmentLib.pipeline")
-    from SPDSegmentLib.pipeline import SegmentOptions
+    pytest.importorskip("SPDSegmentLib.core.pipeline")
+    from SPDSegmentLib.core.pipeline import SegmentOptions
 
     write_case(tmp_path, "a", sample_paths, "a.mrk.json")
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
@@ -124,8 +125,8 @@ def clicked_case(sample_paths):
 def _always_salient_spd(backbone):
     import torch
 
-    from SPDSegmentLib.saliency import SaliencyHead
-    from SPDSegmentLib.spd_model import SPDModel
+    from SPDSegmentLib.core.saliency import SaliencyHead
+    from SPDSegmentLib.core.spd_model import SPDModel
 
     head = SaliencyHead(backbone.embed_dim, 8).eval()
     with torch.no_grad():
@@ -137,8 +138,8 @@ def _always_salient_spd(backbone):
 @pytest.mark.parametrize("mode", ["raw", "spd"])
 def test_run_ahead_leaves_nothing_for_the_preview_to_encode_or_decode(clicked_case, tiny_backbone, monkeypatch,
                                                                      mode):
-    from SPDSegmentLib.cache import EmbeddingCache
-    from SPDSegmentLib.pipeline import SegmentOptions, plan, segment
+    from SPDSegmentLib.core.cache import EmbeddingCache
+    from SPDSegmentLib.core.pipeline import SegmentOptions, plan, segment
 
     volume, clicks = clicked_case
     model = tiny_backbone if mode == "raw" else _always_salient_spd(tiny_backbone)
@@ -162,8 +163,8 @@ def test_run_ahead_leaves_nothing_for_the_preview_to_encode_or_decode(clicked_ca
 
 
 def test_run_ahead_builds_no_saliency_volume(clicked_case, tiny_backbone, monkeypatch):
-    from SPDSegmentLib import pipeline
-    from SPDSegmentLib.cache import EmbeddingCache
+    from SPDSegmentLib.core import pipeline
+    from SPDSegmentLib.core.cache import EmbeddingCache
 
     volume, clicks = clicked_case
     asked = []
@@ -182,8 +183,8 @@ def test_run_ahead_builds_no_saliency_volume(clicked_case, tiny_backbone, monkey
 
 
 def test_a_newer_click_cancels_the_background_run_quietly(clicked_case, tiny_backbone, monkeypatch):
-    from SPDSegmentLib.cache import EmbeddingCache
-    from SPDSegmentLib.pipeline import SegmentOptions
+    from SPDSegmentLib.core.cache import EmbeddingCache
+    from SPDSegmentLib.core.pipeline import SegmentOptions
 
     volume, clicks = clicked_case
     decoding = threading.Event()
@@ -206,8 +207,8 @@ def test_a_newer_click_cancels_the_background_run_quietly(clicked_case, tiny_bac
 
 
 def test_run_ahead_stops_between_slices_and_newest_request_wins(clicked_case, tiny_backbone, monkeypatch):
-    from SPDSegmentLib.cache import EmbeddingCache
-    from SPDSegmentLib.pipeline import SegmentOptions
+    from SPDSegmentLib.core.cache import EmbeddingCache
+    from SPDSegmentLib.core.pipeline import SegmentOptions
 
     volume, clicks = clicked_case
     first_slice = threading.Event()
@@ -230,7 +231,7 @@ def test_run_ahead_stops_between_slices_and_newest_request_wins(clicked_case, ti
 
 
 def test_run_ahead_keeps_errors_to_itself(clicked_case, tiny_backbone):
-    from SPDSegmentLib.pipeline import SegmentOptions
+    from SPDSegmentLib.core.pipeline import SegmentOptions
 
     volume, clicks = clicked_case
     ahead = runner.RunAhead()
@@ -241,7 +242,8 @@ def test_run_ahead_keeps_errors_to_itself(clicked_case, tiny_backbone):
 
 def test_bench_speed_clicking_path_previews_the_full_click_set(clicked_case, tiny_backbone, monkeypatch):
     """``spd bench-speed``'s effect path runs, and the Preview it times is a run over every click."""
-    from SPDSegmentLib import pipeline, speed
+    from SPDSegmentLib.core import pipeline
+    from SPDSegmentLib.research import speed
 
     volume, clicks = clicked_case
     click_counts = []

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SPDSegmentLib import simulate as sim
-from SPDSegmentLib.errors import InputError
-from SPDSegmentLib.volume import geometry_matrix, ijk_to_physical
+from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.volume import geometry_matrix, ijk_to_physical
+from SPDSegmentLib.research import simulate as sim
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
 SEEDS = range(30)

@@ -11,16 +11,17 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (MRML in Python) is not installed", allow_module_level=True)
 
-from SPDSegmentLib import prompts, slicer_adapter as sa  # noqa: E402
-from SPDSegmentLib.errors import Cancelled, InputError  # noqa: E402
-from SPDSegmentLib.progress import Progress  # noqa: E402
-from SPDSegmentLib.volume import LPS_TO_RAS, read, read_label  # noqa: E402
+from SPDSegmentLib.core import prompts  # noqa: E402
+from SPDSegmentLib.core.errors import Cancelled, InputError  # noqa: E402
+from SPDSegmentLib.core.progress import Progress  # noqa: E402
+from SPDSegmentLib.core.volume import LPS_TO_RAS, read, read_label  # noqa: E402
+from SPDSegmentLib.slicer_side import adapter as sa  # noqa: E402
 from slicer_app import make_standalone_app  # noqa: E402
 
 
 def audit_at(ijk, status, source_slice, axis):
     """A real AuditEntry for the voxel ``ijk`` on a run along ``axis`` (rc + slice, as the pipeline makes)."""
-    from SPDSegmentLib.distill import AuditEntry
+    from SPDSegmentLib.core.distill import AuditEntry
 
     index = np.asarray(ijk, float)[::-1]  # (k, j, i)
     others = [a for a in range(3) if a != axis]
@@ -460,7 +461,7 @@ def test_saliency_and_audit_nodes(app, loaded, sample):
 
 def test_audit_entries_in_slice_coordinates(app, sample):
     """The pipeline's AuditEntry holds (row, col) on a slice; the adapter places it with the run's axis."""
-    from SPDSegmentLib.distill import AuditEntry
+    from SPDSegmentLib.core.distill import AuditEntry
 
     volume, _ = sample
     entries = [AuditEntry(rc=np.array([6.0, 5.0]), slice=7, status="kept", source_slice=7, score=0.9),
@@ -477,7 +478,7 @@ def test_audit_entries_in_slice_coordinates(app, sample):
 
 
 def test_real_pipeline_with_tiny_model(loaded, sample):
-    pipeline = pytest.importorskip("SPDSegmentLib.pipeline")
+    pipeline = pytest.importorskip("SPDSegmentLib.core.pipeline")
     volume, _ = sample
     volume_node, markups_node, segmentation_node, _ = loaded
     result = sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, model="tiny_sam_test",
@@ -490,7 +491,7 @@ def test_real_pipeline_with_tiny_model(loaded, sample):
 
 def test_background_flow_reads_computes_then_writes(app, loaded, sample):
     """The GUI's path: read nodes on the main thread, compute in a worker, write only after success."""
-    from SPDSegmentLib.runner import BackgroundRun
+    from SPDSegmentLib.slicer_side.runner import BackgroundRun
 
     volume, label = sample
     volume_node, markups_node, segmentation_node, _ = loaded

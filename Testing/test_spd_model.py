@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from SPDSegmentLib import spd_model
-from SPDSegmentLib.errors import CheckpointError
-from SPDSegmentLib.models import load_backbone
-from SPDSegmentLib.saliency import LoRALinear, SaliencyHead, add_lora, lora_state
+from SPDSegmentLib.core import spd_model
+from SPDSegmentLib.core.errors import CheckpointError
+from SPDSegmentLib.core.models import load_backbone
+from SPDSegmentLib.core.saliency import LoRALinear, SaliencyHead, add_lora, lora_state
 
 HIDDEN = 8
 
@@ -277,8 +277,8 @@ def test_resolve():
 def test_update_header_keeps_weights(tmp_path, tiny_backbone):
     from safetensors.torch import load_file
 
-    from SPDSegmentLib import spd_model as sm
-    from SPDSegmentLib.saliency import SaliencyHead
+    from SPDSegmentLib.core import spd_model as sm
+    from SPDSegmentLib.core.saliency import SaliencyHead
 
     head = SaliencyHead(tiny_backbone.embed_dim, 8)
     path = sm.save(tmp_path / "m.spd.safetensors", tiny_backbone, head,

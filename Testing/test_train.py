@@ -15,13 +15,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SPDSegmentLib import spd_model
-from SPDSegmentLib import train as T
-from SPDSegmentLib.cache import EmbeddingCache
-from SPDSegmentLib.errors import InputError
-from SPDSegmentLib.losses import dice_focal_loss
-from SPDSegmentLib.progress import Progress
-from SPDSegmentLib.saliency import SaliencyHead
+from SPDSegmentLib.core import spd_model
+from SPDSegmentLib.core.cache import EmbeddingCache
+from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.progress import Progress
+from SPDSegmentLib.core.saliency import SaliencyHead
+from SPDSegmentLib.research import train as T
+from SPDSegmentLib.research.losses import dice_focal_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "Resources" / "SampleData"
@@ -146,9 +146,9 @@ def test_train_end_to_end_writes_a_loadable_model(trained, sample_paths):
     assert header["training"]["stage2_steps"] == 3 and header["training"]["mode"] == "frozen"
     assert math.isfinite(header["losses"]["stage1"]) and math.isfinite(header["losses"]["stage2"])
     # the model segments
-    from SPDSegmentLib import prompts as P
-    from SPDSegmentLib import volume as vol
-    from SPDSegmentLib.pipeline import segment
+    from SPDSegmentLib.core import prompts as P
+    from SPDSegmentLib.core import volume as vol
+    from SPDSegmentLib.core.pipeline import segment
 
     volume = vol.read(sample_paths["image"])
     result = segment(volume, P.to_voxels(P.read(sample_paths["points"]), volume, axis=1), model,
@@ -251,7 +251,7 @@ import sys
 sys.path.insert(0, {lib!r})
 import torch
 torch.set_num_threads(1)
-from SPDSegmentLib import train as T
+from SPDSegmentLib.research import train as T
 
 config = T.TrainConfig(data=sys.argv[1], out=sys.argv[2], backbone="tiny_sam_test", device="cpu",
                        stage1_epochs=1, stage2_steps=2, prompt_seeds=1, noise_levels=("moderate",),

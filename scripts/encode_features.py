@@ -25,8 +25,8 @@ def main():
     ap.add_argument("--splits", nargs="+", default=["test_full", "train_full"])
     ap.add_argument("--plan", nargs="+", default=None, help="dataset:axis items in order, e.g. hippocampus:1")
     args = ap.parse_args()
-    from SPDSegmentLib.data import find_cases, load_split
-    from SPDSegmentLib.pipeline import load_model
+    from SPDSegmentLib.core.pipeline import load_model
+    from SPDSegmentLib.research.data import find_cases, load_split
 
     backbone = load_model("litemedsam", device="cpu", runtime="auto", precision="auto")
     store = FeatureStore(args.store)

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from SPDSegmentLib.models import load_backbone
-from SPDSegmentLib.models.backbone import pad_points
+from SPDSegmentLib.core.models import load_backbone
+from SPDSegmentLib.core.models.backbone import pad_points
 
 
 def rate(fn, batch: int, seconds: float) -> float:

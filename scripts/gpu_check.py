@@ -80,9 +80,9 @@ def pipeline_encoding(backbone, slices: int, batches) -> list:
     """Slices/s of ``pipeline.encode_slices`` over a synthetic volume: what a full-volume run sees."""
     import numpy as np
 
-    from SPDSegmentLib.cache import EmbeddingCache
-    from SPDSegmentLib.pipeline import encode_slices
-    from SPDSegmentLib.volume import Volume
+    from SPDSegmentLib.core.cache import EmbeddingCache
+    from SPDSegmentLib.core.pipeline import encode_slices
+    from SPDSegmentLib.core.volume import Volume
 
     array = np.random.default_rng(0).integers(-1000, 1000, (slices, 512, 512), dtype=np.int16)
     volume = Volume(array, np.eye(4), name="synthetic")
@@ -105,7 +105,7 @@ def pipeline_encoding(backbone, slices: int, batches) -> list:
 def load_npz(path: Path):
     import numpy as np
 
-    from SPDSegmentLib.volume import Volume
+    from SPDSegmentLib.core.volume import Volume
 
     data = np.load(path)
     return Volume(data["image"], data["ijk_to_lps"], name=path.stem), data["label"]
@@ -122,9 +122,9 @@ class NpzCase:
 
 
 def spd_run(bundle: Path, device: str) -> dict:
-    from SPDSegmentLib.cache import EmbeddingCache
-    from SPDSegmentLib.pipeline import SegmentOptions, load_model, segment
-    from SPDSegmentLib.speed import _case, _one_click_moved
+    from SPDSegmentLib.core.cache import EmbeddingCache
+    from SPDSegmentLib.core.pipeline import SegmentOptions, load_model, segment
+    from SPDSegmentLib.research.speed import _case, _one_click_moved
 
     model = load_model("spd-hippocampus", device=device)
     volume, label = load_npz(bundle / "sample.npz")
@@ -146,7 +146,7 @@ def spd_run(bundle: Path, device: str) -> dict:
 
 
 def training(bundle: Path, device: str, quick: bool, out_dir: Path) -> dict:
-    from SPDSegmentLib import train as T
+    from SPDSegmentLib.research import train as T
 
     cases = [NpzCase(p) for p in sorted((bundle / "hippocampus").glob("*.npz"))]
     if quick:
@@ -179,7 +179,7 @@ def main() -> None:
     sys.path[:0] = [str(bundle / "site"), str(ROOT / "SPDSegment")]
     import torch
 
-    from SPDSegmentLib.models.registry import load_backbone
+    from SPDSegmentLib.core.models.registry import load_backbone
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

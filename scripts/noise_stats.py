@@ -5,7 +5,7 @@ Usage: python scripts/noise_stats.py   (from the repository root, with the proje
 import numpy as np
 import SimpleITK as sitk
 
-from SPDSegmentLib.simulate import LEVELS, simulate
+from SPDSegmentLib.research.simulate import LEVELS, simulate
 
 
 def ellipsoid(shape=(24, 60, 28), centre=(12.0, 30.0, 14.0), semi=(7.0, 24.0, 9.0)):

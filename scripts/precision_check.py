@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from SPDSegmentLib import prompts as P
-from SPDSegmentLib import spd_model
-from SPDSegmentLib.cache import EmbeddingCache
-from SPDSegmentLib.data import find_cases, load_split
-from SPDSegmentLib.evaluate import dice_score
-from SPDSegmentLib.models.registry import BUNDLED_SPD_MODELS
-from SPDSegmentLib.pipeline import SegmentOptions, segment
-from SPDSegmentLib.simulate import simulate
+from SPDSegmentLib.core import prompts as P
+from SPDSegmentLib.core import spd_model
+from SPDSegmentLib.core.cache import EmbeddingCache
+from SPDSegmentLib.core.models.registry import BUNDLED_SPD_MODELS
+from SPDSegmentLib.core.pipeline import SegmentOptions, segment
+from SPDSegmentLib.research.data import find_cases, load_split
+from SPDSegmentLib.research.evaluate import dice_score
+from SPDSegmentLib.research.simulate import simulate
 
 CONFIGS = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from SPDSegmentLib.models.registry import load_backbone
-from SPDSegmentLib.volume import apply_range, get_slice, intensity_range, read
+from SPDSegmentLib.core.models.registry import load_backbone
+from SPDSegmentLib.core.volume import apply_range, get_slice, intensity_range, read
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
 

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import SPDError
-from .models.registry import DEFAULT_SPD_MODEL
+from .core.errors import SPDError
+from .core.models.registry import DEFAULT_SPD_MODEL
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
 
 
 def _options(args):
-    from .pipeline import SegmentOptions
+    from .core.pipeline import SegmentOptions
 
     window = args.window
     if window and "," in window:
@@ -27,9 +27,9 @@ def _options(args):
 
 
 def cmd_segment(args) -> int:
-    from . import prompts, volume
-    from .pipeline import load_model, segment
-    from .progress import tqdm_progress
+    from .core import prompts, volume
+    from .core.pipeline import load_model, segment
+    from .core.progress import tqdm_progress
 
     t0 = time.perf_counter()
     vol = volume.read(args.image)
@@ -65,8 +65,8 @@ def write_audit(path, result, vol) -> Path:
     """The prompt audit as one Slicer point list; each point's description says kept/rejected/borrowed."""
     import numpy as np
 
-    from .prompts import write_markups
-    from .volume import ijk_to_physical
+    from .core.prompts import write_markups
+    from .core.volume import ijk_to_physical
 
     lps = ijk_to_physical(np.array([e.ijk(result.axis) for e in result.audit]), vol.ijk_to_lps)
     names = [f"{e.status[0].upper()}{i}" for i, e in enumerate(result.audit)]
@@ -75,8 +75,8 @@ def write_audit(path, result, vol) -> Path:
 
 
 def cmd_models(args) -> int:
-    from .models.registry import catalogue, cached_path, is_available
-    from .spd_model import BUNDLED
+    from .core.models.registry import catalogue, cached_path, is_available
+    from .core.spd_model import BUNDLED
 
     print(f"{'name':16} {'available':10} {'input':6} title")
     for name, entry in catalogue().items():
@@ -92,9 +92,9 @@ def cmd_models(args) -> int:
 
 def cmd_demo(args) -> int:
     """Raw-prompt SAM and SPD on the bundled sample case; Dice against its label; PNG overlay."""
-    from . import prompts, volume
-    from .evaluate import dice_score, overlay_png
-    from .pipeline import SegmentOptions, load_model, segment
+    from .core import prompts, volume
+    from .core.pipeline import SegmentOptions, load_model, segment
+    from .research.evaluate import dice_score, overlay_png
 
     image = SAMPLE_DIR / "hippocampus_001_image.nii.gz"
     vol = volume.read(image)
@@ -125,8 +125,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from . import volume
-    from .simulate import simulate
+    from .core import volume
+    from .research.simulate import simulate
 
     vol = volume.read(args.label)
     mask = (vol.array > 0).astype("uint8")
@@ -137,12 +137,12 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .progress import tqdm_progress
-    from .train import TrainConfig, train
+    from .core.progress import tqdm_progress
+    from .research.train import TrainConfig, train
 
     axis = args.axis
     if axis is None and args.dataset:
-        from .data import load_split
+        from .research.data import load_split
 
         axis = int(load_split(args.dataset)["axis"])
     config = TrainConfig(data=args.data, out=args.out, dataset=args.dataset, cases=args.cases, axis=axis or 0,
@@ -159,14 +159,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import run_benchmark
+    from .research.evaluate import run_benchmark
 
     run_benchmark(args)
     return 0
 
 
 def cmd_bench_speed(args) -> int:
-    from .speed import run_speed_benchmark
+    from .research.speed import run_speed_benchmark
 
     run_speed_benchmark(args)
     return 0

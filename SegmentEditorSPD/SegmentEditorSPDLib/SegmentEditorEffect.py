@@ -33,7 +33,8 @@ def ensureCoreOnPath():
 def core():
     """The core modules a run needs, imported lazily (none of them imports torch)."""
     ensureCoreOnPath()
-    from SPDSegmentLib import pipeline, prompts, runner, slicer_adapter
+    from SPDSegmentLib.core import pipeline, prompts
+    from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
 
     return pipeline, prompts, runner, slicer_adapter
 
@@ -91,7 +92,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
         self.modelCombo.addItem("SPD hippocampus (bundled)", "spd-hippocampus")
         try:
             ensureCoreOnPath()
-            from SPDSegmentLib.models.registry import catalogue  # json only: no torch
+            from SPDSegmentLib.core.models.registry import catalogue  # json only: no torch
             for name, entry in catalogue().items():
                 self.modelCombo.addItem(entry["title"], name)
         except ImportError:
@@ -404,8 +405,8 @@ The slicing direction follows the view you clicked in.</p></html>"""
     def deactivate(self):
         if self.run is not None:
             self.run.cancel()
-        if "SPDSegmentLib.runner" in sys.modules:  # stop working ahead, without importing anything new
-            sys.modules["SPDSegmentLib.runner"].run_ahead().stop()
+        if "SPDSegmentLib.slicer_side.runner" in sys.modules:  # stop working ahead, without importing anything new
+            sys.modules["SPDSegmentLib.slicer_side.runner"].run_ahead().stop()
         self._volumeCopy = (None, None)  # release the copy of the source volume
         self.clearPreview()
 

@@ -89,7 +89,7 @@ def encode_case(store: FeatureStore, dataset: str, case, axis: int, backbone, ma
     """Encode one case along one axis into the store (skipped when present); returns slices encoded."""
     import torch
 
-    from ..volume import apply_range, fingerprint_key, get_slice, intensity_range
+    from ..core.volume import apply_range, fingerprint_key, get_slice, intensity_range
 
     if store.has(dataset, case.name, axis):
         return 0

@@ -11,8 +11,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import InputError
-from .volume import read, read_label
+from ..core.errors import InputError
+from ..core.volume import read, read_label
 
 SPLITS_PATH = Path(__file__).parent / "splits.json"
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")

@@ -59,7 +59,7 @@ def overlay_png(path, volume, label, masks: Dict[str, np.ndarray], prompts, axis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .volume import get_slice
+    from ..core.volume import get_slice
 
     present = np.nonzero(label.any(axis=tuple(a for a in range(3) if a != axis)))[0]
     picks = np.linspace(present[0] + 2, present[-1] - 2, n_slices).round().astype(int)
@@ -100,11 +100,12 @@ def _model_files(models_dir: Path, dataset: str) -> Dict[str, Path]:
 def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: List[str], seed: int, cache,
                      device: str, log, unet_epochs: int = 30, runtime: str = "torch",
                      precision: str = "fp32") -> List[dict]:
-    from . import prompts as P
-    from . import spd_model, unet
+    from ..core import prompts as P
+    from ..core import spd_model
+    from ..core.models.registry import load_backbone
+    from ..core.pipeline import SegmentOptions, segment
+    from . import unet
     from .data import find_cases, load_split
-    from .models.registry import load_backbone
-    from .pipeline import SegmentOptions, segment
     from .simulate import simulate
 
     split = load_split(dataset)
@@ -254,8 +255,8 @@ def run_benchmark(args) -> None:
     import sys
     from datetime import date
 
-    from .cache import EmbeddingCache
-    from .models.registry import resolve_device
+    from ..core.cache import EmbeddingCache
+    from ..core.models.registry import resolve_device
 
     device = resolve_device(args.device)
     cache = EmbeddingCache(max_bytes=2 << 30, directory=args.cache_dir)

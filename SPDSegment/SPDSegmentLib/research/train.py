@@ -23,18 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distill as cpd
-from . import spd_model
-from .cache import EmbeddingCache
+from ..core import distill as cpd
+from ..core import spd_model
+from ..core.cache import EmbeddingCache
+from ..core.errors import InputError
+from ..core.models.backbone import pad_points
+from ..core.pipeline import encode_slices, load_model
+from ..core.progress import Progress
+from ..core.saliency import SaliencyHead, add_lora
+from ..core.volume import apply_range, get_slice, intensity_range
 from .data import Case, find_cases, load_split, training_slices
-from .errors import InputError
 from .losses import dice_focal_loss, pairwise_slice_consistency
-from .models.backbone import pad_points
-from .pipeline import encode_slices, load_model
-from .progress import Progress
-from .saliency import SaliencyHead, add_lora
 from .simulate import simulate
-from .volume import apply_range, get_slice, intensity_range
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, RuntimeChoiceError
-from .backbone import weights_digest
+from .digest import weights_digest
 
 # int8: part of the encoder in static int8 (INT8_SCOPE, calibrated once), the rest as bf16 where the
 # CPU has it natively, else fp32. Opt-in: docs/performance.md has its speed and Dice.
@@ -133,7 +133,7 @@ def _calibration_images(backbone) -> list:
     """Model inputs for int8 calibration: the slices of the bundled sample case (MR hippocampus)."""
     from ..volume import apply_range, get_slice, intensity_range, read
 
-    sample = Path(__file__).resolve().parents[3] / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
+    sample = Path(__file__).resolve().parents[4] / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
     if not sample.exists():
         raise CheckpointError(f"--precision int8 calibrates on the sample case, which is missing ({sample}); "
                               "use --precision bf16 or fp32.")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .errors import CheckpointError
 from .models.registry import BUNDLED_SPD_MODELS
 from .saliency import SaliencyHead, add_lora, lora_state

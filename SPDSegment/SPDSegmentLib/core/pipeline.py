@@ -112,7 +112,7 @@ def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intens
 
 def weights_tag(owner, *modules) -> str:
     """A digest of ``modules``' weights, computed once per loaded model (results are memoised on it)."""
-    from .models.backbone import weights_digest
+    from .models.digest import weights_digest
 
     name = "_weights_tag_" + "_".join(type(m).__name__ for m in modules)
     if getattr(owner, name, None) is None:

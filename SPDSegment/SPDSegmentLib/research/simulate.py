@@ -71,7 +71,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 
 MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
@@ -140,7 +140,7 @@ class SimulatedPrompts:
 
         Written to a temporary file and renamed, so a failure leaves no partial file.
         """
-        from .volume import ijk_to_physical
+        from ..core.volume import ijk_to_physical
 
         path = Path(path)
         lps = ijk_to_physical(self.ijk, np.asarray(ijk_to_lps, float)) if len(self) else np.zeros((0, 3))
@@ -304,7 +304,7 @@ def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: i
     """Simulate a hurried reader's centerline clicks on ``mask`` (label > 0) along array ``axis``.
 
     ``level`` is a name in :data:`LEVELS` or a :class:`NoiseLevel`; ``every_kth`` overrides the
-    level's. Raises :class:`~SPDSegmentLib.errors.InputError` for an empty or non-3D label.
+    level's. Raises :class:`~SPDSegmentLib.core.errors.InputError` for an empty or non-3D label.
     """
     mask = _check_mask(mask, axis)
     name, spec = _resolve_level(level, every_kth)

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import Cancelled, InputError
-from .progress import Progress
+from ..core.errors import Cancelled, InputError
+from ..core.progress import Progress
 
 _MODELS: Dict[Tuple[str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
@@ -23,7 +23,7 @@ _MODELS_LOCK = threading.Lock()
 
 def cached_model(name_or_path: Optional[str] = None, device: str = "auto"):
     """``pipeline.load_model`` once per (model, device) in this process (the GUI runs many previews)."""
-    from . import pipeline
+    from ..core import pipeline
 
     key = (str(name_or_path or pipeline.DEFAULT_MODEL), device)
     with _MODELS_LOCK:
@@ -46,8 +46,8 @@ def forget_models() -> None:
 def compute(volume, voxel_prompts, model=None, options=None, progress: Optional[Progress] = None,
             device: str = "auto"):
     """Load (cached) and segment: the part of a run that may take minutes. Touches no MRML."""
-    from . import pipeline
-    from .cache import default_cache
+    from ..core import pipeline
+    from ..core.cache import default_cache
 
     return pipeline.segment(volume, voxel_prompts, _loaded(model, device), options=options, progress=progress,
                             cache=default_cache())
@@ -198,8 +198,8 @@ class RunAhead:
                 self.last_error = exc
 
     def _work(self, job: tuple, generation: int) -> None:
-        from . import pipeline
-        from .cache import default_cache
+        from ..core import pipeline
+        from ..core.cache import default_cache
 
         volume, voxel_prompts, model, options, device = job
         model = _loaded(model, device)
@@ -274,8 +274,8 @@ def run_batch(cases, output_folder, model=None, options=None, progress: Optional
               device: str = "auto") -> List[Dict[str, Any]]:
     """Segment each case and write ``OUT/NAME_spd.seg.nrrd``; one row per case (failures are reported, not
     fatal). Cancellation stops before the next case; finished cases stay written."""
-    from . import prompts, volume as vol
-    from .errors import Cancelled, SPDError
+    from ..core import prompts, volume as vol
+    from ..core.errors import Cancelled, SPDError
 
     progress = progress or Progress()
     if not output_folder:
@@ -307,15 +307,15 @@ def run_batch(cases, output_folder, model=None, options=None, progress: Optional
 
 def model_choices(default_spd_model: Optional[str] = None) -> List[Tuple[str, str]]:
     """(name, title) for the model menu: the default SPD model, then the backbone catalogue."""
-    from . import pipeline
-    from .models.registry import catalogue
+    from ..core import pipeline
+    from ..core.models.registry import catalogue
 
     spd = default_spd_model or pipeline.DEFAULT_MODEL
     return [(spd, f"{spd} (SPD model, bundled)")] + [(n, e["title"]) for n, e in catalogue().items()]
 
 
 def model_status(name: str) -> str:
-    from .models import registry
+    from ..core.models import registry
 
     if name not in registry.catalogue():
         return "SPD model bundled with the extension."

@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .volume import LPS_TO_RAS, Volume, ijk_to_physical, validate_array
+from ..core.errors import InputError
+from ..core.volume import LPS_TO_RAS, Volume, ijk_to_physical, validate_array
 
 SPD_EDITOR_NODE_TAG = "SPDSegment"
 AUDIT_COLOURS = {"kept": (0.1, 0.8, 0.2), "rejected": (0.9, 0.1, 0.1), "borrowed": (0.95, 0.85, 0.1)}
@@ -97,7 +97,7 @@ def points_from_markups(markups_node, background_node=None):
     A point whose description is "background" is a background prompt (label 0), as in .mrk.json files;
     every point of ``background_node`` is one too. Undefined, preview and missing points are skipped.
     """
-    from .prompts import from_ras
+    from ..core.prompts import from_ras
 
     if markups_node is None:
         raise InputError("Choose a point list (or curve) with clicks on the structure.")
@@ -325,7 +325,7 @@ def add_segment(segmentation_node, name: str, color: Optional[Sequence[float]] =
 
 def prepare_inputs(volume_node, markups_node, axis=None, background_node=None):
     """(Volume, VoxelPrompts) from MRML nodes. Call on the main thread; the rest can run in a worker."""
-    from .prompts import to_voxels
+    from ..core.prompts import to_voxels
 
     volume = volume_from_node(volume_node)
     points = points_from_markups(markups_node, background_node)
@@ -349,7 +349,7 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
     volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis, background_node=background_node)
     if segment_fn is None:
-        from . import pipeline
+        from ..core import pipeline
 
         segment_fn = pipeline.segment
         if model is None or isinstance(model, str):

@@ -1,11 +1,10 @@
 """One small interface over every SAM-family network.
 
 ``encode(images) -> embeddings`` and ``decode(embeddings, points, labels, boxes) -> logits, score``;
-``prepare``/``to_slice`` move between a 2D slice and the padded model input (see SliceTransform).
+``prepare``/``to_slice`` move between a 2D slice and the padded model input (see transform.SliceTransform).
 """
 from __future__ import annotations
 
-import hashlib
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RuntimeChoiceError
-from ..volume import SliceTransform
+from .transform import SliceTransform
 
 IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
@@ -166,16 +165,6 @@ class Backbone(nn.Module):
                           align_corners=False)
         x = x[..., :rh, :rw]
         return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-
-
-def weights_digest(*modules: nn.Module) -> str:
-    """SHA-256 of the modules' weights: the key of converted models and of memoised results."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for key, value in module.state_dict().items():
-            digest.update(key.encode())
-            digest.update(value.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def pad_points(point_sets: List[np.ndarray], label_sets: Optional[List[np.ndarray]] = None

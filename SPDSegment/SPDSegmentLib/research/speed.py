@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
+SAMPLE = Path(__file__).resolve().parents[3] / "Resources" / "SampleData"
 
 
 def _peak_rss_mb() -> float:
@@ -27,8 +27,8 @@ def _peak_rss_mb() -> float:
 
 
 def _naive(backbone, volume, axis, slices, prompts_by_slice, intensity):
-    from .models.backbone import pad_points
-    from .volume import apply_range, get_slice
+    from ..core.models.backbone import pad_points
+    from ..core.volume import apply_range, get_slice
 
     shape_hw = tuple(s for a, s in enumerate(volume.shape) if a != axis)
     transform = backbone.transform(*shape_hw)
@@ -71,7 +71,7 @@ def _throughput(backbone, batch: int, repeats: int = 2):
 
 def _case(volume, label, axis, n_slices=30, seed=0, within=None):
     """Sloppy moderate clicks over (up to) n_slices consecutive slices of the structure."""
-    from . import prompts as P
+    from ..core import prompts as P
     from .simulate import simulate
 
     sim = simulate(label, axis, "moderate", seed=seed)
@@ -97,9 +97,9 @@ def _clicked_one_per_second(volume, prompts, model, preview_after: float, second
     Preview, ``preview_after`` seconds after the last click. Returns the seconds the Preview takes."""
     import dataclasses
 
-    from .cache import EmbeddingCache
-    from .pipeline import SegmentOptions, segment
-    from .runner import RunAhead
+    from ..core.cache import EmbeddingCache
+    from ..core.pipeline import SegmentOptions, segment
+    from ..slicer_side.runner import RunAhead
 
     cache = EmbeddingCache()
     ahead = RunAhead(cache)
@@ -122,10 +122,10 @@ def _timed(function, *args, **kwargs):
 
 
 def run_speed_benchmark(args) -> None:
-    from .cache import EmbeddingCache
+    from ..core.cache import EmbeddingCache
+    from ..core.pipeline import SegmentOptions, load_model, segment
+    from ..core.volume import intensity_range, read, read_label
     from .data import find_cases, load_split
-    from .pipeline import SegmentOptions, load_model, segment
-    from .volume import intensity_range, read, read_label
 
     # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
     naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")

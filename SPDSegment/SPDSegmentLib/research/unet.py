@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.progress import Progress
+from ..core.volume import apply_range, get_slice, intensity_range
 from .data import Case, training_slices
 from .losses import dice_focal_loss
-from .progress import Progress
-from .volume import apply_range, get_slice, intensity_range
 
 
 def build():
