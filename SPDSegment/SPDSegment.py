@@ -483,11 +483,9 @@ class SPDSegmentTest(ScriptedLoadableModuleTest):
         self.test_SampleCase()
 
     def sampleFolder(self):
-        candidates = [os.environ.get("SPDSEGMENT_SAMPLE_DIR", ""),
-                      os.path.join(MODULE_DIR, "Resources", "SampleData"),
-                      os.path.join(MODULE_DIR, "..", "Resources", "SampleData")]
-        return next((c for c in candidates if c and os.path.isfile(os.path.join(c, "hippocampus_001_image.nii.gz"))),
-                    None)
+        from SPDSegmentLib.core.sample import SAMPLE_DIR  # the sample case ships inside the package
+
+        return str(SAMPLE_DIR) if (SAMPLE_DIR / "hippocampus_001_image.nii.gz").is_file() else None
 
     def test_SampleCase(self):
         import importlib.util

@@ -10,7 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SPDSegment"))  # the core package, also when not pip-installed
 
-SAMPLE_DIR = ROOT / "Resources" / "SampleData"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -30,11 +29,10 @@ def user_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_paths():
-    return {
-        "image": SAMPLE_DIR / "hippocampus_001_image.nii.gz",
-        "label": SAMPLE_DIR / "hippocampus_001_label.nii.gz",
-        "points": SAMPLE_DIR / "hippocampus_001_centerline.mrk.json",
-    }
+    from SPDSegmentLib.core.sample import sample_case
+
+    case = sample_case()
+    return {"image": case.image, "label": case.label, "points": case.clicks}
 
 
 @pytest.fixture(scope="session")

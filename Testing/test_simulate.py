@@ -10,10 +10,10 @@ import pytest
 from scipy import ndimage
 
 from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.sample import SAMPLE_DIR
 from SPDSegmentLib.core.volume import geometry_matrix, ijk_to_physical
 from SPDSegmentLib.research import simulate as sim
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
 SEEDS = range(30)
 ORDER = ("clean", "mild", "moderate", "severe")
 

@@ -20,11 +20,11 @@ from SPDSegmentLib.core.cache import EmbeddingCache
 from SPDSegmentLib.core.errors import InputError
 from SPDSegmentLib.core.progress import Progress
 from SPDSegmentLib.core.saliency import SaliencyHead
+from SPDSegmentLib.core.sample import SAMPLE_DIR
 from SPDSegmentLib.research import train as T
 from SPDSegmentLib.research.losses import dice_focal_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = ROOT / "Resources" / "SampleData"
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # 2-core machines: no oversubscription

@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SPDSegment"))
 
+from SPDSegmentLib.core.sample import sample_case  # noqa: E402
 from SPDSegmentLib.core.volume import read, read_label  # noqa: E402
 from SPDSegmentLib.research.data import find_cases, load_split  # noqa: E402
 
@@ -53,9 +54,9 @@ def main() -> None:
     names = load_split("hippocampus")["train"]
     for case in find_cases(Path(args.data_root) / "hippocampus", names):
         save_case(cases / f"{case.name}.npz", *case.load())
-    sample = ROOT / "Resources" / "SampleData"
-    volume = read(sample / "hippocampus_001_image.nii.gz")
-    save_case(out / "sample.npz", volume, read_label(sample / "hippocampus_001_label.nii.gz", like=volume))
+    sample = sample_case()
+    volume = read(sample.image)
+    save_case(out / "sample.npz", volume, read_label(sample.label, like=volume))
     tracked = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts
                   and ".venv" not in p.parts and out not in p.parents)
     total = tree_size(out) + tracked

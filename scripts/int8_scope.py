@@ -25,9 +25,9 @@ import torch
 
 from SPDSegmentLib.core.models import openvino_runtime as ovr
 from SPDSegmentLib.core.models.registry import load_backbone
+from SPDSegmentLib.core.sample import sample_case
 from SPDSegmentLib.core.volume import apply_range, get_slice, intensity_range, read
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
 
 
 def prompted_slices(backbone, image: str, label: str, axis: int, count: int) -> list:
@@ -104,8 +104,8 @@ def main() -> None:
             sets[name] = sum((prompted_slices(backbone, i, i.replace("imagesTr", "labelsTr"), axis, 4)
                               for i in images), [])
     if not sets:
-        sets["sample"] = prompted_slices(backbone, str(SAMPLE / "hippocampus_001_image.nii.gz"),
-                                         str(SAMPLE / "hippocampus_001_label.nii.gz"), 1, 8)
+        sets["sample"] = prompted_slices(backbone, str(sample_case().image), str(sample_case().label),
+                                         sample_case().axis, 8)
     calibration = ovr._calibration_images(backbone)
 
     core = ov.Core()

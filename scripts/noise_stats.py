@@ -5,6 +5,7 @@ Usage: python scripts/noise_stats.py   (from the repository root, with the proje
 import numpy as np
 import SimpleITK as sitk
 
+from SPDSegmentLib.core.sample import sample_case
 from SPDSegmentLib.research.simulate import LEVELS, simulate
 
 
@@ -15,7 +16,7 @@ def ellipsoid(shape=(24, 60, 28), centre=(12.0, 30.0, 14.0), semi=(7.0, 24.0, 9.
 
 
 def main(seeds: int = 30) -> None:
-    label = sitk.GetArrayFromImage(sitk.ReadImage("Resources/SampleData/hippocampus_001_label.nii.gz")) > 0
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_case().label))) > 0
     print("| mask | level | clicks per case | centerline clicks inside | all reader clicks inside |")
     print("|---|---|---|---|---|")
     for name, mask in (("ellipsoid", ellipsoid()), ("hippocampus_001", label.astype(np.uint8))):

@@ -15,15 +15,14 @@ import os
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from SPDSegmentLib.core.models.registry import load_backbone
+from SPDSegmentLib.core.sample import sample_case
 from SPDSegmentLib.core.volume import apply_range, get_slice, intensity_range, read
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
 
 
 def seconds_per_call(function, x, repeats: int = 8) -> float:
@@ -55,7 +54,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     backbone = load_backbone("litemedsam", device="cpu")  # channels-last on the CPU
     encoder = backbone.image_encoder
-    volume = read(SAMPLE)
+    volume = read(sample_case().image)
     lo_hi = intensity_range(volume.array)
     slices = [backbone.prepare([apply_range(get_slice(volume.array, 1, t), *lo_hi)]) for t in range(5, 40, 3)]
     x = slices[len(slices) // 2]

@@ -10,8 +10,6 @@ from typing import List, Optional
 from .core.errors import SPDError
 from .core.models.registry import DEFAULT_SPD_MODEL
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
-
 
 def _options(args):
     from .core.pipeline import SegmentOptions
@@ -94,12 +92,13 @@ def cmd_demo(args) -> int:
     """Raw-prompt SAM and SPD on the bundled sample case; Dice against its label; PNG overlay."""
     from .core import prompts, volume
     from .core.pipeline import SegmentOptions, load_model, segment
+    from .core.sample import sample_case
     from .research.evaluate import dice_score, overlay_png
 
-    image = SAMPLE_DIR / "hippocampus_001_image.nii.gz"
-    vol = volume.read(image)
-    label = volume.read_label(SAMPLE_DIR / "hippocampus_001_label.nii.gz", like=vol)
-    points = prompts.to_voxels(prompts.read(SAMPLE_DIR / "hippocampus_001_centerline.mrk.json"), vol, axis=1)
+    case = sample_case()
+    vol = volume.read(case.image)
+    label = volume.read_label(case.label, like=vol)
+    points = prompts.to_voxels(prompts.read(case.clicks), vol, axis=case.axis)
     rows = []
     masks = {}
     for title, model_name, options in (
@@ -116,8 +115,8 @@ def cmd_demo(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     volume.write_segmentation(out_dir / "demo_spd.seg.nrrd", masks["SPD"], vol.ijk_to_lps, segment_name="hippocampus")
-    png = overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=1)
-    print(f"sample case hippocampus_001, {len(points)} sloppy centerline points (moderate noise)")
+    png = overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=case.axis)
+    print(f"sample case {case.name}, {len(points)} sloppy centerline points (moderate noise)")
     for title, dice, seconds in rows:
         print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
     print(f"wrote {out_dir / 'demo_spd.seg.nrrd'} and {png}")

@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE = Path(__file__).resolve().parents[3] / "Resources" / "SampleData"
-
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -124,6 +122,7 @@ def _timed(function, *args, **kwargs):
 def run_speed_benchmark(args) -> None:
     from ..core.cache import EmbeddingCache
     from ..core.pipeline import SegmentOptions, load_model, segment
+    from ..core.sample import sample_case
     from ..core.volume import intensity_range, read, read_label
     from .data import find_cases, load_split
 
@@ -132,8 +131,9 @@ def run_speed_benchmark(args) -> None:
     naive_backbone = naive_model.backbone if hasattr(naive_model, "head") else naive_model
     model, load_s = _timed(load_model, args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     backbone = model.backbone if hasattr(model, "head") else model
-    cases = [("hippocampus_001 (sample)", read(SAMPLE / "hippocampus_001_image.nii.gz"), 1)]
-    cases[0] = cases[0] + (read_label(SAMPLE / "hippocampus_001_label.nii.gz", like=cases[0][1]),)
+    sample = sample_case()
+    sample_volume = read(sample.image)
+    cases = [(f"{sample.name} (sample)", sample_volume, sample.axis, read_label(sample.label, like=sample_volume))]
     la_root = Path(args.data_root) / "left_atrium"
     if la_root.exists():
         case = find_cases(la_root, load_split("left_atrium")["test"][:1])[0]

@@ -131,16 +131,14 @@ def _save(model, xml_path: Path) -> None:
 
 def _calibration_images(backbone) -> list:
     """Model inputs for int8 calibration: the slices of the bundled sample case (MR hippocampus)."""
+    from ..sample import sample_case
     from ..volume import apply_range, get_slice, intensity_range, read
 
-    sample = Path(__file__).resolve().parents[4] / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
-    if not sample.exists():
-        raise CheckpointError(f"--precision int8 calibrates on the sample case, which is missing ({sample}); "
-                              "use --precision bf16 or fp32.")
-    volume = read(sample)
+    case = sample_case()
+    volume = read(case.image)
     lo_hi = intensity_range(volume.array)
-    return [backbone.prepare([apply_range(get_slice(volume.array, 1, t), *lo_hi)]).cpu().numpy()
-            for t in range(volume.shape[1])]
+    return [backbone.prepare([apply_range(get_slice(volume.array, case.axis, t), *lo_hi)]).cpu().numpy()
+            for t in range(volume.shape[case.axis])]
 
 
 # int8 scope: the matrix products whose inputs come out of a normalisation (attention qkv, MLP fc1,
