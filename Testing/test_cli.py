@@ -237,10 +237,18 @@ def test_unusable_runtime_exits_2(capsys, sample_paths, tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_runtime, "available", lambda: False)  # as on a machine without OpenVINO
     code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
                                              "--mode", "raw", "--runtime", "openvino"))
-    assert code == 2 and "pip install openvino" in err
+    assert code == 2 and "pip install openvino" in err and err.rstrip().endswith("(option --runtime)")
     code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
                                              "--mode", "raw", "--runtime", "torch", "--precision", "int8"))
-    assert code == 2 and "int8 runs on the CPU with OpenVINO" in err
+    assert code == 2 and "int8 precision runs on the CPU with OpenVINO" in err and "(option --precision)" in err
+    assert "--" not in err.split("(option")[0]  # the core's message names no flag; the command line adds it
+    assert files_in(tmp_path) == []
+
+
+def test_unknown_window_preset_exits_2(capsys, sample_paths, tmp_path):
+    code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
+                                             "--mode", "raw", "--window", "liver"))
+    assert code == 2 and "error: Unknown window preset 'liver'" in err
     assert files_in(tmp_path) == []
 
 

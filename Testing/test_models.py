@@ -33,7 +33,7 @@ def litemedsam():
 
 def test_catalogue_entries_are_complete():
     entries = catalogue()
-    assert registry.DEFAULT_MODEL in entries
+    assert registry.DEFAULT_BACKBONE in entries and registry.DEFAULT_MODEL in registry.BUNDLED_SPD_MODELS
     for name, entry in entries.items():
         missing = [key for key in REQUIRED if key not in entry]
         assert not missing, f"{name} lacks {missing}"
@@ -258,3 +258,15 @@ def test_torch_bf16_autocast_returns_float32_close_to_fp32():
     assert embeddings.dtype == torch.float32 and logits.dtype == torch.float32 and iou.dtype == torch.float32
     assert float((embeddings - expected).norm() / expected.norm()) < 0.05
     assert float((logits - expected_logits).norm() / expected_logits.norm()) < 0.1
+
+
+def test_a_missing_gpu_is_a_device_error(monkeypatch):
+    import torch
+
+    from SPDSegmentLib.core.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert registry.resolve_device("auto") == "cpu"
+    with pytest.raises(DeviceError, match="no CUDA GPU") as caught:
+        registry.resolve_device("cuda:0")
+    assert caught.value.setting == "device" and "--" not in str(caught.value)

@@ -116,8 +116,9 @@ def test_a_model_openvino_cannot_load_is_a_clear_error(monkeypatch):
         raise RuntimeError("unsupported operation")
 
     monkeypatch.setattr(ov.Core, "compile_model", refuse)
-    with pytest.raises(CheckpointError, match="use --runtime torch"):
+    with pytest.raises(CheckpointError, match="choose the torch runtime") as caught:
         load_backbone("tiny_sam_test", device="cpu").set_runtime("openvino", "fp32")
+    assert caught.value.setting == "runtime"
 
 
 def test_training_with_gradients_never_uses_the_runtime():
@@ -138,7 +139,7 @@ def test_auto_choices_and_bad_requests(monkeypatch):
     assert not backbone.identity.endswith("+bf16")
     with pytest.raises(ValueError, match="runtime must be one of"):
         backbone.set_runtime("tensorrt")
-    with pytest.raises(ValueError, match="int8 runs on the CPU with OpenVINO"):
+    with pytest.raises(ValueError, match="int8 precision runs on the CPU with OpenVINO"):
         backbone.set_runtime("torch", "int8")
     monkeypatch.setattr(ovr, "available", lambda: False)
     assert backbone.set_runtime("auto", "auto").runtime_name == "torch-fp32"  # falls back to PyTorch
@@ -192,7 +193,7 @@ def test_inference_failures_become_actionable_errors(monkeypatch):
     with torch.inference_mode(), pytest.raises(MemoryError, match="out of memory"):
         backbone.encode(images)
     monkeypatch.setattr(backbone.runtime, "_encoder", Failing("unexpected node"))
-    with torch.inference_mode(), pytest.raises(CheckpointError, match="--runtime torch"):
+    with torch.inference_mode(), pytest.raises(CheckpointError, match="torch runtime"):
         backbone.encode(images)
 
 

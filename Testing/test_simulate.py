@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.prompts import MARKUPS_SCHEMA
 from SPDSegmentLib.core.sample import SAMPLE_DIR
 from SPDSegmentLib.core.volume import geometry_matrix, ijk_to_physical
 from SPDSegmentLib.research import simulate as sim
@@ -296,7 +297,7 @@ def test_to_markups_writes_lps_points(tmp_path):
     assert out == tmp_path / "sub" / "points.mrk.json"
     assert [f.name for f in out.parent.iterdir()] == ["points.mrk.json"]  # no temporary left behind
     document = json.loads(out.read_text())
-    assert document["@schema"] == sim.MARKUPS_SCHEMA
+    assert document["@schema"] == MARKUPS_SCHEMA  # one writer: the same file as prompts.write_markups
     (markup,) = document["markups"]
     assert markup["type"] == "Fiducial" and markup["coordinateSystem"] == "LPS"
     points = markup["controlPoints"]

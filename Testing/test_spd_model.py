@@ -266,7 +266,7 @@ def test_missing_file_is_refused(tmp_path):
 def test_resolve():
     assert spd_model.resolve("tiny_sam_test") is None  # a backbone name, not an SPD model
     assert spd_model.resolve("x/model.spd.safetensors").name == "model.spd.safetensors"
-    path = spd_model.BUNDLED["spd-hippocampus"]
+    path = spd_model.BUNDLED_SPD_MODELS["spd-hippocampus"]
     if path.exists():
         assert spd_model.resolve("spd-hippocampus") == path
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .core.errors import SPDError
-from .core.models.registry import DEFAULT_SPD_MODEL
+from .core.models.registry import DEFAULT_MODEL
 
 
 def _options(args):
@@ -51,11 +51,7 @@ def cmd_segment(args) -> int:
     if args.audit_out and result.audit:
         written.append(str(write_audit(args.audit_out, result, vol)))
     seconds = time.perf_counter() - t0
-    counts = result.audit_counts() if result.audit else {}
-    audit = f", prompts kept {counts['kept']} rejected {counts['rejected']} borrowed {counts['borrowed']}" \
-        if counts else ""
-    print(f"{result.mode}: {len(result.slices)} slices, {result.voxels} voxels, {seconds:.1f} s{audit} -> "
-          + ", ".join(written))
+    print(f"{result.summary()}, {seconds:.1f} s -> " + ", ".join(written))
     return 0
 
 
@@ -73,8 +69,7 @@ def write_audit(path, result, vol) -> Path:
 
 
 def cmd_models(args) -> int:
-    from .core.models.registry import catalogue, cached_path, is_available
-    from .core.spd_model import BUNDLED
+    from .core.models.registry import BUNDLED_SPD_MODELS, cached_path, catalogue, is_available
 
     print(f"{'name':16} {'available':10} {'input':6} title")
     for name, entry in catalogue().items():
@@ -82,7 +77,7 @@ def cmd_models(args) -> int:
         print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']}")
         if args.verbose:
             print(f"{'':16} licence: {entry['licence']}; file: {cached_path(name)}")
-    for name, path in BUNDLED.items():
+    for name, path in BUNDLED_SPD_MODELS.items():
         print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} SPD model (saliency head + tuned "
               f"decoder) on litemedsam, trained on hippocampus MRI")
     return 0
@@ -180,8 +175,8 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_SPD_MODEL,
-                   help="SPD model (spd-hippocampus or a .spd.safetensors file) or a backbone for raw mode "
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"SPD model ({DEFAULT_MODEL} or a .spd.safetensors file) or a backbone for raw mode "
                         "(litemedsam, sam_vit_b, ..., or a .pth checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--mode", default="auto", choices=["auto", "spd", "raw"])
@@ -221,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="run on the bundled sample case and print Dice")
-    p.add_argument("--model", default=DEFAULT_SPD_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-dir", default="spd_demo")
     add_runtime_arguments(p)
@@ -277,10 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--device", default="auto")
-    p.add_argument("--model", default=DEFAULT_SPD_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser
+
+
+# the option of each setting that core errors name (SPDError.setting): the command line's own hint
+OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device": "--device", "model": "--model"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -288,7 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except SPDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        option = OPTION_OF_SETTING.get(exc.setting)
+        print(f"error: {exc}" + (f" (option {option})" if option else ""), file=sys.stderr)
         return 2
     except MemoryError:
         print("error: out of memory. Segment a smaller slice range (--slice-range), lower --batch-size, or use "

@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from .files import atomic_write
+
 
 class EmbeddingCache:
     def __init__(self, max_bytes: int = 1 << 30, directory: Optional[os.PathLike] = None):
@@ -69,10 +71,8 @@ class EmbeddingCache:
             self._store(key, t, tensor)
         path = self._file(key, t)
         if path is not None and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".partial.npy")
-            np.save(tmp, tensor.numpy().astype(np.float16))
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                np.save(tmp, tensor.numpy().astype(np.float16))
 
     def remember(self, key: str, t: int, value) -> None:
         """Keep a derived result in memory only (never on disk)."""

@@ -17,6 +17,9 @@ from typing import Dict, Iterable, List, Mapping, Tuple
 import numpy as np
 
 PromptsBySlice = Mapping[int, Tuple[np.ndarray, np.ndarray]]  # t -> (rc (n, 2), labels (n,))
+# The paper's tau and n: the defaults of every run, and of a model file that does not record its own.
+DEFAULT_TAU = 0.5
+DEFAULT_NEIGHBOURS = 2
 
 
 @dataclass
@@ -78,8 +81,8 @@ def target_slices(prompted: Iterable[int], neighbours: int, n_slices: int) -> Li
     return sorted(out)
 
 
-def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: float = 0.5,
-            neighbours: int = 2, targets: Iterable[int] | None = None, local_only: bool = False) -> DistillResult:
+def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: float = DEFAULT_TAU,
+            neighbours: int = DEFAULT_NEIGHBOURS, targets: Iterable[int] | None = None, local_only: bool = False) -> DistillResult:
     """Consensus prompts for each target slice (see module docstring).
 
     ``saliency`` must hold a probability map for every target slice and every prompted slice
@@ -131,7 +134,7 @@ def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: fl
     return result
 
 
-def saliency_box(saliency: np.ndarray, points_rc: np.ndarray, tau: float = 0.5):
+def saliency_box(saliency: np.ndarray, points_rc: np.ndarray, tau: float = DEFAULT_TAU):
     """(rc_min, rc_max) of the saliency components above tau that contain the given points.
 
     Falls back to all components above tau when the points hit none, and to None when the map

@@ -15,59 +15,98 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import distill as cpd
+from . import distill
+from .cache import default_cache
 from .errors import InputError
-from .models.registry import DEFAULT_SPD_MODEL as DEFAULT_MODEL
+from .models.registry import DEFAULT_MODEL, load_backbone, resolve_device
 from .progress import Progress
-from .volume import Volume, apply_range, get_slice, intensity_range, put_slice, validate_array
+from .volume import Volume, apply_range, fingerprint_key, get_slice, intensity_range, put_slice, validate_array
+
+# torch and the modules built on it (spd_model, models.backbone, models.digest) are imported inside the
+# functions that need them: Slicer imports this module when it builds the module widget and the effect,
+# before PyTorch may even be installed.
 
 
 @dataclass
 class SegmentOptions:
-    mode: str = "auto"  # "spd", "raw", or "auto" (spd for an SPD model, raw for a plain backbone)
-    tau: Optional[float] = None  # None: the SPD model's own (0.5 unless trained otherwise)
-    neighbours: Optional[int] = None  # None: the SPD model's own (2)
-    use_box: bool = True  # raw mode: add a box around the points (LiteMedSAM was trained with boxes)
-    box_margin_mm: float = 5.0  # raw mode box margin
-    local_only: bool = False  # ablation: local validation without borrowing
-    # a target slice (between the first and last prompted slice) that CPD leaves without any prompt:
-    # "saliency" decodes it from the box of its saliency map, "skip" leaves it empty. "saliency" is the
-    # default because it was measured better at every noise level (docs/benchmarks.md, "SPD" vs "SPD, empty
-    # slices from saliency"); readers skip slices, and a hole in a tubular structure is worse than a guess.
+    """How :func:`segment` runs. Every field has a default; ``SegmentOptions()`` is the standard SPD run.
+
+    Attributes:
+      mode: "spd" (saliency-guided prompt distillation; needs an SPD model), "raw" (the prompts as
+        they are, any backbone) or "auto" (spd for an SPD model, raw for a plain backbone).
+      tau: saliency a click must exceed to be kept or borrowed; None uses the SPD model's own
+        (:data:`distill.DEFAULT_TAU` unless it was trained with another).
+      neighbours: n, how many slices on each side a click is borrowed into; None uses the SPD model's own.
+      use_box: raw mode: add a box around the points (LiteMedSAM was trained with boxes).
+      box_margin_mm: raw mode: the margin of that box, in millimetres.
+      local_only: the ablation "local validation only": keep or reject clicks, borrow none.
+      empty_slice: a target slice (between the first and last prompted slice) that distillation leaves
+        without a prompt: "saliency" decodes it from the box of its saliency map, "skip" leaves it
+        empty. "saliency" was measured better at every noise level (docs/benchmarks.md); readers skip
+        slices, and a hole in a tubular structure is worse than a guess.
+      slice_range: (first, last), inclusive: segment only these slices; None: wherever there are prompts.
+      modality: "auto", "mr" or "ct" (CT without a window uses the soft-tissue window).
+      window: CT (level, width) in HU, or a preset name of :data:`volume.CT_WINDOWS`.
+      batch_size: slices per encoder and decoder call; None: :func:`default_batch_size` of the device.
+      return_saliency: also return the saliency volume (SPD mode).
+    """
+
+    mode: str = "auto"
+    tau: Optional[float] = None
+    neighbours: Optional[int] = None
+    use_box: bool = True
+    box_margin_mm: float = 5.0
+    local_only: bool = False
     empty_slice: str = "saliency"
-    slice_range: Optional[Tuple[int, int]] = None  # inclusive range of slices to segment
-    modality: str = "auto"  # "auto", "mr" or "ct"
-    window: object = None  # CT (level, width) or a preset name
-    # None: 1 on a CPU, 16 on a GPU. On a 2-core CPU batch 1 is the fastest for both the encoder and
-    # the decoder (scripts/encoder_sweep.py, docs/performance.md).
+    slice_range: Optional[Tuple[int, int]] = None
+    modality: str = "auto"
+    window: object = None
     batch_size: Optional[int] = None
     return_saliency: bool = False
 
 
 @dataclass
 class Result:
-    mask: np.ndarray  # uint8 (k, j, i)
-    axis: int
-    slices: List[int]
-    audit: List[cpd.AuditEntry] = field(default_factory=list)
+    """What :func:`segment` returns; the caller writes it (nothing is written during a run)."""
+
+    mask: np.ndarray  # uint8 (k, j, i), 1 inside the segment
+    axis: int  # the slicing axis (array axis)
+    slices: List[int]  # the slices that were decoded
+    audit: List[distill.AuditEntry] = field(default_factory=list)  # SPD: every click kept/rejected/borrowed
     saliency: Optional[np.ndarray] = None  # float32 (k, j, i), SPD mode with return_saliency
-    timings: Dict[str, float] = field(default_factory=dict)
-    mode: str = "raw"
+    timings: Dict[str, float] = field(default_factory=dict)  # seconds per stage
+    mode: str = "raw"  # "spd" or "raw", as run
 
     @property
     def voxels(self) -> int:
         return int(self.mask.sum())
 
     def audit_counts(self) -> Dict[str, int]:
-        return cpd.DistillResult(audit=self.audit).counts()
+        """{"kept": .., "rejected": .., "borrowed": ..} of the audit (zeros in raw mode)."""
+        return distill.DistillResult(audit=self.audit).counts()
+
+    def summary(self) -> str:
+        """One line for people: mode, slices, voxels and, in SPD mode, the prompt audit counts.
+
+        For example ``spd: 31 slices, 1520 voxels, prompts kept 25 rejected 7 borrowed 48``; the command
+        line prints it, and the module and the effect can show it."""
+        line = f"{self.mode}: {len(self.slices)} slices, {self.voxels} voxels"
+        if self.audit:
+            line += ", prompts " + " ".join(f"{status} {count}" for status, count in self.audit_counts().items())
+        return line
+
+
+def default_batch_size(device) -> int:
+    """Slices per encoder/decoder call: 1 on a CPU (the fastest for both networks on a 2-core CPU,
+    scripts/encoder_sweep.py, docs/performance.md), 16 on a GPU."""
+    return 1 if str(getattr(device, "type", device)) == "cpu" else 16
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", runtime: str = "auto",
                precision: str = "auto"):
     """A Backbone (catalogue name or .pth) or an SPDModel (bundled name or .spd.safetensors), ready for
     inference with the chosen runtime and precision (``Backbone.set_runtime``)."""
-    from . import spd_model
-    from .models.registry import load_backbone, resolve_device
+    from . import spd_model  # torch
 
     device = resolve_device(device)
     path = spd_model.resolve(name_or_path)
@@ -79,15 +118,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", runtime:
 
 def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intensity: Tuple[float, float],
                   cache=None, progress: Optional[Progress] = None, batch_size: int = 8,
-                  identity: Optional[str] = None, key: Optional[str] = None) -> Dict[int, "object"]:
-    """Embeddings (C, E, E) of the given slices; cached ones are not recomputed."""
+                  key: Optional[str] = None) -> Dict[int, "object"]:
+    """Embeddings (C, E, E) of the given slices; cached ones are not recomputed.
+
+    ``key`` is the cache key of this volume, axis, model and intensity (``Plan.key``); without it, the
+    key of ``backbone``'s own weights.
+    """
     import torch
 
-    from .cache import default_cache
-    from .volume import fingerprint_key
-
     cache = default_cache() if cache is None else cache
-    key = key or fingerprint_key(volume, axis, identity or backbone.identity, intensity)
+    key = key or fingerprint_key(volume, axis, backbone.identity, intensity)
     out, todo = {}, []
     for t in slices:
         hit = cache.get(key, t)
@@ -112,7 +152,7 @@ def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intens
 
 def weights_tag(owner, *modules) -> str:
     """A digest of ``modules``' weights, computed once per loaded model (results are memoised on it)."""
-    from .models.digest import weights_digest
+    from .models.digest import weights_digest  # torch
 
     name = "_weights_tag_" + "_".join(type(m).__name__ for m in modules)
     if getattr(owner, name, None) is None:
@@ -174,7 +214,7 @@ def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=No
     """
     import torch
 
-    from .models.backbone import pad_points
+    from .models.backbone import pad_points  # torch
 
     masks = {}
     memo_keys = {}  # slice -> its memo key (one job per slice)
@@ -235,14 +275,29 @@ class Plan:
 
 
 def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
-    from .spd_model import SPDModel
-    from .volume import fingerprint_key
+    """Decide what a run of :func:`segment` will do, before any network runs.
+
+    Args:
+      volume: the image (``Volume``: voxels (k, j, i) and ijk_to_lps); validated here.
+      prompts: ``prompts.VoxelPrompts`` on this volume (clicks in continuous ijk, and the slicing axis).
+      model: an ``SPDModel`` or a plain ``Backbone`` (``load_model``).
+      options: the run's ``SegmentOptions``.
+
+    Returns:
+      A ``Plan``: the mode, the slices to encode, tau and n, the intensity range, the batch size and the
+      embedding-cache key. ``runner.RunAhead`` uses it to encode while the user still clicks.
+
+    Raises:
+      InputError: SPD mode with a plain backbone, no prompts inside the volume or slice range, or a bad
+        image or window.
+    """
+    from .spd_model import SPDModel  # torch
 
     validate_array(volume.array)
     is_spd = isinstance(model, SPDModel)
     mode = ("spd" if is_spd else "raw") if options.mode == "auto" else options.mode
     if mode == "spd" and not is_spd:
-        raise InputError("SPD mode needs an SPD model (for example spd-hippocampus or a .spd.safetensors file); "
+        raise InputError(f"SPD mode needs an SPD model (for example {DEFAULT_MODEL} or a .spd.safetensors file); "
                          "with a plain backbone use raw mode.")
     backbone = model.backbone if is_spd else model
     axis = int(prompts.axis)
@@ -253,24 +308,41 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
     if not by_slice:
         raise InputError("No prompts to segment from (none inside the volume or the chosen slice range). "
                          "Place at least one point on the structure.")
-    tau = model.tau if is_spd and options.tau is None else (options.tau if options.tau is not None else 0.5)
-    n = model.neighbours if is_spd and options.neighbours is None else (
-        options.neighbours if options.neighbours is not None else 2)
-    targets = cpd.target_slices(by_slice, n, volume.shape[axis]) if mode == "spd" else sorted(by_slice)
+    tau = options.tau if options.tau is not None else (model.tau if is_spd else distill.DEFAULT_TAU)
+    n = options.neighbours if options.neighbours is not None else (
+        model.neighbours if is_spd else distill.DEFAULT_NEIGHBOURS)
+    targets = distill.target_slices(by_slice, n, volume.shape[axis]) if mode == "spd" else sorted(by_slice)
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
     intensity = intensity_range(volume.array, options.modality, options.window)
     return Plan(mode=mode, backbone=backbone, axis=axis, by_slice=by_slice, targets=targets,
                 shape_hw=tuple(s for a, s in enumerate(volume.shape) if a != axis), intensity=intensity,
                 tau=tau, neighbours=n,
-                batch_size=options.batch_size or (1 if backbone.device.type == "cpu" else 16),
+                batch_size=options.batch_size or default_batch_size(backbone.device),
                 key=fingerprint_key(volume, axis, model.identity, intensity))
 
 
 def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = None,
             progress: Optional[Progress] = None, cache=None) -> Result:
-    from .cache import default_cache
+    """Segment one structure of ``volume`` from point prompts: the whole run, no file written.
 
+    Args:
+      volume: the image (``Volume``); never modified.
+      prompts: ``prompts.VoxelPrompts`` on this volume (``prompts.to_voxels`` of a point file or markups).
+      model: an ``SPDModel`` (SPD mode) or a ``Backbone`` (raw mode), from ``load_model``.
+      options: ``SegmentOptions``; None is ``SegmentOptions()``.
+      progress: a ``Progress`` that receives (stage, done, total) and can cancel; None: silent.
+      cache: the ``EmbeddingCache`` (embeddings, saliency maps and decoded slices are remembered there,
+        so prompting the same volume again recomputes only what changed); None: the process-wide one.
+
+    Returns:
+      A ``Result``: the mask on the volume's grid, the decoded slices, the prompt audit (SPD mode), the
+      saliency volume (when asked) and timings.
+
+    Raises:
+      InputError: as :func:`plan`.
+      Cancelled: ``progress`` was cancelled; checked between slices.
+    """
     options = options or SegmentOptions()
     progress = progress or Progress()
     cache = default_cache() if cache is None else cache
@@ -278,32 +350,32 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     t_start = time.perf_counter()
     p = plan(volume, prompts, model, options)
     t0 = time.perf_counter()
-    embeddings = encode_slices(p.backbone, volume, p.axis, p.targets, p.intensity, cache, progress, p.batch_size,
-                               key=p.key)
+    embeddings = encode_slices(p.backbone, volume, p.axis, p.targets, p.intensity, cache=cache, progress=progress,
+                               batch_size=p.batch_size, key=p.key)
     timings["encode_s"] = time.perf_counter() - t0
     progress.check()
 
     transform = p.backbone.transform(*p.shape_hw)
-    audit: List[cpd.AuditEntry] = []
+    audit: List[distill.AuditEntry] = []
     saliency = dense = None
     jobs = []
     if p.mode == "spd":
         t0 = time.perf_counter()
         dense = {} if model.header.get("dense_prior") else None
         maps = saliency_maps(model, embeddings, p.shape_hw, dense=dense, cache=cache, key=p.key)
-        result = cpd.distill(p.by_slice, maps, tau=p.tau, neighbours=p.neighbours, targets=p.targets,
-                             local_only=options.local_only)
-        audit = result.audit
+        distilled = distill.distill(p.by_slice, maps, tau=p.tau, neighbours=p.neighbours, targets=p.targets,
+                                    local_only=options.local_only)
+        audit = distilled.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
         prompted = sorted(p.by_slice)
         for t in p.targets:
-            consensus = result.consensus.get(t)
+            consensus = distilled.consensus.get(t)
             if consensus is not None and len(consensus.positives):
-                box = cpd.saliency_box(maps[t], consensus.positives, p.tau)
+                box = distill.saliency_box(maps[t], consensus.positives, p.tau)
                 jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels,
                              transform.box_rc_to_model(*box)))
             elif options.empty_slice == "saliency" and prompted[0] <= t <= prompted[-1]:
-                box = cpd.saliency_box(maps[t], np.zeros((0, 2)), p.tau)
+                box = distill.saliency_box(maps[t], np.zeros((0, 2)), p.tau)
                 if box is not None:
                     jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
         if options.return_saliency:
@@ -320,7 +392,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
             if options.use_box:
                 if not len(positives):
                     continue  # a box needs a foreground point
-                box = transform.box_rc_to_model(*cpd.points_box(positives, margin, p.shape_hw))
+                box = transform.box_rc_to_model(*distill.points_box(positives, margin, p.shape_hw))
             jobs.append((t, transform.rc_to_model_xy(rc), np.asarray(labels), box))
     progress.check()
 
@@ -331,8 +403,8 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     slice_masks = {}
     for group in (with_points, box_only):
         if group:
-            slice_masks.update(_decode(p.backbone, embeddings, group, p.shape_hw, p.batch_size, progress, dense,
-                                       cache, p.key))
+            slice_masks.update(_decode(p.backbone, embeddings, group, p.shape_hw, batch_size=p.batch_size,
+                                       progress=progress, dense=dense, cache=cache, key=p.key))
     timings["decode_s"] = time.perf_counter() - t0
     progress.check()
 

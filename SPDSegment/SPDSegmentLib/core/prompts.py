@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write
 from .volume import Volume, ijk_to_physical, physical_to_ijk, ras_to_lps, slice_axes
 
 MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
@@ -355,12 +356,6 @@ def write_markups(path, lps: np.ndarray, names: Optional[Sequence[str]] = None,
         "display": {"visibility": True, "opacity": 1.0, "color": color, "selectedColor": color,
                     "propertiesLabelVisibility": False, "pointLabelsVisibility": True, "textScale": 3.0,
                     "glyphType": "Sphere3D", "glyphScale": 3.0, "glyphSize": 5.0, "useGlyphScale": True}}]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -20,14 +20,15 @@ from typing import Optional
 import torch
 
 from .. import __version__
+from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import CheckpointError
+from .files import atomic_write
 from .models.registry import BUNDLED_SPD_MODELS
 from .saliency import SaliencyHead, add_lora, lora_state
 
 FORMAT = "spdsegment-model"
 FORMAT_VERSION = 1
 SUFFIX = ".spd.safetensors"
-BUNDLED = BUNDLED_SPD_MODELS
 
 
 @dataclass
@@ -38,11 +39,11 @@ class SPDModel:
 
     @property
     def tau(self) -> float:
-        return float(self.header.get("tau", 0.5))
+        return float(self.header.get("tau", DEFAULT_TAU))
 
     @property
     def neighbours(self) -> int:
-        return int(self.header.get("neighbours", 2))
+        return int(self.header.get("neighbours", DEFAULT_NEIGHBOURS))
 
     @property
     def identity(self) -> str:
@@ -94,14 +95,8 @@ def _write(path: Path, tensors: dict, header: dict) -> Path:
     """Atomic write (temporary name, then rename): a failure leaves no partial model file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -198,8 +193,8 @@ def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
 
 def resolve(name_or_path: str) -> Optional[Path]:
     """Path of an SPD model given a bundled name or a file path; None if it is not an SPD model."""
-    if name_or_path in BUNDLED:
-        path = BUNDLED[name_or_path]
+    if name_or_path in BUNDLED_SPD_MODELS:
+        path = BUNDLED_SPD_MODELS[name_or_path]
         if not path.exists():
             raise CheckpointError(f"The bundled model {name_or_path} is missing from this installation ({path}).")
         return path

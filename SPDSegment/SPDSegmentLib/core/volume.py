@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -183,39 +184,18 @@ def read_label(path: str | os.PathLike, like: Optional[Volume] = None) -> np.nda
 
 # ---------------------------------------------------------------- intensity
 
-def normalise(array: np.ndarray, modality: str = "auto", window: Optional[Tuple[float, float]] = None,
-              percentiles: Tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """Map intensities to [0, 1] float32 without touching the input.
-
-    ``window`` (level, width) or a CT preset name applies a window; MR (and ``auto`` when the
-    range does not look like Hounsfield units) clips to robust percentiles of the nonzero voxels.
-    """
-    a = np.asarray(array, dtype=np.float32)
-    if isinstance(window, str):
-        if window not in CT_WINDOWS:
-            raise InputError(f"Unknown window preset {window!r}; choose one of {sorted(CT_WINDOWS)}.")
-        window = CT_WINDOWS[window]
-    if window is None and modality == "ct":
-        window = CT_WINDOWS["soft_tissue"]
-    if window is not None:
-        level, width = window
-        lo, hi = level - width / 2.0, level + width / 2.0
-    else:
-        sample = a[a != 0] if np.any(a != 0) else a.ravel()
-        if sample.size > 2_000_000:  # percentiles of a strided subsample are exact enough
-            sample = sample[:: sample.size // 1_000_000]
-        lo, hi = (float(v) for v in np.percentile(sample, percentiles))  # NumPy 2: a float64 scalar would upcast
-    if hi <= lo:
-        hi = lo + 1.0
-    out = (a - lo) / (hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
 def intensity_range(array: np.ndarray, modality: str = "auto", window=None,
                     percentiles: Tuple[float, float] = (0.5, 99.5)) -> Tuple[float, float]:
-    """The (lo, hi) that :func:`normalise` would use, so slices can be normalised one at a time."""
+    """The (lo, hi) intensities that :func:`apply_range` maps to 0 and 1, slice by slice.
+
+    ``window`` (level, width) or a preset name of :data:`CT_WINDOWS` gives a window; ``modality`` "ct"
+    without one uses the soft-tissue window; otherwise (MR, "auto") the ``percentiles`` of the nonzero
+    voxels (of a strided sample of at most ~2 million voxels).
+    """
     if isinstance(window, str):
+        if window not in CT_WINDOWS:
+            raise InputError(f"Unknown window preset {window!r}; choose one of {', '.join(CT_WINDOWS)}, or give "
+                             "(level, width).")
         window = CT_WINDOWS[window]
     if window is None and modality == "ct":
         window = CT_WINDOWS["soft_tissue"]
@@ -289,13 +269,6 @@ def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_lps: np
             image.SetMetaData(key, value)
     elif not (name.endswith(".nii") or name.endswith(".nii.gz") or name.endswith(".nrrd") or name.endswith(".mha")):
         raise InputError(f"Unsupported output type {path.name}; use .seg.nrrd, .nii.gz, .nrrd or .mha.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if name.endswith((".seg.nrrd", ".nii.gz")) else path.suffix
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
-    try:
+    with atomic_write(path) as tmp:
         sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..core.files import atomic_write
+
 MARGIN = 3  # slices stored beyond the structure on each side (CPD borrows from n = 2 neighbours)
 
 
@@ -67,15 +69,12 @@ class FeatureStore:
     def write(self, dataset: str, case: str, axis: int, slices: List[int], embeddings: np.ndarray,
               meta: Dict) -> None:
         folder = self.folder(dataset, case)
-        folder.mkdir(parents=True, exist_ok=True)
         q, scale = quantise(embeddings)
         for suffix, array in (("q", q), ("scale", scale)):
-            tmp = folder / f"axis{axis}.{suffix}.partial.npy"
-            np.save(tmp, array)
-            os.replace(tmp, folder / f"axis{axis}.{suffix}.npy")
-        tmp = folder / f"axis{axis}.json.partial"
-        tmp.write_text(json.dumps({**meta, "slices": [int(t) for t in slices]}))
-        os.replace(tmp, folder / f"axis{axis}.json")
+            with atomic_write(folder / f"axis{axis}.{suffix}.npy") as tmp:
+                np.save(tmp, array)
+        with atomic_write(folder / f"axis{axis}.json") as tmp:  # last: it marks the entry complete
+            tmp.write_text(json.dumps({**meta, "slices": [int(t) for t in slices]}))
 
 
 def stored_slices(label: np.ndarray, axis: int, margin: int = MARGIN) -> List[int]:

@@ -63,7 +63,6 @@ remaining array axes in order. Output points are (i, j, k) voxel coordinates.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +72,6 @@ import numpy as np
 
 from ..core.errors import InputError
 
-MARKUPS_SCHEMA = (
-    "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
-    "markups-schema-v1.0.3.json#"
-)
 KINDS = ("centerline", "drift", "spurious")
 
 
@@ -136,64 +131,13 @@ class SimulatedPrompts:
         return np.rint(self.ijk[:, 2 - self.axis]).astype(int)
 
     def to_markups(self, path: Union[str, os.PathLike], ijk_to_lps: np.ndarray) -> Path:
-        """Write a Slicer point list (``.mrk.json``, LPS millimetres); ``description`` is the kind.
-
-        Written to a temporary file and renamed, so a failure leaves no partial file.
-        """
+        """Write a Slicer point list (``.mrk.json``, LPS millimetres); ``description`` is the kind."""
+        from ..core.prompts import write_markups
         from ..core.volume import ijk_to_physical
 
-        path = Path(path)
         lps = ijk_to_physical(self.ijk, np.asarray(ijk_to_lps, float)) if len(self) else np.zeros((0, 3))
-        points = []
-        for n, (position, kind) in enumerate(zip(lps, self.kind), start=1):
-            points.append({
-                "id": str(n),
-                "label": f"P-{n}",
-                "description": str(kind),
-                "associatedNodeID": "",
-                "position": [float(x) for x in position],
-                "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-                "selected": True,
-                "locked": False,
-                "visibility": True,
-                "positionStatus": "defined",
-            })
-        document = {
-            "@schema": MARKUPS_SCHEMA,
-            "markups": [{
-                "type": "Fiducial",
-                "coordinateSystem": "LPS",
-                "coordinateUnits": "mm",
-                "locked": False,
-                "fixedNumberOfControlPoints": False,
-                "labelFormat": "%N-%d",
-                "lastUsedControlPointNumber": len(points),
-                "controlPoints": points,
-                "measurements": [],
-                "display": {
-                    "visibility": True,
-                    "opacity": 1.0,
-                    "color": [0.4, 1.0, 1.0],
-                    "selectedColor": [1.0, 0.5, 0.5],
-                    "pointLabelsVisibility": False,
-                    "textScale": 3.0,
-                    "glyphType": "Sphere3D",
-                    "glyphScale": 1.5,
-                    "useGlyphScale": True,
-                },
-            }],
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return write_markups(path, lps, descriptions=[str(k) for k in self.kind], color=(0.4, 1.0, 1.0),
+                             node_name="simulated clicks", locked=False)
 
 
 # ---------------------------------------------------------------- geometry of the structure

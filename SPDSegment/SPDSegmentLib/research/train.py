@@ -109,8 +109,7 @@ def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def prepare(config: TrainConfig, backbone, cache: EmbeddingCache, progress: Progress,
-            identity: Optional[str] = None) -> List[CaseData]:
+def prepare(config: TrainConfig, backbone, cache: EmbeddingCache, progress: Progress) -> List[CaseData]:
     """Load cases, encode their training slices (frozen mode), simulate the sloppy clicks."""
     names = config.cases
     if names is None and config.dataset:
@@ -128,7 +127,7 @@ def prepare(config: TrainConfig, backbone, cache: EmbeddingCache, progress: Prog
             item.targets[t] = _model_frame_target(get_slice(label, axis, t), backbone.input_size)
         rng = intensity_range(volume.array, config.modality)
         if config.mode == "frozen":
-            item.embeddings = encode_slices(backbone, volume, axis, slices, rng, cache, None, 4, identity)
+            item.embeddings = encode_slices(backbone, volume, axis, slices, rng, cache=cache, batch_size=4)
         else:
             item.images = {t: apply_range(get_slice(volume.array, axis, t), *rng) for t in slices}
         for level in config.noise_levels:

@@ -98,17 +98,22 @@ class Backbone(nn.Module):
             runtime = os.environ.get("SPDSEGMENT_RUNTIME", "auto")
         if precision == "auto":
             precision = os.environ.get("SPDSEGMENT_PRECISION", "auto")
-        if runtime not in RUNTIMES or precision not in ("auto",) + ovr.PRECISIONS:
-            raise RuntimeChoiceError(f"runtime must be one of {RUNTIMES} and precision one of auto, fp32, bf16, "
-                                     f"int8; got {runtime!r}, {precision!r}")
+        if runtime not in RUNTIMES:
+            raise RuntimeChoiceError(f"The runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}.",
+                                     setting="runtime")
+        if precision not in ("auto",) + ovr.PRECISIONS:
+            raise RuntimeChoiceError(f"The precision must be one of auto, {', '.join(ovr.PRECISIONS)}, not "
+                                     f"{precision!r}.", setting="precision")
         on_cpu = self.device.type == "cpu"
         if runtime == "openvino" and not on_cpu:
-            raise RuntimeChoiceError("The OpenVINO runtime runs on the CPU; use --runtime torch with a GPU.")
+            raise RuntimeChoiceError("The OpenVINO runtime runs on the CPU; choose the torch runtime with a GPU.",
+                                     setting="runtime")
         if runtime == "openvino" and not ovr.available():
-            raise RuntimeChoiceError("--runtime openvino needs the openvino package: pip install openvino")
+            raise RuntimeChoiceError("The OpenVINO runtime needs the openvino package (pip install openvino); or "
+                                     "choose the torch runtime.", setting="runtime")
         if precision == "int8" and (runtime == "torch" or not on_cpu or not ovr.available()):
-            raise RuntimeChoiceError("--precision int8 runs on the CPU with OpenVINO (pip install openvino nncf); "
-                                     "use bf16 or fp32 here.")
+            raise RuntimeChoiceError("The int8 precision runs on the CPU with OpenVINO (pip install openvino nncf); "
+                                     "choose bf16 or fp32 here.", setting="precision")
         use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and ovr.available())
         if precision == "auto":
             precision = "bf16" if use_openvino and AUTO_BF16 and ovr.cpu_supports_bf16() else "fp32"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import CheckpointError, DownloadError
+from ..files import atomic_write
 
 
 def cache_dir() -> Path:
@@ -63,33 +64,28 @@ def download(url: str, destination: Path, sha256: Optional[str], size_bytes: Opt
             f"No SHA-256 is recorded for {url}; download it yourself, check it, and pass the local file path "
             "(or allow unverified downloads explicitly)."
         )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "SPDSegment"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or size_bytes or 0)
-            done = 0
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                done += len(block)
-                if progress is not None:
-                    progress(done, total)
-        try:
-            verify(partial, sha256, size_bytes, what=f"download of {url}")
-        except CheckpointError as exc:  # a bad download is a download problem; the file is already discarded
-            raise DownloadError(
-                f"The file downloaded from {url} is incomplete or not the expected one (its size or SHA-256 differs "
-                f"from {sha256}); it was discarded. Try again, or download it elsewhere, check it and pass its path "
-                "with --model PATH."
-            ) from exc
-        os.replace(partial, destination)
+        with atomic_write(destination) as partial:
+            request = urllib.request.Request(url, headers={"User-Agent": "SPDSegment"})
+            with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as out:
+                total = int(response.headers.get("Content-Length") or size_bytes or 0)
+                done = 0
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(done, total)
+            try:
+                verify(partial, sha256, size_bytes, what=f"download of {url}")
+            except CheckpointError as exc:  # a bad download is a download problem; the file is already discarded
+                raise DownloadError(
+                    f"The file downloaded from {url} is incomplete or not the expected one (its size or SHA-256 "
+                    f"differs from {sha256}); it was discarded. Try again, or download it elsewhere, check it and "
+                    "give its path as the model.", setting="model"
+                ) from exc
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise DownloadError(
             f"Could not download {url} ({exc}). Check the network connection or proxy, or download the file "
-            f"elsewhere and pass its path with --model PATH (expected SHA-256 {sha256})."
+            f"elsewhere and give its path as the model (expected SHA-256 {sha256}).", setting="model"
         ) from exc
-    finally:
-        if partial.exists():
-            partial.unlink()
     return destination

@@ -164,7 +164,8 @@ def _quantise(model, images: list):
     try:
         import nncf
     except ImportError as exc:
-        raise RuntimeChoiceError("--precision int8 needs NNCF: pip install nncf") from exc
+        raise RuntimeChoiceError("The int8 precision needs NNCF (pip install nncf); or choose bf16 or fp32.",
+                                 setting="precision") from exc
     return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
                          subset_size=len(images), ignored_scope=_int8_ignored_scope(model))
 
@@ -172,7 +173,7 @@ def _quantise(model, images: list):
 class OpenVINORuntime:
     """Compiled encoder and decoder for one backbone; inputs and outputs are torch tensors on the CPU."""
 
-    def __init__(self, backbone, precision: str = "fp32", threads: Optional[int] = None):
+    def __init__(self, backbone, precision: str = "fp32"):
         import openvino as ov
 
         if precision not in PRECISIONS:
@@ -183,7 +184,7 @@ class OpenVINORuntime:
         self.mask_size = tuple(4 * s for s in self.embedding_size)
         hint = "f32" if precision == "fp32" or (precision == "int8" and not cpu_supports_bf16()) else "bf16"
         self._config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+                        "INFERENCE_NUM_THREADS": int(torch.get_num_threads())}  # as torch, e.g. set by the tests
         self._core = ov.Core()
         self._backbone = backbone
         self._decoders = {}
@@ -219,7 +220,7 @@ class OpenVINORuntime:
             except Exception as exc:  # a truncated or foreign file in the cache: convert once more
                 if attempt == 2:
                     raise CheckpointError(f"OpenVINO cannot load the model converted into {xml_path.parent} "
-                                          f"({str(exc)[:200]}); use --runtime torch.") from exc
+                                          f"({str(exc)[:200]}); choose the torch runtime.", setting="runtime") from exc
                 shutil.rmtree(xml_path.parent, ignore_errors=True)
                 shutil.rmtree(fp_path.parent, ignore_errors=True)
 
@@ -246,8 +247,8 @@ class OpenVINORuntime:
             except RuntimeError as exc:  # OpenVINO reports allocation failures as RuntimeError
                 if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
                     raise MemoryError(f"OpenVINO ran out of memory: {str(exc)[:200]}") from exc
-                raise CheckpointError(f"OpenVINO inference failed ({str(exc)[:200]}); run again with "
-                                      "--runtime torch (in Slicer: set SPDSEGMENT_RUNTIME=torch).") from exc
+                raise CheckpointError(f"OpenVINO inference failed ({str(exc)[:200]}); run again with the torch "
+                                      "runtime (or set SPDSEGMENT_RUNTIME=torch).", setting="runtime") from exc
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         out = [torch.from_numpy(self._infer(self._encoder, {0: image[None].float().numpy()})[0].copy())

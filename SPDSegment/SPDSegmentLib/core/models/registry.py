@@ -11,14 +11,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DeviceError
 from . import download as dl
 from .compat import bundled_litemedsam_checkpoint, medsam_lite_modules, segment_anything_modules
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
-DEFAULT_MODEL = "litemedsam"  # the default backbone
-DEFAULT_SPD_MODEL = "spd-hippocampus"  # the default model of `spd segment`, the module and the effect
-BUNDLED_SPD_MODELS = {DEFAULT_SPD_MODEL: Path(__file__).parent / "spd_hippocampus.spd.safetensors"}
+DEFAULT_MODEL = "spd-hippocampus"  # the default model of every front end (`spd`, the module, the effect)
+DEFAULT_BACKBONE = "litemedsam"  # the default backbone (raw mode, and what SPD models are trained on)
+BUNDLED_SPD_MODELS = {DEFAULT_MODEL: Path(__file__).parent / "spd_hippocampus.spd.safetensors"}
 VIT_ARCHITECTURES = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
 
 
@@ -29,12 +29,14 @@ def catalogue() -> Dict[str, dict]:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when PyTorch sees a CUDA GPU, else "cpu"; other names are checked and returned."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+        raise DeviceError(f"The device {device!r} was asked for, but PyTorch sees no CUDA GPU; choose the cpu "
+                          "device.", setting="device")
     return device
 
 
@@ -159,7 +161,7 @@ def assemble(name: str, architecture: str, input_size: int, normalisation: str, 
     return backbone.use_channels_last() if device == "cpu" else backbone
 
 
-def load_backbone(name_or_path: str = DEFAULT_MODEL, device: str = "auto", allow_download: bool = True,
+def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str = "auto", allow_download: bool = True,
                   progress: Optional[Callable[[int, int], None]] = None):
     """A ready Backbone in eval mode. Accepts a catalogue name, or a local .pth/.pt checkpoint."""
     device = resolve_device(device)
