@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from SPDSegmentLib import cli
-from SPDSegmentLib.core import prompts as P
+from SPDSegmentLib.core import prompts
 from SPDSegmentLib.core import spd_model
 from SPDSegmentLib.core import volume as vol
 from SPDSegmentLib.core.saliency import SaliencyHead
@@ -124,7 +124,7 @@ def test_segment_with_an_spd_model_writes_every_output(capsys, sample_paths, sam
     assert values.shape == sample_volume.shape and values.dtype == np.float32
     assert 0.0 <= values.min() and values.max() <= 1.0 and values.max() > 0.5
     # the audit: every click once as kept (saliency is high everywhere) at its own position, plus borrowings
-    clicks = P.read(sample_paths["points"])
+    clicks = prompts.read(sample_paths["points"])
     audit = json.loads(audit_out.read_text())["markups"][0]["controlPoints"]
     descriptions = [p["description"] for p in audit]
     kept = [p for p in audit if p["description"].startswith("kept")]
@@ -281,16 +281,16 @@ def test_simulate_writes_a_point_list(capsys, sample_paths, sample_volume, tmp_p
                             "--seed", "3", "--out", out)
     assert code == 0, err
     assert out.exists() and "severe" in stdout and str(out) in stdout
-    clicks = P.read(out)
+    clicks = prompts.read(out)
     assert len(clicks) > 5
-    voxels = P.to_voxels(clicks, sample_volume, axis=1)
+    voxels = prompts.to_voxels(clicks, sample_volume, axis=1)
     assert len(voxels.outside_lps) == 0
     np.testing.assert_allclose(voxels.ijk[:, 1], np.round(voxels.ijk[:, 1]), atol=1e-6)  # on slice planes
     again = tmp_path / "again.mrk.json"
     assert cli.main(["simulate", str(sample_paths["label"]), "--axis", "1", "--level", "severe", "--seed", "3",
                      "--out", str(again)]) == 0
     capsys.readouterr()
-    np.testing.assert_allclose(P.read(again).lps, clicks.lps)
+    np.testing.assert_allclose(prompts.read(again).lps, clicks.lps)
 
 
 def test_simulate_missing_label_exits_2(capsys, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SPDSegmentLib.core import distill as cpd
+from SPDSegmentLib.core import distill
 
 SHAPE = (20, 20)
 TAU = 0.5
@@ -38,7 +38,7 @@ def rcs(entry_list):
 def test_point_kept_above_tau_rejected_at_or_below():
     saliency = maps(1, {0: {(5, 5): 0.9, (10, 10): TAU, (15, 15): 0.2, (3, 12): 0.500001}})
     prompts = {0: pts([5, 5], [10, 10], [15, 15], [3, 12])}
-    result = cpd.distill(prompts, saliency, tau=TAU, neighbours=2)
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=2)
     kept, rejected = entries(result, "kept"), entries(result, "rejected")
     assert rcs(kept) == [(3.0, 12.0), (5.0, 5.0)]
     assert rcs(rejected) == [(10.0, 10.0), (15.0, 15.0)]  # S == tau is not "> tau"
@@ -55,13 +55,13 @@ def test_saliency_is_sampled_at_the_nearest_pixel_and_clipped():
     saliency = np.zeros(SHAPE, np.float32)
     saliency[5, 6] = 1.0
     saliency[19, 0] = 0.7
-    np.testing.assert_allclose(cpd.sample(saliency, np.array([[4.6, 5.6], [5.4, 6.4], [4.4, 6.0]])), [1, 1, 0])
-    np.testing.assert_allclose(cpd.sample(saliency, np.array([[40.0, -3.0], [25.2, -0.4]])), [0.7, 0.7])
+    np.testing.assert_allclose(distill.sample(saliency, np.array([[4.6, 5.6], [5.4, 6.4], [4.4, 6.0]])), [1, 1, 0])
+    np.testing.assert_allclose(distill.sample(saliency, np.array([[40.0, -3.0], [25.2, -0.4]])), [0.7, 0.7])
 
 
 def test_a_slice_with_only_rejected_points_gets_no_consensus():
     saliency = maps(3)
-    result = cpd.distill({1: pts([4, 4], [8, 8])}, saliency, tau=TAU, neighbours=1)
+    result = distill.distill({1: pts([4, 4], [8, 8])}, saliency, tau=TAU, neighbours=1)
     assert result.consensus == {}
     assert result.counts() == {"kept": 0, "rejected": 2, "borrowed": 0}
 
@@ -90,7 +90,7 @@ def borrowing_case():
 
 def test_borrowing_rules_on_one_target():
     prompts, saliency = borrowing_case()
-    result = cpd.distill(prompts, saliency, tau=TAU, neighbours=2, targets=[3])
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=2, targets=[3])
     borrowed = entries(result, "borrowed")
     assert len(borrowed) == 1
     (b,) = borrowed
@@ -109,18 +109,18 @@ def test_borrowing_rules_on_one_target():
 def test_neighbours_beyond_n_are_never_borrowed():
     prompts, saliency = borrowing_case()
     for n in (0, 1, 2):  # the point on slice 6 is 3 slices away from 3
-        result = cpd.distill(prompts, saliency, tau=TAU, neighbours=n, targets=[3])
+        result = distill.distill(prompts, saliency, tau=TAU, neighbours=n, targets=[3])
         assert all(e.source_slice != 6 for e in entries(result, "borrowed"))
-    near = cpd.distill(prompts, saliency, tau=TAU, neighbours=3, targets=[3])
+    near = distill.distill(prompts, saliency, tau=TAU, neighbours=3, targets=[3])
     assert sorted(e.source_slice for e in entries(near, "borrowed")) == [4, 6]
     # n = 1 still reaches slice 4; n = 0 borrows nothing
-    assert [e.source_slice for e in entries(cpd.distill(prompts, saliency, TAU, 1, [3]), "borrowed")] == [4]
-    assert entries(cpd.distill(prompts, saliency, TAU, 0, [3]), "borrowed") == []
+    assert [e.source_slice for e in entries(distill.distill(prompts, saliency, TAU, 1, [3]), "borrowed")] == [4]
+    assert entries(distill.distill(prompts, saliency, TAU, 0, [3]), "borrowed") == []
 
 
 def test_local_only_borrows_nothing():
     prompts, saliency = borrowing_case()
-    result = cpd.distill(prompts, saliency, tau=TAU, neighbours=3, targets=[3], local_only=True)
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=3, targets=[3], local_only=True)
     assert entries(result, "borrowed") == []
     assert result.consensus[3].rc.tolist() == [[5.0, 5.0]] and result.consensus[3].sources.tolist() == [3]
     assert result.counts() == {"kept": 4, "rejected": 1, "borrowed": 0}
@@ -128,7 +128,7 @@ def test_local_only_borrows_nothing():
 
 def test_a_target_without_own_prompts_is_filled_by_borrowing():
     saliency = maps(5, fill=0.9)
-    result = cpd.distill({0: pts([2, 2]), 4: pts([9, 9])}, saliency, tau=TAU, neighbours=2, targets=[2])
+    result = distill.distill({0: pts([2, 2]), 4: pts([9, 9])}, saliency, tau=TAU, neighbours=2, targets=[2])
     borrowed = entries(result, "borrowed")
     assert sorted((e.source_slice, tuple(e.rc)) for e in borrowed) == [(0, (2.0, 2.0)), (4, (9.0, 9.0))]
     assert all(e.slice == 2 for e in borrowed)
@@ -137,7 +137,7 @@ def test_a_target_without_own_prompts_is_filled_by_borrowing():
 
 def test_borrowed_points_keep_their_in_plane_position_and_target_score():
     saliency = maps(2, {0: {(4, 7): 0.95}, 1: {(4, 7): 0.6}})
-    result = cpd.distill({0: pts([4.2, 6.9])}, saliency, tau=TAU, neighbours=1, targets=[1])
+    result = distill.distill({0: pts([4.2, 6.9])}, saliency, tau=TAU, neighbours=1, targets=[1])
     (b,) = entries(result, "borrowed")
     np.testing.assert_allclose(b.rc, [4.2, 6.9])
     assert b.score == pytest.approx(0.6)  # saliency on the target slice, not the source
@@ -152,7 +152,7 @@ def test_background_points_pass_through_on_their_own_slice_only():
     saliency[0][3, 3] = 0.0
     saliency[2][:] = 0.9
     prompts = {1: pts([5, 5], [10, 10], [15, 15], labels=[1, 0, 0]), 0: pts([3, 3], labels=[0])}
-    result = cpd.distill(prompts, saliency, tau=TAU, neighbours=1, targets=[0, 1, 2])
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=1, targets=[0, 1, 2])
     # background clicks are kept whatever the saliency there: (15, 15) on 1 and (3, 3) on 0 lie at S = 0
     own = {(e.source_slice, tuple(e.rc)): (e.status, e.label) for e in result.audit if e.status != "borrowed"}
     assert own == {(1, (5.0, 5.0)): ("kept", 1), (1, (10.0, 10.0)): ("kept", 0), (1, (15.0, 15.0)): ("kept", 0),
@@ -179,7 +179,7 @@ def brute_force_borrowings(prompts, saliency, tau, n, targets):
             if j == t or abs(j - t) > n or t not in saliency:
                 continue
             for p, label in zip(rc, labels):
-                if label > 0 and cpd.sample(saliency[j], p)[0] > tau and cpd.sample(saliency[t], p)[0] > tau:
+                if label > 0 and distill.sample(saliency[j], p)[0] > tau and distill.sample(saliency[t], p)[0] > tau:
                     expected.add((t, j, tuple(p)))
     return expected
 
@@ -194,8 +194,8 @@ def test_every_point_reported_once_and_borrowing_matches_the_definition(seed):
     for t in prompted:
         k = int(rng.integers(1, 5))
         prompts[t] = (rng.uniform(0, SHAPE[0] - 1, size=(k, 2)), rng.integers(0, 2, size=k))
-    targets = cpd.target_slices(prompts, n, n_slices)
-    result = cpd.distill(prompts, saliency, tau=TAU, neighbours=n, targets=targets)
+    targets = distill.target_slices(prompts, n, n_slices)
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=n, targets=targets)
 
     own = [e for e in result.audit if e.status != "borrowed"]
     assert {e.status for e in own} <= {"kept", "rejected"}
@@ -205,7 +205,7 @@ def test_every_point_reported_once_and_borrowing_matches_the_definition(seed):
     assert set(keys) == {(t, tuple(p)) for t, (rc, _) in prompts.items() for p in rc}
     for e in own:
         assert e.slice == e.source_slice
-        expected = "kept" if (e.label == 0 or cpd.sample(saliency[e.slice], e.rc)[0] > TAU) else "rejected"
+        expected = "kept" if (e.label == 0 or distill.sample(saliency[e.slice], e.rc)[0] > TAU) else "rejected"
         assert e.status == expected
     borrowed = {(e.slice, e.source_slice, tuple(e.rc)) for e in entries(result, "borrowed")}
     assert borrowed == brute_force_borrowings(prompts, saliency, TAU, n, targets)
@@ -219,7 +219,7 @@ def test_every_point_reported_once_and_borrowing_matches_the_definition(seed):
 
 def test_default_targets_are_the_prompted_slices_with_a_map():
     saliency = maps(4, fill=0.9)
-    result = cpd.distill({1: pts([2, 2]), 3: pts([4, 4]), 7: pts([5, 5])}, saliency, tau=TAU, neighbours=2)
+    result = distill.distill({1: pts([2, 2]), 3: pts([4, 4]), 7: pts([5, 5])}, saliency, tau=TAU, neighbours=2)
     assert set(result.consensus) == {1, 3}  # 7 has no map: skipped, not an error
     assert all(e.source_slice != 7 for e in result.audit)
 
@@ -227,12 +227,12 @@ def test_default_targets_are_the_prompted_slices_with_a_map():
 # ---------------------------------------------------------------- target slices
 
 def test_target_slices():
-    assert cpd.target_slices([3, 10], 2, 12) == [1, 2, 3, 4, 5, 8, 9, 10, 11]
-    assert cpd.target_slices([0], 2, 3) == [0, 1, 2]
-    assert cpd.target_slices([5, 1], 0, 10) == [1, 5]
-    assert cpd.target_slices([4, 5], 1, 10) == [3, 4, 5, 6]  # overlapping ranges, each once
-    assert cpd.target_slices({2: None}, 1, 3) == [1, 2]  # any iterable of slices (a dict's keys)
-    assert cpd.target_slices([], 2, 10) == []
+    assert distill.target_slices([3, 10], 2, 12) == [1, 2, 3, 4, 5, 8, 9, 10, 11]
+    assert distill.target_slices([0], 2, 3) == [0, 1, 2]
+    assert distill.target_slices([5, 1], 0, 10) == [1, 5]
+    assert distill.target_slices([4, 5], 1, 10) == [3, 4, 5, 6]  # overlapping ranges, each once
+    assert distill.target_slices({2: None}, 1, 3) == [1, 2]  # any iterable of slices (a dict's keys)
+    assert distill.target_slices([], 2, 10) == []
 
 
 # ---------------------------------------------------------------- boxes
@@ -250,52 +250,52 @@ def box(result):
 
 def test_saliency_box_picks_the_component_containing_the_points():
     s = two_blobs()
-    assert box(cpd.saliency_box(s, np.array([[14.0, 15.0]]), TAU)) == ((12, 10), (16, 18))
-    assert box(cpd.saliency_box(s, np.array([[3.2, 4.4]]), TAU)) == ((2, 2), (5, 6))
+    assert box(distill.saliency_box(s, np.array([[14.0, 15.0]]), TAU)) == ((12, 10), (16, 18))
+    assert box(distill.saliency_box(s, np.array([[3.2, 4.4]]), TAU)) == ((2, 2), (5, 6))
     # points in both blobs (and one on background): the union of the two
-    assert box(cpd.saliency_box(s, np.array([[3.0, 3.0], [0.0, 19.0], [16.0, 18.0]]), TAU)) == ((2, 2), (16, 18))
+    assert box(distill.saliency_box(s, np.array([[3.0, 3.0], [0.0, 19.0], [16.0, 18.0]]), TAU)) == ((2, 2), (16, 18))
 
 
 def test_saliency_box_falls_back_to_all_components_then_none():
     s = two_blobs()
-    assert box(cpd.saliency_box(s, np.array([[0.0, 19.0]]), TAU)) == ((2, 2), (16, 18))
-    assert box(cpd.saliency_box(s, np.zeros((0, 2)), TAU)) == ((2, 2), (16, 18))
-    assert cpd.saliency_box(np.full(SHAPE, TAU, np.float32), np.array([[5.0, 5.0]]), TAU) is None
-    assert cpd.saliency_box(np.zeros(SHAPE, np.float32), np.zeros((0, 2)), TAU) is None
+    assert box(distill.saliency_box(s, np.array([[0.0, 19.0]]), TAU)) == ((2, 2), (16, 18))
+    assert box(distill.saliency_box(s, np.zeros((0, 2)), TAU)) == ((2, 2), (16, 18))
+    assert distill.saliency_box(np.full(SHAPE, TAU, np.float32), np.array([[5.0, 5.0]]), TAU) is None
+    assert distill.saliency_box(np.zeros(SHAPE, np.float32), np.zeros((0, 2)), TAU) is None
     # a higher tau drops blob B (0.8)
-    assert box(cpd.saliency_box(s, np.zeros((0, 2)), 0.85)) == ((2, 2), (5, 6))
+    assert box(distill.saliency_box(s, np.zeros((0, 2)), 0.85)) == ((2, 2), (5, 6))
 
 
 def test_saliency_box_clips_points_outside_the_slice():
     s = np.zeros(SHAPE, np.float32)
     s[15:20, 15:20] = 1.0
-    assert box(cpd.saliency_box(s, np.array([[100.0, 100.0]]), TAU)) == ((15, 15), (19, 19))
+    assert box(distill.saliency_box(s, np.array([[100.0, 100.0]]), TAU)) == ((15, 15), (19, 19))
     s2 = two_blobs()
-    assert box(cpd.saliency_box(s2, np.array([[-7.0, -7.0]]), TAU)) == ((2, 2), (16, 18))  # (0, 0): no blob
+    assert box(distill.saliency_box(s2, np.array([[-7.0, -7.0]]), TAU)) == ((2, 2), (16, 18))  # (0, 0): no blob
 
 
 def test_points_box_margin_rounding_and_clipping():
-    lo, hi = cpd.points_box(np.array([[5.0, 5.0], [8.0, 10.0]]), 2.0, SHAPE)
+    lo, hi = distill.points_box(np.array([[5.0, 5.0], [8.0, 10.0]]), 2.0, SHAPE)
     assert lo.tolist() == [3, 3] and hi.tolist() == [10, 12]
     assert lo.dtype.kind == "i" and hi.dtype.kind == "i"
-    lo, hi = cpd.points_box(np.array([[2.5, 3.2]]), 1.0, SHAPE)
+    lo, hi = distill.points_box(np.array([[2.5, 3.2]]), 1.0, SHAPE)
     assert lo.tolist() == [1, 2] and hi.tolist() == [4, 5]  # floor below, ceil above
-    lo, hi = cpd.points_box(np.array([[1.0, 18.0]]), 5.0, SHAPE)
+    lo, hi = distill.points_box(np.array([[1.0, 18.0]]), 5.0, SHAPE)
     assert lo.tolist() == [0, 13] and hi.tolist() == [6, 19]  # clipped to the slice
-    lo, hi = cpd.points_box(np.array([[0.0, 0.0], [19.0, 19.0]]), 50.0, (20, 30))
+    lo, hi = distill.points_box(np.array([[0.0, 0.0], [19.0, 19.0]]), 50.0, (20, 30))
     assert lo.tolist() == [0, 0] and hi.tolist() == [19, 29]
 
 
 def test_audit_entry_rc_is_a_copy():
     rc, labels = pts([5, 5])
-    result = cpd.distill({0: (rc, labels)}, maps(1, {0: {(5, 5): 0.9}}), tau=TAU)
+    result = distill.distill({0: (rc, labels)}, maps(1, {0: {(5, 5): 0.9}}), tau=TAU)
     rc[0] = [0, 0]
     assert result.audit[0].rc.tolist() == [5.0, 5.0]
 
 
 def test_counts_sum_to_the_audit():
     prompts, saliency = borrowing_case()
-    result = cpd.distill(prompts, saliency, tau=TAU, neighbours=2, targets=cpd.target_slices(prompts, 2, 7))
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=2, targets=distill.target_slices(prompts, 2, 7))
     counts = result.counts()
     assert sum(counts.values()) == len(result.audit)
     assert counts["kept"] + counts["rejected"] == 5

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from SPDSegmentLib.core.errors import CheckpointError, DownloadError
-from SPDSegmentLib.core.models import backbone as bb
+from SPDSegmentLib.core.models.backbone import pad_points
 from SPDSegmentLib.core.models import catalogue, load_backbone
 from SPDSegmentLib.core.models import compat, download, registry
 
@@ -58,7 +58,7 @@ def test_tiny_backbone_shapes(tiny_backbone):
     with torch.no_grad():
         embeddings = tiny_backbone.encode(images)
         assert embeddings.shape == (2, tiny_backbone.embed_dim, 8, 8)
-        points, labels = bb.pad_points([np.array([[10.0, 12.0], [20.0, 5.0]]), np.array([[3.0, 4.0]])],
+        points, labels = pad_points([np.array([[10.0, 12.0], [20.0, 5.0]]), np.array([[3.0, 4.0]])],
                                        [np.array([1, 0]), np.array([1])])
         assert points.shape == (2, 2, 2) and labels.tolist() == [[1, 0], [1, -1]]
         logits, iou = tiny_backbone.decode(embeddings, points, labels)
@@ -78,7 +78,7 @@ def test_litemedsam_bundled_checkpoint(litemedsam):
     assert images.shape == (1, 3, 256, 256) and float(images[0, 0, 0, 210]) == 0.0  # padding right of 205 px
     with torch.no_grad():  # decode only: an encode is too slow for the unit tests
         embeddings = torch.zeros(1, 256, 64, 64)
-        logits, iou = litemedsam.decode(embeddings, *bb.pad_points([np.array([[100.0, 120.0]])]))
+        logits, iou = litemedsam.decode(embeddings, *pad_points([np.array([[100.0, 120.0]])]))
     assert logits.shape == (1, 1, 256, 256) and iou.shape == (1,)
 
 

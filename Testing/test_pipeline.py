@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from SPDSegmentLib.core import distill as cpd
-from SPDSegmentLib.core import prompts as P
+from SPDSegmentLib.core import distill
+from SPDSegmentLib.core.prompts import read as read_points, to_voxels
 from SPDSegmentLib.core import volume as vol
 from SPDSegmentLib.core.cache import EmbeddingCache
 from SPDSegmentLib.core.errors import Cancelled, InputError
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")  # 2-core machines: no 
 @pytest.fixture(scope="module")
 def case(sample_paths):
     volume = vol.read(sample_paths["image"])
-    prompts = P.to_voxels(P.read(sample_paths["points"]), volume, axis=AXIS)
+    prompts = to_voxels(read_points(sample_paths["points"]), volume, axis=AXIS)
     return volume, prompts
 
 
@@ -224,7 +224,7 @@ def test_spd_mode_audit_and_saliency(case, tiny_backbone, spd_cache):
     assert set(statuses) <= {"kept", "rejected", "borrowed"}
     assert statuses.count("kept") + statuses.count("rejected") == len(prompts)
     assert result.audit_counts() == {s: statuses.count(s) for s in ("kept", "rejected", "borrowed")}
-    targets = cpd.target_slices(prompted_slices(prompts), model.neighbours, volume.shape[AXIS])
+    targets = distill.target_slices(prompted_slices(prompts), model.neighbours, volume.shape[AXIS])
     assert set(result.slices) <= set(targets)
     assert set(slices_with_voxels(result.mask)) <= set(result.slices)
     saliency = result.saliency
@@ -244,7 +244,7 @@ def test_spd_all_salient_keeps_every_click_and_borrows_every_neighbour(case, tin
     result = segment(volume, prompts, spd(tiny_backbone, bias=10.0, neighbours=n), SegmentOptions(), cache=spd_cache)
     counts = result.audit_counts()
     by_slice = prompts.by_slice()
-    targets = cpd.target_slices(by_slice, n, volume.shape[AXIS])
+    targets = distill.target_slices(by_slice, n, volume.shape[AXIS])
     expected_borrowed = sum(int((labels > 0).sum()) for j, (_, labels) in by_slice.items()
                             for t in targets if 0 < abs(t - j) <= n)
     assert counts == {"kept": len(prompts), "rejected": 0, "borrowed": expected_borrowed}

@@ -14,6 +14,7 @@ from SPDSegmentLib.core.prompts import MARKUPS_SCHEMA
 from SPDSegmentLib.core.sample import SAMPLE_DIR
 from SPDSegmentLib.core.volume import geometry_matrix, ijk_to_physical
 from SPDSegmentLib.research import simulate as sim
+from SPDSegmentLib.research.data import structure_range, structure_slices, training_slices
 
 SEEDS = range(30)
 ORDER = ("clean", "mild", "moderate", "severe")
@@ -116,12 +117,14 @@ def test_centerline_structure_touching_the_border_has_finite_radius():
     assert tuple(rc) == (2.0, 2.0) and radius == 3.0
 
 
-def test_bounding_slices():
+def test_structure_range():
     mask = ellipsoid()
-    assert sim.bounding_slices(mask, 1) == (6, 54)
-    assert sim.bounding_slices(mask, 0) == (5, 19)
-    lo, hi = sim.bounding_slices(mask, 1)
-    assert set(sim.centerline(mask, 1)) == set(range(lo, hi + 1))
+    assert structure_range(mask, 1) == (6, 54)
+    assert structure_range(mask, 0) == (5, 19)
+    assert structure_range(mask, 0, margin=3) == (2, 22) and structure_range(mask, 0, margin=9) == (0, 23)
+    assert training_slices(mask, 0, 3) == list(range(2, 23))
+    lo, hi = structure_range(mask, 1)
+    assert set(sim.centerline(mask, 1)) == set(range(lo, hi + 1)) == set(structure_slices(mask, 1))
 
 
 def test_empty_and_malformed_masks_rejected():
@@ -130,7 +133,7 @@ def test_empty_and_malformed_masks_rejected():
     with pytest.raises(InputError, match="label is empty"):
         sim.centerline(np.zeros((4, 5, 6)), 1)
     with pytest.raises(InputError, match="label is empty"):
-        sim.bounding_slices(np.zeros((4, 5, 6)), 2)
+        structure_range(np.zeros((4, 5, 6)), 2)
     with pytest.raises(InputError):
         sim.simulate(np.ones((4, 5), np.uint8), 0, "mild", 0)
     with pytest.raises(InputError):

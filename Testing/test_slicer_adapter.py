@@ -197,15 +197,14 @@ def test_points_from_markups_world_coordinates_and_undefined_skipped(loaded, app
     assert len(got) == len(expected) - 1
 
 
-def test_curve_and_background_node(app):
+def test_curve_points_and_background_descriptions(app):
     curve = app.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "curve")
     for p in ([1.0, 2.0, 3.0], [2.0, 3.0, 3.0], [4.0, 3.0, 3.0]):
         curve.AddControlPoint(p)
-    background = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "bg")
-    background.AddControlPoint([9.0, 9.0, 3.0])
-    got = sa.points_from_markups(curve, background_node=background)
+    curve.SetNthControlPointDescription(2, "Background")
+    got = sa.points_from_markups(curve)
     np.testing.assert_allclose(got.lps[0], [-1.0, -2.0, 3.0])
-    np.testing.assert_array_equal(got.labels, [1, 1, 1, 0])
+    np.testing.assert_array_equal(got.labels, [1, 1, 0])
     empty = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
     with pytest.raises(InputError, match="no placed points"):
         sa.points_from_markups(empty)
@@ -250,38 +249,38 @@ def test_apply_through_editor_node_and_modes(app, loaded, sample):
         sa.apply_mask_to_segment(editor, first, volume, mode="replace")
 
 
-@pytest.mark.parametrize("overwrite, other_kept", [("OverwriteNone", True), ("OverwriteAllSegments", False)])
-def test_overwrite_other_segments_setting(app, loaded, sample, overwrite, other_kept):
+def first_then_mine(app, loaded, sample, first_name, configure):
+    """A segment ``first_name`` holding a box, the editor configured by ``configure(editor, first_id)``, then
+    a second box written into a new segment "mine"; returns (first mask, mine mask, read(id), first id, mine id)."""
     volume, _ = sample
     volume_node, _, segmentation_node, _ = loaded
-    other = sa.add_segment(segmentation_node, "other")
+    first = sa.add_segment(segmentation_node, first_name)
     mine = sa.add_segment(segmentation_node, "mine")
-    other_mask = box_mask(volume.shape, (5, 5, 5), (15, 15, 15))
-    sa.apply_mask_to_segment((segmentation_node, other, volume_node), other_mask, volume)
-    editor = sa.spd_editor_node(app.scene)
-    editor.SetOverwriteMode(getattr(editor, overwrite))
+    first_mask = box_mask(volume.shape, (5, 5, 5), (15, 15, 15))
+    sa.apply_mask_to_segment((segmentation_node, first, volume_node), first_mask, volume)
+    configure(sa.spd_editor_node(app.scene), first)
     mine_mask = box_mask(volume.shape, (10, 10, 10), (20, 20, 20))
     sa.apply_mask_to_segment((segmentation_node, mine, volume_node), mine_mask, volume)
-    np.testing.assert_array_equal(sa.segment_array(segmentation_node, mine, volume), mine_mask)
-    expected_other = other_mask if other_kept else other_mask & (1 - mine_mask)
-    np.testing.assert_array_equal(sa.segment_array(segmentation_node, other, volume), expected_other)
+    return first_mask, mine_mask, lambda segment_id: sa.segment_array(segmentation_node, segment_id, volume), first, mine
+
+
+@pytest.mark.parametrize("overwrite, other_kept", [("OverwriteNone", True), ("OverwriteAllSegments", False)])
+def test_overwrite_other_segments_setting(app, loaded, sample, overwrite, other_kept):
+    other_mask, mine_mask, read, other, mine = first_then_mine(
+        app, loaded, sample, "other", lambda editor, _: editor.SetOverwriteMode(getattr(editor, overwrite)))
+    np.testing.assert_array_equal(read(mine), mine_mask)
+    np.testing.assert_array_equal(read(other), other_mask if other_kept else other_mask & (1 - mine_mask))
 
 
 def test_editable_area_is_respected(app, loaded, sample):
-    volume, _ = sample
-    volume_node, _, segmentation_node, _ = loaded
-    area = sa.add_segment(segmentation_node, "area")
-    mine = sa.add_segment(segmentation_node, "mine")
-    area_mask = box_mask(volume.shape, (5, 5, 5), (15, 15, 15))
-    sa.apply_mask_to_segment((segmentation_node, area, volume_node), area_mask, volume)
-    editor = sa.spd_editor_node(app.scene)
-    editor.SetOverwriteMode(editor.OverwriteNone)
-    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
-    editor.SetMaskSegmentID(area)
-    mine_mask = box_mask(volume.shape, (10, 10, 10), (20, 20, 20))
-    sa.apply_mask_to_segment((segmentation_node, mine, volume_node), mine_mask, volume)
-    np.testing.assert_array_equal(sa.segment_array(segmentation_node, mine, volume), mine_mask & area_mask)
-    np.testing.assert_array_equal(sa.segment_array(segmentation_node, area, volume), area_mask)
+    def inside_area_only(editor, area):
+        editor.SetOverwriteMode(editor.OverwriteNone)
+        editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+        editor.SetMaskSegmentID(area)
+
+    area_mask, mine_mask, read, area, mine = first_then_mine(app, loaded, sample, "area", inside_area_only)
+    np.testing.assert_array_equal(read(mine), mine_mask & area_mask)
+    np.testing.assert_array_equal(read(area), area_mask)
 
 
 def test_editable_intensity_range_is_respected(app, loaded, sample):

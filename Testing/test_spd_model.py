@@ -83,7 +83,7 @@ def test_without_decoder_tuning_no_decoder_weights_are_stored(tmp_path):
     backbone = fresh_backbone()
     head = random_head(backbone)
     perturb(backbone.mask_decoder)
-    header = spd_model.make_header(backbone, head, 0, 0.5, 2, decoder_tuned=False)
+    header = spd_model.make_header(backbone, head, lora_rank=0, tau=0.5, neighbours=2, decoder_tuned=False)
     path = spd_model.save(tmp_path / "m.spd.safetensors", backbone, head, header)
     from safetensors import safe_open
 
@@ -100,7 +100,8 @@ def test_head_predicts_the_same_after_loading(tmp_path, tiny_backbone):
     backbone = fresh_backbone()
     head = random_head(backbone, seed=5)
     path = spd_model.save(tmp_path / "m.spd.safetensors", backbone, head,
-                          spd_model.make_header(backbone, head, 0, 0.5, 2, decoder_tuned=False))
+                          spd_model.make_header(backbone, head, lora_rank=0, tau=0.5, neighbours=2,
+                                                decoder_tuned=False))
     model = spd_model.load(path, backbone=fresh_backbone())
     with torch.no_grad():
         emb = tiny_backbone.encode(images(tiny_backbone))
@@ -167,7 +168,8 @@ def test_lora_models_of_equal_size_have_different_cache_identities(tmp_path):
     backbone = fresh_backbone()
     head = random_head(backbone)
     plain = spd_model.save(tmp_path / "plain.spd.safetensors", backbone, head,
-                           spd_model.make_header(backbone, head, 0, 0.5, 2, decoder_tuned=False))
+                           spd_model.make_header(backbone, head, lora_rank=0, tau=0.5, neighbours=2,
+                                                 decoder_tuned=False))
     assert spd_model.load(plain).identity == backbone.identity
 
 
@@ -176,7 +178,7 @@ def test_lora_models_of_equal_size_have_different_cache_identities(tmp_path):
 def saved(tmp_path, name="m.spd.safetensors", **changes):
     backbone = fresh_backbone()
     head = random_head(backbone)
-    header = spd_model.make_header(backbone, head, 0, 0.5, 2, decoder_tuned=False)
+    header = spd_model.make_header(backbone, head, lora_rank=0, tau=0.5, neighbours=2, decoder_tuned=False)
     header.update(changes)
     return spd_model.save(tmp_path / name, backbone, head, header)
 
@@ -232,7 +234,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
 def test_unexpected_weight_group_is_refused(tmp_path):
     backbone = fresh_backbone()
     head = random_head(backbone)
-    header = spd_model.make_header(backbone, head, 0, 0.5, 2, decoder_tuned=False)
+    header = spd_model.make_header(backbone, head, lora_rank=0, tau=0.5, neighbours=2, decoder_tuned=False)
     tensors = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
     tensors["evil.x"] = torch.zeros(1)
     path = tmp_path / "m.spd.safetensors"
@@ -277,14 +279,14 @@ def test_resolve():
 def test_update_header_keeps_weights(tmp_path, tiny_backbone):
     from safetensors.torch import load_file
 
-    from SPDSegmentLib.core import spd_model as sm
     from SPDSegmentLib.core.saliency import SaliencyHead
 
     head = SaliencyHead(tiny_backbone.embed_dim, 8)
-    path = sm.save(tmp_path / "m.spd.safetensors", tiny_backbone, head,
-                   sm.make_header(tiny_backbone, head, 0, 0.5, 2, decoder_tuned=False))
+    path = spd_model.save(tmp_path / "m.spd.safetensors", tiny_backbone, head,
+                   spd_model.make_header(tiny_backbone, head, lora_rank=0, tau=0.5, neighbours=2,
+                                         decoder_tuned=False))
     before = load_file(str(path))
-    header = sm.update_header(path, evaluation={"dice": {"moderate": 0.8}})
-    assert sm.read_header(path)["evaluation"] == {"dice": {"moderate": 0.8}} == header["evaluation"]
+    header = spd_model.update_header(path, evaluation={"dice": {"moderate": 0.8}})
+    assert spd_model.read_header(path)["evaluation"] == {"dice": {"moderate": 0.8}} == header["evaluation"]
     after = load_file(str(path))
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)

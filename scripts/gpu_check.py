@@ -146,19 +146,19 @@ def spd_run(bundle: Path, device: str) -> dict:
 
 
 def training(bundle: Path, device: str, quick: bool, out_dir: Path) -> dict:
-    from SPDSegmentLib.research import train as T
+    from SPDSegmentLib.research import train as training
 
     cases = [NpzCase(p) for p in sorted((bundle / "hippocampus").glob("*.npz"))]
     if quick:
         cases = cases[:1]
-    T.find_cases = lambda data_dir, names=None: cases  # the bundle's arrays instead of NIfTI files
-    config = T.TrainConfig(data=str(bundle / "hippocampus"), out=str(out_dir / "gpu_lora.spd.safetensors"),
+    training.find_cases = lambda data_dir, names=None: cases  # the bundle's arrays instead of NIfTI files
+    config = training.TrainConfig(data=str(bundle / "hippocampus"), out=str(out_dir / "gpu_lora.spd.safetensors"),
                            dataset="hippocampus", axis=1, mode="lora", device=device,
                            work_dir=str(out_dir / "train_work"))
     if quick:
         config.stage1_epochs, config.stage2_steps, config.noise_levels, config.prompt_seeds = 1, 2, ("mild",), 1
     t0 = time.perf_counter()
-    T.train(config)
+    training.train(config)
     seconds = time.perf_counter() - t0
     print(f"training, LoRA mode, stage 1 ({config.stage1_epochs} epochs) + stage 2 ({config.stage2_steps} steps), "
           f"{len(cases)} cases: {seconds:.1f} s", flush=True)

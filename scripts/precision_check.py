@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from SPDSegmentLib.core import prompts as P
 from SPDSegmentLib.core import spd_model
 from SPDSegmentLib.core.cache import EmbeddingCache
 from SPDSegmentLib.core.models.registry import BUNDLED_SPD_MODELS
@@ -68,7 +67,7 @@ def main() -> None:
             for index, (volume, label, name) in enumerate(cases):
                 for level in args.levels:
                     sim = simulate(label, axis, level, seed=10_000 + index)  # evaluate's seeds (seed 0)
-                    clicks = P.to_voxels(P.from_ijk(sim.ijk, sim.labels), volume, axis=axis)
+                    clicks = sim.voxel_prompts(volume)
                     result = segment(volume, clicks, model, SegmentOptions(mode="spd"), cache=cache)
                     report["rows"].append(dict(dataset=dataset, case=name, level=level, runtime=runtime,
                                                precision=precision, dice=dice_score(result.mask, label)))

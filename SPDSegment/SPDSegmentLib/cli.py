@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .core.errors import SPDError
 from .core.models.registry import DEFAULT_MODEL
 
@@ -181,8 +182,10 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--mode", default="auto", choices=["auto", "spd", "raw"])
     p.add_argument("--axis", default=None, help="slicing axis: auto (default), axial, coronal, sagittal, 0, 1, 2")
-    p.add_argument("--tau", type=float, default=None, help="saliency threshold (default: the model's, 0.5)")
-    p.add_argument("--neighbours", type=int, default=None, help="neighbour slices n (default: the model's, 2)")
+    p.add_argument("--tau", type=float, default=None,
+                   help=f"saliency threshold (default: the model's, usually {DEFAULT_TAU})")
+    p.add_argument("--neighbours", type=int, default=None,
+                   help=f"neighbour slices n (default: the model's, usually {DEFAULT_NEIGHBOURS})")
     p.add_argument("--no-box", action="store_true", help="raw mode: points only, no box around them")
     p.add_argument("--empty-slice", default="saliency", choices=["skip", "saliency"],
                    help="SPD: a slice left without prompts is decoded from its saliency box (default) or skipped")
@@ -247,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-only", action="store_true")
     p.add_argument("--dense-prior", action="store_true",
                    help="also feed the saliency logits to the decoder as SAM's dense mask prompt")
-    p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--neighbours", type=int, default=2)
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU)
+    p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

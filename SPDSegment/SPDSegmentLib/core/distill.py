@@ -82,7 +82,8 @@ def target_slices(prompted: Iterable[int], neighbours: int, n_slices: int) -> Li
 
 
 def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: float = DEFAULT_TAU,
-            neighbours: int = DEFAULT_NEIGHBOURS, targets: Iterable[int] | None = None, local_only: bool = False) -> DistillResult:
+            neighbours: int = DEFAULT_NEIGHBOURS, targets: Iterable[int] | None = None,
+            local_only: bool = False) -> DistillResult:
     """Consensus prompts for each target slice (see module docstring).
 
     ``saliency`` must hold a probability map for every target slice and every prompted slice

@@ -58,8 +58,10 @@ class SPDModel:
         return self
 
 
-def make_header(backbone, head: SaliencyHead, lora_rank: int, tau: float, neighbours: int,
+def make_header(backbone, head: SaliencyHead, *, lora_rank: int, tau: float, neighbours: int,
                 decoder_tuned: bool, **extra) -> dict:
+    """The JSON header of a model file: format, backbone and its checksum, LoRA rank, tau, n, versions;
+    ``extra`` adds training facts (cases, losses, ...)."""
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -75,13 +75,25 @@ def load_split(dataset: str) -> Dict[str, object]:
     return splits[dataset]
 
 
-def structure_range(label: np.ndarray, axis: int) -> tuple:
+# ---------------------------------------------------------------- where the structure is
+
+def structure_slices(label: np.ndarray, axis: int) -> np.ndarray:
+    """The slices along array ``axis`` that hold foreground (nonzero voxels), ascending; empty if none."""
     other = tuple(a for a in range(3) if a != axis)
-    present = np.nonzero(label.any(axis=other))[0]
-    return int(present[0]), int(present[-1])
+    return np.flatnonzero(np.asarray(label).any(axis=other))
+
+
+def structure_range(label: np.ndarray, axis: int, margin: int = 0) -> Tuple[int, int]:
+    """First and last slice (inclusive) holding foreground along ``axis``, widened by ``margin`` slices on
+    each side and kept inside the volume. Raises InputError for an empty label."""
+    present = structure_slices(label, axis)
+    if not len(present):
+        raise InputError("The label is empty: it has no foreground voxel (label > 0). Check the label file and "
+                         "that it belongs to this image.")
+    return max(0, int(present[0]) - margin), min(label.shape[axis] - 1, int(present[-1]) + margin)
 
 
 def training_slices(label: np.ndarray, axis: int, margin: int) -> List[int]:
     """The structure's slices plus ``margin`` slices on each side (where neighbours are borrowed from)."""
-    first, last = structure_range(label, axis)
-    return list(range(max(0, first - margin), min(label.shape[axis], last + margin + 1)))
+    first, last = structure_range(label, axis, margin)
+    return list(range(first, last + 1))

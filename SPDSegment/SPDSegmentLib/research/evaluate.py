@@ -60,9 +60,10 @@ def overlay_png(path, volume, label, masks: Dict[str, np.ndarray], prompts, axis
     import matplotlib.pyplot as plt
 
     from ..core.volume import get_slice
+    from .data import structure_range
 
-    present = np.nonzero(label.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-    picks = np.linspace(present[0] + 2, present[-1] - 2, n_slices).round().astype(int)
+    first, last = structure_range(label, axis)
+    picks = np.linspace(first + 2, last - 2, n_slices).round().astype(int)
     by_slice = prompts.by_slice()
     fig, axes = plt.subplots(len(masks), n_slices, figsize=(2.6 * n_slices, 2.6 * len(masks)), squeeze=False)
     for row, (title, mask) in enumerate(masks.items()):
@@ -100,7 +101,6 @@ def _model_files(models_dir: Path, dataset: str) -> Dict[str, Path]:
 def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: List[str], seed: int, cache,
                      device: str, log, unet_epochs: int = 30, runtime: str = "torch",
                      precision: str = "fp32") -> List[dict]:
-    from ..core import prompts as P
     from ..core import spd_model
     from ..core.models.registry import load_backbone
     from ..core.pipeline import SegmentOptions, segment
@@ -144,7 +144,7 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
             unet_scores = (dice_score(unet_mask, label), *surface_distances(unet_mask, label, spacing_kji))
         for level in levels:
             sim = simulate(label, axis, level, seed=10_000 + 100 * seed + index)
-            voxel_prompts = P.to_voxels(P.from_ijk(sim.ijk, sim.labels), volume, axis=axis)
+            voxel_prompts = sim.voxel_prompts(volume)
             for method, (model, options) in models.items():
                 t0 = time.perf_counter()
                 result = segment(volume, voxel_prompts, model, options, cache=cache)

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..core.files import atomic_write
+from .data import training_slices
 
 MARGIN = 3  # slices stored beyond the structure on each side (CPD borrows from n = 2 neighbours)
 
@@ -77,12 +78,6 @@ class FeatureStore:
             tmp.write_text(json.dumps({**meta, "slices": [int(t) for t in slices]}))
 
 
-def stored_slices(label: np.ndarray, axis: int, margin: int = MARGIN) -> List[int]:
-    other = tuple(a for a in range(3) if a != axis)
-    present = np.nonzero(label.any(axis=other))[0]
-    return list(range(max(0, int(present[0]) - margin), min(label.shape[axis], int(present[-1]) + margin + 1)))
-
-
 def encode_case(store: FeatureStore, dataset: str, case, axis: int, backbone, margin: int = MARGIN,
                 modality: str = "auto", progress=None) -> int:
     """Encode one case along one axis into the store (skipped when present); returns slices encoded."""
@@ -93,7 +88,7 @@ def encode_case(store: FeatureStore, dataset: str, case, axis: int, backbone, ma
     if store.has(dataset, case.name, axis):
         return 0
     volume, label = case.load()
-    slices = stored_slices(label, axis, margin)
+    slices = training_slices(label, axis, margin)
     intensity = intensity_range(volume.array, modality)
     out = []
     with torch.inference_mode():

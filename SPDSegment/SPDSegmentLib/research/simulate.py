@@ -71,6 +71,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..core.errors import InputError
+from .data import structure_slices
 
 KINDS = ("centerline", "drift", "spurious")
 
@@ -130,6 +131,14 @@ class SimulatedPrompts:
         """(N,) int: the slice t of each click along ``axis`` (ijk is reversed array order)."""
         return np.rint(self.ijk[:, 2 - self.axis]).astype(int)
 
+    def voxel_prompts(self, volume, keep: Optional[np.ndarray] = None):
+        """The clicks (all, or those where ``keep`` is True) as ``prompts.VoxelPrompts`` on ``volume`` (the
+        grid of the simulated label), slicing along :attr:`axis`: what ``pipeline.segment`` takes."""
+        from ..core.prompts import from_ijk, to_voxels
+
+        keep = np.ones(len(self), bool) if keep is None else np.asarray(keep, bool)
+        return to_voxels(from_ijk(self.ijk[keep], self.labels[keep]), volume, axis=self.axis)
+
     def to_markups(self, path: Union[str, os.PathLike], ijk_to_lps: np.ndarray) -> Path:
         """Write a Slicer point list (``.mrk.json``, LPS millimetres); ``description`` is the kind."""
         from ..core.prompts import write_markups
@@ -153,19 +162,6 @@ def _check_mask(mask: np.ndarray, axis: int) -> np.ndarray:
         raise InputError("label is empty: it has no foreground voxel (label > 0), so there is nothing to click. "
                          "Check the label file and that it belongs to this image.")
     return mask
-
-
-def bounding_slices(mask: np.ndarray, axis: int) -> Tuple[int, int]:
-    """First and last slice index along ``axis`` that contain foreground (inclusive)."""
-    mask = _check_mask(mask, axis)
-    other = tuple(a for a in range(3) if a != axis)
-    present = np.flatnonzero(mask.any(axis=other))
-    return int(present[0]), int(present[-1])
-
-
-def _structure_slices(mask: np.ndarray, axis: int) -> np.ndarray:
-    other = tuple(a for a in range(3) if a != axis)
-    return np.flatnonzero(mask.any(axis=other))
 
 
 def _medial(slice2d: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -193,7 +189,7 @@ def centerline(mask: np.ndarray, axis: int) -> Dict[int, Tuple[np.ndarray, float
     as background); the local radius is that maximum distance (>= 1 voxel).
     """
     mask = _check_mask(mask, axis)
-    return {int(t): _medial(np.take(mask, t, axis=axis)) for t in _structure_slices(mask, axis)}
+    return {int(t): _medial(np.take(mask, t, axis=axis)) for t in structure_slices(mask, axis)}
 
 
 # ---------------------------------------------------------------- simulation
@@ -261,7 +257,7 @@ def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: i
     height, width = mask.shape[row_axis], mask.shape[col_axis]
     upper = np.array([height - 1, width - 1], dtype=float)
 
-    present = _structure_slices(mask, axis)
+    present = structure_slices(mask, axis)
     positions = list(range(0, len(present), spec.every_kth))
     if positions[-1] != len(present) - 1:
         positions.append(len(present) - 1)
@@ -331,4 +327,4 @@ def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: i
     )
 
 
-__all__ = ["LEVELS", "NoiseLevel", "SimulatedPrompts", "bounding_slices", "centerline", "simulate"]
+__all__ = ["LEVELS", "NoiseLevel", "SimulatedPrompts", "centerline", "simulate"]

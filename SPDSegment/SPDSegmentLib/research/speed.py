@@ -69,7 +69,6 @@ def _throughput(backbone, batch: int, repeats: int = 2):
 
 def _case(volume, label, axis, n_slices=30, seed=0, within=None):
     """Sloppy moderate clicks over (up to) n_slices consecutive slices of the structure."""
-    from ..core import prompts as P
     from .simulate import simulate
 
     sim = simulate(label, axis, "moderate", seed=seed)
@@ -78,7 +77,7 @@ def _case(volume, label, axis, n_slices=30, seed=0, within=None):
     keep = (t >= first) & (t < first + n_slices)
     if within is not None:
         keep &= np.isin(t, within)
-    return P.to_voxels(P.from_ijk(sim.ijk[keep], sim.labels[keep]), volume, axis=axis)
+    return sim.voxel_prompts(volume, keep)
 
 
 def _one_click_moved(prompts):
@@ -121,7 +120,7 @@ def _timed(function, *args, **kwargs):
 
 def run_speed_benchmark(args) -> None:
     from ..core.cache import EmbeddingCache
-    from ..core.pipeline import SegmentOptions, load_model, segment
+    from ..core.pipeline import SegmentOptions, default_batch_size, load_model, segment
     from ..core.sample import sample_case
     from ..core.volume import intensity_range, read, read_label
     from .data import find_cases, load_split
@@ -139,7 +138,7 @@ def run_speed_benchmark(args) -> None:
         case = find_cases(la_root, load_split("left_atrium")["test"][:1])[0]
         volume, label = case.load()
         cases.append((case.name, volume, 0, label))
-    batch = 1 if backbone.device.type == "cpu" else 16  # the pipeline's default (see SegmentOptions)
+    batch = default_batch_size(backbone.device)
     print(f"device {backbone.device}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"{platform.machine()}; {date.today()}")
     print(f"(a) naive: torch-fp32, batch 1, no cache; (b) SPD: {backbone.runtime_name}, batch {batch}, "

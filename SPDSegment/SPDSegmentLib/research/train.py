@@ -345,9 +345,9 @@ def train(config: TrainConfig, progress: Optional[Progress] = None) -> Path:
     compute_saliency(backbone, head, items, device)
     stage2_loss = train_stage2(config, backbone, items, progress, device, distributed) if config.stage2_steps else None
     header = spd_model.make_header(
-        backbone, head, config.lora_rank if config.mode == "lora" else 0, config.tau, config.neighbours,
-        decoder_tuned=bool(config.stage2_steps), prompt_mode=config.prompt_mode, axis=config.axis,
-        psc_weight=config.psc_weight, local_only=config.local_only,
+        backbone, head, lora_rank=config.lora_rank if config.mode == "lora" else 0, tau=config.tau,
+        neighbours=config.neighbours, decoder_tuned=bool(config.stage2_steps), prompt_mode=config.prompt_mode,
+        axis=config.axis, psc_weight=config.psc_weight, local_only=config.local_only,
         dense_prior=bool(config.dense_prior and config.prompt_mode == "spd"),
         training={"data": Path(config.data).name, "cases": [i.case.name for i in items], "mode": config.mode,
                   "noise_levels": list(config.noise_levels), "seed": config.seed,

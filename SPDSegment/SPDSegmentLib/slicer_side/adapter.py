@@ -28,6 +28,8 @@ AUDIT_COLOURS = {"kept": (0.1, 0.8, 0.2), "rejected": (0.9, 0.1, 0.1), "borrowed
 SALIENCY_COLOUR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
                             "vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
 MODES = ("set", "add", "remove")
+MAX_UNDO_STATES = 10  # per segment editor node
+AUDIT_NODE_NAME = "SPD audit"  # the audit point lists are "SPD audit kept", "... rejected", "... borrowed"
 
 
 # ---------------------------------------------------------------- matrices and transforms
@@ -91,32 +93,30 @@ def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
     return Volume(array=array, ijk_to_lps=LPS_TO_RAS @ ijk_to_ras, name=name or volume_node.GetName())
 
 
-def points_from_markups(markups_node, background_node=None):
+def points_from_markups(markups_node):
     """Defined control points of a point list or curve, in world LPS, as a ``prompts.PointSet``.
 
-    A point whose description is "background" is a background prompt (label 0), as in .mrk.json files;
-    every point of ``background_node`` is one too. Undefined, preview and missing points are skipped.
+    A point whose description is "background" is a background prompt (label 0), as in .mrk.json files.
+    Undefined, preview and missing points are skipped.
     """
     from ..core.prompts import from_ras
 
     if markups_node is None:
         raise InputError("Choose a point list (or curve) with clicks on the structure.")
+    if not markups_node.IsA("vtkMRMLMarkupsNode"):
+        raise InputError(f"{markups_node.GetName()!r} is a {markups_node.GetClassName()}, not a markups point list "
+                         "or curve.")
     ras, labels, names = [], [], []
-    for node, forced in ((markups_node, None), (background_node, 0)):
-        if node is None:
+    for index in range(markups_node.GetNumberOfControlPoints()):
+        if markups_node.GetNthControlPointPositionStatus(index) != markups_node.PositionDefined:
             continue
-        if not node.IsA("vtkMRMLMarkupsNode"):
-            raise InputError(f"{node.GetName()!r} is a {node.GetClassName()}, not a markups point list or curve.")
-        for index in range(node.GetNumberOfControlPoints()):
-            if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
-                continue
-            position = [0.0, 0.0, 0.0]
-            node.GetNthControlPointPositionWorld(index, position)
-            ras.append(position)
-            background = (node.GetNthControlPointDescription(index) or "").strip().lower() == "background"
-            labels.append(forced if forced is not None else (0 if background else 1))
-            names.append(node.GetNthControlPointLabel(index) or "")
-    source = markups_node.GetName() if markups_node is not None else ""
+        position = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(index, position)
+        ras.append(position)
+        background = (markups_node.GetNthControlPointDescription(index) or "").strip().lower() == "background"
+        labels.append(0 if background else 1)
+        names.append(markups_node.GetNthControlPointLabel(index) or "")
+    source = markups_node.GetName()
     if not ras:
         raise InputError(f"Point list {source!r} has no placed points. Place at least one point on the structure.")
     return from_ras(np.array(ras, float), labels=labels, names=names, source=source)
@@ -181,7 +181,7 @@ def segment_array(segmentation_node, segment_id: str, geometry) -> np.ndarray:
 _LOGICS_BY_ID: Dict[str, Any] = {}
 
 
-def editor_logic_for(editor_node, max_undo_states: int = 10):
+def editor_logic_for(editor_node):
     """The ``vtkSlicerSegmentEditorLogic`` bound to ``editor_node`` (one per node, so undo history persists)."""
     import slicer
 
@@ -194,7 +194,7 @@ def editor_logic_for(editor_node, max_undo_states: int = 10):
         logic = slicer.vtkSlicerSegmentEditorLogic()
         logic.SetMRMLScene(editor_node.GetScene())
         logic.SetSegmentEditorNode(editor_node)
-        logic.SetMaximumNumberOfUndoStates(max_undo_states)
+        logic.SetMaximumNumberOfUndoStates(MAX_UNDO_STATES)
         _LOGICS_BY_ID[key] = logic
     return logic
 
@@ -265,14 +265,14 @@ def modifier_labelmap(mask: np.ndarray, geometry, segmentation_node, reference_g
 
 
 def apply_mask_to_segment(target, mask: np.ndarray, geometry, mode: str = "set", editor_logic=None,
-                          save_undo: bool = True, save_state: Optional[Callable[[], Any]] = None) -> str:
+                          save_undo: bool = True) -> str:
     """Write ``mask`` (k, j, i on ``geometry``) into a segment as a Slicer effect would; return the segment id.
 
     ``target``: a ``vtkMRMLSegmentEditorNode`` (its segmentation, selected segment, editable area, intensity
     mask and overwrite settings are used) or ``(segmentation_node, segment_id, source_volume_node)`` (the
     scene's SPD editor node supplies the settings). ``mode``: "set" replaces the segment inside the editable
     area, "add" and "remove" as the Paint and Erase effects. The state before the write is saved for undo
-    (``save_state`` overrides how, e.g. a Segment Editor widget's ``saveStateForUndo``).
+    unless ``save_undo`` is False (the caller saved it already).
     """
     if mode not in MODES:
         raise InputError(f"Unknown modification mode {mode!r}; use one of {MODES}.")
@@ -295,7 +295,7 @@ def apply_mask_to_segment(target, mask: np.ndarray, geometry, mode: str = "set",
         if not logic.SetSourceRepresentationToBinaryLabelMap():
             raise InputError(f"{segmentation_node.GetName()!r} cannot be converted to a binary labelmap.")
     if save_undo:
-        (save_state or logic.SaveStateForUndo)()
+        logic.SaveStateForUndo()
     flag = {"set": logic.ModificationModeSet, "add": logic.ModificationModeAdd,
             "remove": logic.ModificationModeRemove}[mode]
     logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, flag, False, False)
@@ -323,19 +323,19 @@ def add_segment(segmentation_node, name: str, color: Optional[Sequence[float]] =
 
 # ---------------------------------------------------------------- a run on nodes
 
-def prepare_inputs(volume_node, markups_node, axis=None, background_node=None):
+def prepare_inputs(volume_node, markups_node, axis=None):
     """(Volume, VoxelPrompts) from MRML nodes. Call on the main thread; the rest can run in a worker."""
     from ..core.prompts import to_voxels
 
     volume = volume_from_node(volume_node)
-    points = points_from_markups(markups_node, background_node)
+    points = points_from_markups(markups_node)
     return volume, to_voxels(points, volume, axis=axis)
 
 
 def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: Optional[str] = None,
                      model: Any = None, options=None, progress=None,
                      segment_fn: Optional[Callable[..., Any]] = None, editor_node=None, axis=None,
-                     background_node=None, mode: str = "set", device: str = "auto"):
+                     device: str = "auto"):
     """Segment from the points of ``markups_node`` and write into a segment; returns the pipeline Result.
 
     Console use: ``run_spd_on_nodes(volume, points, segmentation)`` creates a segment named after the
@@ -347,7 +347,7 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     """
     if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
-    volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis, background_node=background_node)
+    volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis)
     if segment_fn is None:
         from ..core import pipeline
 
@@ -358,12 +358,12 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     if progress is not None:
         progress.check()  # a cancel that arrived after the last slice still writes nothing
     write_result(result, volume, volume_node, segmentation_node, segment_id, markups_node.GetName() or "SPD",
-                 editor_node, mode)
+                 editor_node)
     return result
 
 
 def write_result(result, volume: Volume, volume_node, segmentation_node, segment_id: Optional[str] = None,
-                 segment_name: str = "SPD", editor_node=None, mode: str = "set") -> str:
+                 segment_name: str = "SPD", editor_node=None) -> str:
     """Write a finished run's mask into ``segment_id`` (a new segment ``segment_name`` if None); its id.
 
     Call on the main thread after the run succeeded. A new segment and its contents go in one undo step.
@@ -383,7 +383,7 @@ def write_result(result, volume: Volume, volume_node, segmentation_node, segment
         logic.SaveStateForUndo()
         segment_id = add_segment(segmentation_node, segment_name)
     editor_node.SetSelectedSegmentID(segment_id)
-    return apply_mask_to_segment(editor_node, mask, volume, mode=mode, editor_logic=logic, save_undo=not created)
+    return apply_mask_to_segment(editor_node, mask, volume, editor_logic=logic, save_undo=not created)
 
 
 def axis_from_slice_to_ras(slice_to_ras, volume: Volume) -> int:
@@ -429,8 +429,7 @@ def saliency_to_volume_node(saliency, geometry, scene, name: str = "SPD saliency
     return node
 
 
-def audit_to_markups_nodes(audit, geometry, scene, base_name: str = "SPD audit", nodes=None,
-                           axis: Optional[int] = None) -> Dict[str, Any]:
+def audit_to_markups_nodes(audit, geometry, scene, nodes=None, axis: Optional[int] = None) -> Dict[str, Any]:
     """Three locked point lists: kept (green), rejected (red), borrowed (yellow) consensus prompts.
 
     ``audit`` is a Result (its axis is used) or a list of AuditEntry; ``nodes`` (from an earlier call) are
@@ -445,7 +444,7 @@ def audit_to_markups_nodes(audit, geometry, scene, base_name: str = "SPD audit",
     for status, colour in AUDIT_COLOURS.items():
         node = nodes.get(status)
         if node is None:
-            node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base_name} {status}")
+            node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{AUDIT_NODE_NAME} {status}")
             node.CreateDefaultDisplayNodes()
             nodes[status] = node
         was_modifying = node.StartModify()

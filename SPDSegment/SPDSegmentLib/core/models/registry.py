@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 from ..errors import CheckpointError, DeviceError
-from . import download as dl
+from . import download
 from .compat import bundled_litemedsam_checkpoint, medsam_lite_modules, segment_anything_modules
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
@@ -50,7 +50,7 @@ def cached_path(name: str) -> Optional[Path]:
         except CheckpointError:
             return None
     if source == "url":
-        return dl.cache_dir() / "checkpoints" / Path(entry["url"]).name
+        return download.cache_dir() / "checkpoints" / Path(entry["url"]).name
     return None
 
 
@@ -73,8 +73,8 @@ def checkpoint_for(name: str, allow_download: bool = True,
     if not path.exists():
         if entry["source"] != "url" or not allow_download:
             raise CheckpointError(f"The checkpoint of {name!r} is not on this machine ({path}).")
-        dl.download(entry["url"], path, entry["sha256"], entry.get("size_bytes"), progress=progress)
-    dl.verify(path, entry["sha256"], entry.get("size_bytes"), what=f"{name} checkpoint")
+        download.download(entry["url"], path, entry["sha256"], entry.get("size_bytes"), progress=progress)
+    download.verify(path, entry["sha256"], entry.get("size_bytes"), what=f"{name} checkpoint")
     return path
 
 
@@ -177,7 +177,7 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str = "auto", al
         raise CheckpointError(
             f"Model {name_or_path!r} is neither a catalogue name ({', '.join(entries)}) nor an existing file."
         )
-    checksum = dl.sha256_of(path)
+    checksum = download.sha256_of(path)
     for name, entry in entries.items():  # a known file under another name keeps its catalogue settings
         if entry.get("sha256") == checksum:
             return assemble(name, entry["architecture"], entry["input_size"], entry["pixel_normalisation"],
