@@ -418,9 +418,12 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def run(self, volumeNode, markupsNode, segmentationNode, segmentId=None, model=None, options=None,
             progress=None, device="auto"):
-        """Synchronous run for the Python console and tests; returns the pipeline Result."""
+        """Synchronous run for the Python console and tests; returns the pipeline Result (its ``warnings``
+        say what looks implausible). Bad options raise InputError before any model loads."""
+        from SPDSegmentLib.core.pipeline import SegmentOptions
         from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
 
+        options = (options or SegmentOptions()).validate()
         model = runner.cached_model(model, device) if model is None or isinstance(model, str) else model
         return slicer_adapter.run_spd_on_nodes(volumeNode, markupsNode, segmentationNode, segmentId, model=model,
                                                options=options, progress=progress)

@@ -201,7 +201,8 @@ BAD_INPUTS = {
                          "not a readable PyTorch checkpoint"),
     "wrong SPD model": (lambda d, s, v: (s["image"], s["points"], garbage(d / "model.spd.safetensors")),
                         "not a readable SPD model"),
-    "unknown model": (lambda d, s, v: (s["image"], s["points"], "no_such_model"), "neither a catalogue name"),
+    "unknown model": (lambda d, s, v: (s["image"], s["points"], "no_such_model"),
+                      "not a known model nor an existing file"),
 }
 
 
@@ -255,7 +256,7 @@ def test_unknown_window_preset_exits_2(capsys, sample_paths, tmp_path):
 def test_unsupported_output_type_exits_2(capsys, sample_paths, tmp_path):
     code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.png",
                                              "--mode", "raw"))
-    assert code == 2 and err.startswith("error: Unsupported output type")
+    assert code == 2 and err.startswith("error: Unsupported --out file type")
     assert files_in(tmp_path) == []
 
 

@@ -119,7 +119,7 @@ def test_garbage_file_is_rejected(tmp_path):
     path.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_backbone(str(path), "cpu")
-    with pytest.raises(CheckpointError, match="neither a catalogue name"):
+    with pytest.raises(CheckpointError, match="not a known model nor an existing file"):
         load_backbone(str(tmp_path / "absent.pth"), "cpu")
 
 

@@ -1,4 +1,9 @@
-"""The ``spd`` command line: segment, models, demo, simulate, train, evaluate, bench-speed."""
+"""The ``spd`` command line: segment, models, demo, simulate, train, evaluate, bench-speed.
+
+Exit codes: 0 success; 2 bad input or a model that cannot be used (``error: ...``, nothing written);
+3 out of memory; 4 the result looks implausible and ``--strict`` was given (nothing written);
+130 cancelled.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,26 +16,85 @@ from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .core.errors import SPDError
 from .core.models.registry import DEFAULT_MODEL
 
+EXIT_INPUT = 2  # bad input or unusable model: nothing written
+EXIT_MEMORY = 3
+EXIT_IMPLAUSIBLE = 4  # --strict and the result has warnings: nothing written
+EXIT_CANCELLED = 130
+
 
 def _options(args):
+    """The segment options from the command line, checked (InputError before anything loads)."""
     from .core.pipeline import SegmentOptions
 
-    window = args.window
-    if window and "," in window:
-        level, width = (float(v) for v in window.split(","))
-        window = (level, width)
     return SegmentOptions(mode=args.mode, tau=args.tau, neighbours=args.neighbours, use_box=not args.no_box,
-                          empty_slice=args.empty_slice, modality=args.modality, window=window,
+                          empty_slice=args.empty_slice, modality=args.modality, window=args.window,
                           slice_range=tuple(args.slice_range) if args.slice_range else None,
-                          return_saliency=bool(args.saliency_out), batch_size=args.batch_size)
+                          return_saliency=bool(args.saliency_out), batch_size=args.batch_size).validate()
+
+
+def _segment_outputs(args) -> dict:
+    """kind -> path of every output asked for; types and writable folders checked before any work."""
+    from .core.errors import InputError
+    from .core.files import check_writable
+    from .core.volume import LABEL_SUFFIXES, SEGMENTATION_SUFFIXES, output_type_error
+
+    out = args.out or f"{Path(args.image).name.split('.')[0]}_spd.seg.nrrd"
+    wanted = {"out": (out, SEGMENTATION_SUFFIXES + LABEL_SUFFIXES, "--out"),
+              "label": (args.label_out, LABEL_SUFFIXES + SEGMENTATION_SUFFIXES, "--label-out"),
+              "saliency": (args.saliency_out, LABEL_SUFFIXES, "--saliency-out"),
+              "audit": (args.audit_out, (".mrk.json",), "--audit-out")}
+    outputs = {}
+    for kind, (path, suffixes, option) in wanted.items():
+        if not path:
+            continue
+        problem = output_type_error(path, suffixes, f"{option} file")
+        if problem:
+            raise InputError(problem)
+        check_writable(path, what=f"{option} file")
+        for other_kind, other in outputs.items():
+            if Path(other).resolve() == Path(path).resolve():
+                raise InputError(f"{option} and {wanted[other_kind][2]} are the same file {path}; give each "
+                                 "output its own name.")
+        outputs[kind] = Path(path)
+    return outputs
+
+
+def _check_mode(args, outputs: dict) -> None:
+    """SPD mode and the SPD-only outputs need an SPD model: known from the name, before the model loads."""
+    from .core.errors import InputError
+    from .core.spd_model import resolve
+
+    is_spd = resolve(args.model) is not None
+    if args.mode == "spd" and not is_spd:
+        raise InputError(f"SPD mode needs an SPD model (for example spd-hippocampus or a .spd.safetensors file); "
+                         f"{args.model} is a backbone: use --mode raw or --mode auto.")
+    raw = args.mode == "raw" or (args.mode == "auto" and not is_spd)
+    if raw and ("saliency" in outputs or "audit" in outputs):
+        why = "this run is --mode raw" if args.mode == "raw" else f"{args.model} is a backbone, so the run is raw"
+        raise InputError(f"--saliency-out and --audit-out need SPD mode (a saliency map and a prompt audit); {why}. "
+                         "Use an SPD model (spd models lists them) or leave those options out.")
+
+
+def _check_inputs_not_outputs(args, outputs: dict) -> None:
+    from .core.errors import InputError
+
+    for path in (args.image, args.points):
+        if any(Path(path).resolve() == p.resolve() for p in outputs.values()):
+            raise InputError(f"An output would overwrite the input {path}; choose another output name.")
 
 
 def cmd_segment(args) -> int:
     from .core import prompts, volume
+    from .core.errors import InputError
+    from .core.files import OutputSet
     from .core.pipeline import load_model, segment
     from .core.progress import tqdm_progress
 
     t0 = time.perf_counter()
+    options = _options(args)
+    outputs = _segment_outputs(args)
+    _check_inputs_not_outputs(args, outputs)
+    _check_mode(args, outputs)
     vol = volume.read(args.image)
     points = prompts.read(args.points)
     voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis)
@@ -38,21 +102,37 @@ def cmd_segment(args) -> int:
         print(f"warning: {len(voxel_prompts.outside_lps)} of {len(points)} points lie outside the image and were "
               "dropped", file=sys.stderr)
     model = load_model(args.model, device=args.device, runtime=args.runtime, precision=args.precision)
-    result = segment(vol, voxel_prompts, model, _options(args), progress=tqdm_progress(disable=args.quiet))
-    out = Path(args.out or f"{vol.name}_spd.seg.nrrd")
-    volume.write_segmentation(out, result.mask, vol.ijk_to_lps, segment_name=args.segment_name)
-    written = [str(out)]
-    if args.label_out:
-        written.append(str(volume.write_segmentation(args.label_out, result.mask, vol.ijk_to_lps)))
-    if args.saliency_out and result.saliency is not None:
-        import SimpleITK as sitk
+    result = segment(vol, voxel_prompts, model, options, progress=tqdm_progress(disable=args.quiet))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.strict and result.warnings:
+        print(f"error: --strict: the result looks implausible ({len(result.warnings)} warning"
+              f"{'s' if len(result.warnings) > 1 else ''} above); nothing was written.", file=sys.stderr)
+        return EXIT_IMPLAUSIBLE
+    segment_name = args.segment_name or ("SPD" if result.mode == "spd" else "SAM")
+    method = "SPD" if result.mode == "spd" else "raw"
+    try:
+        with OutputSet() as files:  # all outputs appear together, or none
+            volume.write_segmentation(files.add(outputs["out"]), result.mask, vol.ijk_to_lps,
+                                      segment_name=segment_name, method=method)
+            if "label" in outputs:
+                volume.write_segmentation(files.add(outputs["label"]), result.mask, vol.ijk_to_lps,
+                                          segment_name=segment_name, method=method)
+            if "saliency" in outputs and result.saliency is not None:
+                import SimpleITK as sitk
 
-        sitk.WriteImage(volume.to_sitk(result.saliency, vol.ijk_to_lps), str(args.saliency_out), True)
-        written.append(str(args.saliency_out))
-    if args.audit_out and result.audit:
-        written.append(str(write_audit(args.audit_out, result, vol)))
+                sitk.WriteImage(volume.to_sitk(result.saliency, vol.ijk_to_lps),
+                                str(files.add(outputs["saliency"])), True)
+            if "audit" in outputs and result.audit:
+                write_audit(files.add(outputs["audit"]), result, vol)
+            written = [str(p) for p in files.paths]
+    except (OSError, RuntimeError) as exc:  # disk full, a folder removed meanwhile, ITK write errors
+        raise InputError(f"Could not write the outputs ({str(exc).strip().splitlines()[-1][:200]}); nothing was "
+                         "written.") from exc
     seconds = time.perf_counter() - t0
-    print(f"{result.summary()}, {seconds:.1f} s -> " + ", ".join(written))
+    how = "" if result.audit else (f"; the clicks{' and a box around them' if options.use_box else ' (no box)'} "
+                                   f"through {result.decoder}")
+    print(f"{result.summary()}, {seconds:.1f} s{how} -> " + ", ".join(written))
     return 0
 
 
@@ -73,14 +153,17 @@ def cmd_models(args) -> int:
     from .core.models.registry import BUNDLED_SPD_MODELS, cached_path, catalogue, is_available
 
     print(f"{'name':16} {'available':10} {'input':6} title")
+    for name, path in BUNDLED_SPD_MODELS.items():  # the SPD models first: the default is one of them
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} SPD model (saliency head + tuned "
+              f"decoder) on litemedsam, trained on hippocampus MRI{default}")
     for name, entry in catalogue().items():
         state = "yes" if is_available(name) else "download"
-        print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']}")
+        print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']} (raw mode)")
         if args.verbose:
             print(f"{'':16} licence: {entry['licence']}; file: {cached_path(name)}")
-    for name, path in BUNDLED_SPD_MODELS.items():
-        print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} SPD model (saliency head + tuned "
-              f"decoder) on litemedsam, trained on hippocampus MRI")
+    print(f"The default model is {DEFAULT_MODEL}; --model also takes a .spd.safetensors file or a SAM-family "
+          ".pth checkpoint.")
     return 0
 
 
@@ -97,14 +180,23 @@ def cmd_demo(args) -> int:
     points = prompts.to_voxels(prompts.read(case.clicks), vol, axis=case.axis)
     rows = []
     masks = {}
+    progress = encoding_progress()
     for title, model_name, options in (
         ("SAM (LiteMedSAM), raw points", "litemedsam", SegmentOptions(mode="raw", use_box=False)),
         ("SAM (LiteMedSAM), box around raw points", "litemedsam", SegmentOptions(mode="raw", use_box=True)),
         ("SPD", args.model, SegmentOptions(mode="spd")),
     ):
-        model = load_model(model_name, device=args.device, runtime=args.runtime, precision=args.precision)
         t0 = time.perf_counter()
-        result = segment(vol, points, model, options)
+        print(f"{title}: loading {model_name} ...", file=sys.stderr, flush=True)
+        model = load_model(model_name, device=args.device, runtime=args.runtime, precision=args.precision)
+        load_s = time.perf_counter() - t0
+        if load_s > 2:
+            print(f"  loaded in {load_s:.0f} s (the first use converts it for this machine; later runs reuse that)",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        result = segment(vol, points, model, options, progress=progress)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         seconds = time.perf_counter() - t0
         masks[title] = result.mask
         rows.append((title, dice_score(result.mask, label), seconds))
@@ -117,6 +209,40 @@ def cmd_demo(args) -> int:
         print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
     print(f"wrote {out_dir / 'demo_spd.seg.nrrd'} and {png}")
     return 0
+
+
+def encoding_progress(stream=None):
+    """A Progress printing each encoded slice with the time so far and the expected total (stderr).
+
+    On a terminal one line is rewritten per slice; in a log, a line at the start, every quarter and the end.
+    """
+    from .core.progress import Progress
+
+    state = {}
+
+    def callback(stage: str, done: int, total: int) -> None:
+        if stage != "encode" or total <= 0:
+            return
+        out = stream or sys.stderr
+        now = time.perf_counter()
+        if done == 0 or "start" not in state:
+            state.update(start=now, printed=-1)
+        elapsed = now - state["start"]
+        if done == 0:
+            message = f"  encoding {total} slices (the first slice shows the expected total time) ..."
+        else:
+            expected = elapsed / done * total
+            message = (f"  encoded slice {done}/{total}: {elapsed:.1f} s so far, about {expected:.1f} s in all"
+                       if done < total else f"  encoded {total} slices in {elapsed:.1f} s")
+        tty = hasattr(out, "isatty") and out.isatty()
+        quarter = 4 * done // total
+        if tty:
+            print("\r" + message.ljust(78), end="\n" if done >= total else "", file=out, flush=True)
+        elif done in (0, 1, total) or quarter != state["printed"]:
+            print(message, file=out, flush=True)
+        state["printed"] = quarter
+
+    return Progress(callback)
 
 
 def cmd_simulate(args) -> int:
@@ -169,9 +295,9 @@ def cmd_bench_speed(args) -> int:
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
-                   help="inference engine (default: OpenVINO on a CPU when installed, else PyTorch)")
+                   help="inference engine; auto: OpenVINO on a CPU when installed, else PyTorch")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                   help="default: bf16 with OpenVINO on a CPU with native bf16, else fp32; int8 (OpenVINO + "
+                   help="auto: bf16 with OpenVINO on a CPU with native bf16, else fp32; int8 (OpenVINO + "
                         "NNCF): the encoder's fully connected layers in int8 (docs/performance.md)")
 
 
@@ -209,8 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-out", help="also write a label map (.nii.gz, .nrrd)")
     p.add_argument("--saliency-out", help="SPD: write the saliency map volume (.nii.gz, .nrrd)")
     p.add_argument("--audit-out", help="SPD: write kept/rejected/borrowed prompts as .mrk.json")
-    p.add_argument("--segment-name", default="SPD")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--segment-name", help="name of the segment in the .seg.nrrd (default: SPD, or SAM in raw mode)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--strict", action="store_true",
+                   help=f"treat an implausible result (blank image, no voxels, every click rejected, an unchecked "
+                        f"model file) as a failure: exit {EXIT_IMPLAUSIBLE} and write nothing")
     _segment_arguments(p)
     p.set_defaults(func=cmd_segment)
 
@@ -218,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="run on the bundled sample case and print Dice")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default="spd_demo")
+    p = sub.add_parser("demo", help="run on the bundled sample case and print Dice",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out-dir", default="spd_demo", help="where the segmentation and the overlay PNG go")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_demo)
 
@@ -233,56 +363,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("train", help="train an SPD model on an MSD/nnU-Net folder (imagesTr, labelsTr)")
-    p.add_argument("--data", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+    p = sub.add_parser("train", help="train an SPD model on an MSD/nnU-Net folder (imagesTr, labelsTr)",
+                       formatter_class=defaults)
+    p.add_argument("--data", required=True, help="MSD / nnU-Net folder with imagesTr/ and labelsTr/")
     p.add_argument("--out", required=True, help="output .spd.safetensors")
     p.add_argument("--dataset", help="use the fixed split of a benchmark dataset (hippocampus, left_atrium)")
-    p.add_argument("--cases", nargs="*", help="case names (default: the split's train cases, else all)")
-    p.add_argument("--axis", type=int, default=None)
-    p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"])
-    p.add_argument("--backbone", default="litemedsam")
-    p.add_argument("--mode", default="frozen", choices=["frozen", "lora"])
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--stage1-epochs", type=int, default=8)
-    p.add_argument("--stage2-steps", type=int, default=150)
-    p.add_argument("--psc-weight", type=float, default=0.5)
-    p.add_argument("--prompt-mode", default="spd", choices=["spd", "raw"])
-    p.add_argument("--local-only", action="store_true")
+    p.add_argument("--cases", nargs="*", help="case names (None: the split's train cases, else all)")
+    p.add_argument("--axis", type=int, default=None,
+                   help="slicing axis as an array axis 0, 1, 2 (None: the split's axis, else 0)")
+    p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"], help="intensity scaling")
+    p.add_argument("--backbone", default="litemedsam", help="catalogue backbone to train on")
+    p.add_argument("--mode", default="frozen", choices=["frozen", "lora"],
+                   help="frozen: cached encoder features (CPU-friendly); lora: adapters in the encoder (GPU)")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (--mode lora)")
+    p.add_argument("--stage1-epochs", type=int, default=8, help="epochs of stage 1 (saliency head)")
+    p.add_argument("--stage2-steps", type=int, default=150, help="steps of stage 2 (decoder tuning)")
+    p.add_argument("--psc-weight", type=float, default=0.5, help="weight of the Pairwise Slice Consistency loss")
+    p.add_argument("--prompt-mode", default="spd", choices=["spd", "raw"],
+                   help="stage 2 prompts: SPD consensus prompts, or the raw clicks (ablation)")
+    p.add_argument("--local-only", action="store_true", help="ablation: no borrowing from neighbour slices")
     p.add_argument("--dense-prior", action="store_true",
                    help="also feed the saliency logits to the decoder as SAM's dense mask prompt")
-    p.add_argument("--tau", type=float, default=DEFAULT_TAU)
-    p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="saliency threshold recorded in the model")
+    p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                   help="neighbour slices n recorded in the model")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per training step")
+    p.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic given it)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="keep encoder embeddings on disk here (frozen mode)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="the benchmark: SPD against SAM baselines on the fixed splits")
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"])
-    p.add_argument("--levels", nargs="*", default=["clean", "mild", "moderate", "severe"])
+    p = sub.add_parser("evaluate", help="the benchmark: SPD against SAM baselines on the fixed splits",
+                       formatter_class=defaults)
+    p.add_argument("--data-root", default="../shared/data", help="folder holding one folder per dataset")
+    p.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"], help="datasets to evaluate")
+    p.add_argument("--levels", nargs="*", default=["clean", "mild", "moderate", "severe"],
+                   help="click noise levels (docs/noise_model.md)")
     p.add_argument("--models-dir", required=True, help="folder with the trained models of each dataset")
-    p.add_argument("--out-dir", default="benchmark")
-    p.add_argument("--cache-dir", help="embedding cache on disk")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="benchmark", help="where results.md, per_case.csv and the plot go")
+    p.add_argument("--cache-dir", help="embedding cache on disk (None: memory only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the click simulator")
     p.add_argument("--unet-epochs", type=int, default=30, help="train the U-Net baseline if it is missing")
     p.add_argument("--merge", nargs="*", default=[], help="per_case.csv files of earlier runs to report with")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path")
-    p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path",
+                       formatter_class=defaults)
+    p.add_argument("--data-root", default="../shared/data", help="folder holding one folder per dataset")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser
 
 
 # the option of each setting that core errors name (SPDError.setting): the command line's own hint
-OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device": "--device", "model": "--model"}
+OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device": "--device", "model": "--model",
+                     "tau": "--tau", "neighbours": "--neighbours", "batch_size": "--batch-size",
+                     "slice_range": "--slice-range", "window": "--window", "modality": "--modality",
+                     "mode": "--mode", "empty_slice": "--empty-slice"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -292,14 +434,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SPDError as exc:
         option = OPTION_OF_SETTING.get(exc.setting)
         print(f"error: {exc}" + (f" (option {option})" if option else ""), file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except MemoryError:
         print("error: out of memory. Segment a smaller slice range (--slice-range), lower --batch-size, or use "
               "a machine with more memory; nothing was written.", file=sys.stderr)
-        return 3
+        return EXIT_MEMORY
     except KeyboardInterrupt:
         print("cancelled; nothing was written.", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED
 
 
 if __name__ == "__main__":

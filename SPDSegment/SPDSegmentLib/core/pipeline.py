@@ -8,7 +8,9 @@ modified, and nothing is written here: callers write only after success.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -17,14 +19,20 @@ import numpy as np
 
 from . import distill
 from .cache import default_cache
+from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import InputError
 from .models.registry import DEFAULT_MODEL, load_backbone, resolve_device
 from .progress import Progress
-from .volume import Volume, apply_range, fingerprint_key, get_slice, intensity_range, put_slice, validate_array
+from .volume import (CT_WINDOWS, Volume, apply_range, fingerprint_key, get_slice, intensity_range, put_slice,
+                     validate_array)
 
 # torch and the modules built on it (spd_model, models.backbone, models.digest) are imported inside the
 # functions that need them: Slicer imports this module when it builds the module widget and the effect,
 # before PyTorch may even be installed.
+
+MODES = ("auto", "spd", "raw")
+MODALITIES = ("auto", "mr", "ct")
+EMPTY_SLICE_CHOICES = ("skip", "saliency")
 
 
 @dataclass
@@ -64,6 +72,78 @@ class SegmentOptions:
     batch_size: Optional[int] = None
     return_saliency: bool = False
 
+    def validate(self) -> "SegmentOptions":
+        """Check every option before any work; a checked copy (a window "LEVEL,WIDTH" becomes a tuple).
+
+        Raises InputError saying which setting is wrong and what it accepts (``setting`` names it). The
+        CLI, the console API and :func:`segment` call it, so a bad value is refused before a model loads.
+        """
+        def refuse(setting, message):
+            raise InputError(message, setting=setting)
+
+        for setting, allowed in (("mode", MODES), ("modality", MODALITIES), ("empty_slice", EMPTY_SLICE_CHOICES)):
+            value = getattr(self, setting)
+            if value not in allowed:
+                refuse(setting, f"The {setting.replace('_', ' ')} {value!r} is not one of {', '.join(allowed)}.")
+        if self.tau is not None and (not _is_number(self.tau) or not 0.0 < float(self.tau) < 1.0):
+            refuse("tau", f"tau is {self.tau!r}; it is a saliency probability threshold strictly between 0 and 1 "
+                          f"(usually {DEFAULT_TAU}).")
+        if self.neighbours is not None and (not _is_integer(self.neighbours) or int(self.neighbours) < 0):
+            refuse("neighbours", f"The number of neighbour slices n is {self.neighbours!r}; it is a whole number "
+                                 f">= 0 on each side (0: no borrowing; usually {DEFAULT_NEIGHBOURS}).")
+        if self.batch_size is not None and (not _is_integer(self.batch_size) or int(self.batch_size) < 1):
+            refuse("batch_size", f"The batch size is {self.batch_size!r}; it is the number of slices per network "
+                                 "call, a whole number >= 1.")
+        if not _is_number(self.box_margin_mm) or float(self.box_margin_mm) < 0:
+            refuse("box_margin_mm", f"The box margin is {self.box_margin_mm!r} mm; it must be a number >= 0.")
+        slice_range = self.slice_range
+        if slice_range is not None:
+            if len(tuple(slice_range)) != 2 or not all(_is_integer(v) for v in slice_range):
+                refuse("slice_range", f"The slice range is {slice_range!r}; give two slice numbers FIRST LAST.")
+            first, last = (int(v) for v in slice_range)
+            if first < 0:
+                refuse("slice_range", f"The slice range starts at {first}; slice numbers start at 0.")
+            if first > last:
+                refuse("slice_range", f"The slice range {first} {last} has FIRST > LAST; give the lower slice number "
+                                      f"first: {last} {first}.")
+            slice_range = (first, last)
+        return dataclasses.replace(self, window=parse_window(self.window), slice_range=slice_range)
+
+
+def _is_number(value) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_integer(value) -> bool:
+    return _is_number(value) and float(value) == int(float(value))
+
+
+def parse_window(window):
+    """None, a CT preset name, or (level, width) from a tuple or a "LEVEL,WIDTH" string; InputError otherwise."""
+    if window is None or (isinstance(window, str) and not window.strip()):
+        return None
+    presets = ", ".join(sorted(CT_WINDOWS))
+    if isinstance(window, str):
+        text = window.strip()
+        if text.lower() in CT_WINDOWS:
+            return text.lower()
+        if "," not in text:
+            raise InputError(f"Unknown window preset {window!r}; choose one of {presets}, or give LEVEL,WIDTH in "
+                             "Hounsfield units, e.g. 40,400.", setting="window")
+        window = text.split(",")
+    try:
+        level, width = window
+    except (TypeError, ValueError):
+        raise InputError(f"The window {window!r} is neither a preset ({presets}) nor LEVEL,WIDTH.",
+                         setting="window") from None
+    if not (_is_number(level) and _is_number(width)) or float(width) <= 0:
+        raise InputError(f"The window {window!r}: LEVEL,WIDTH must be two numbers with WIDTH > 0 (e.g. 40,400), or "
+                         f"a preset ({presets}).", setting="window")
+    return float(level), float(width)
+
 
 @dataclass
 class Result:
@@ -76,6 +156,11 @@ class Result:
     saliency: Optional[np.ndarray] = None  # float32 (k, j, i), SPD mode with return_saliency
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per stage
     mode: str = "raw"  # "spd" or "raw", as run
+    # what looks wrong although the run succeeded (a blank image, no voxels, every click rejected, a model
+    # file that could not be checked): each says what to try. The CLI prints them (and fails under --strict);
+    # the GUIs show them in their status line.
+    warnings: List[str] = field(default_factory=list)
+    decoder: str = ""  # which mask decoder ran, e.g. "litemedsam" or "the tuned decoder of spd-hippocampus"
 
     @property
     def voxels(self) -> int:
@@ -293,6 +378,7 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
     """
     from .spd_model import SPDModel  # torch
 
+    options = options.validate()
     validate_array(volume.array)
     is_spd = isinstance(model, SPDModel)
     mode = ("spd" if is_spd else "raw") if options.mode == "auto" else options.mode
@@ -340,10 +426,10 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
       saliency volume (when asked) and timings.
 
     Raises:
-      InputError: as :func:`plan`.
+      InputError: a bad option (``SegmentOptions.validate``), or as :func:`plan`.
       Cancelled: ``progress`` was cancelled; checked between slices.
     """
-    options = options or SegmentOptions()
+    options = (options or SegmentOptions()).validate()
     progress = progress or Progress()
     cache = default_cache() if cache is None else cache
     timings: Dict[str, float] = {}
@@ -412,5 +498,54 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     for t, m in slice_masks.items():
         put_slice(mask, p.axis, t, m.astype(np.uint8))
     timings["total_s"] = time.perf_counter() - t_start
-    return Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
-                  timings=timings, mode=p.mode)
+    result = Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
+                    timings=timings, mode=p.mode, decoder=decoder_description(model))
+    result.warnings = plausibility_warnings(volume, p, model, result)
+    return result
+
+
+def decoder_description(model) -> str:
+    """Which mask decoder a run with ``model`` uses: an SPD model's tuned decoder, or the backbone's own."""
+    from .spd_model import SPDModel
+
+    if isinstance(model, SPDModel):
+        if model.header.get("decoder_tuned"):
+            return f"the tuned decoder of {model.name} (on {model.backbone.name})"
+        return f"the {model.backbone.name} decoder (via {model.name})"
+    return f"the {getattr(model, 'name', 'backbone')} decoder"
+
+
+def plausibility_warnings(volume: Volume, p: Plan, model, result: Result) -> List[str]:
+    """What makes a finished result implausible, each with what to try (Result.warnings)."""
+    warnings = list(getattr(model, "warnings", []) or [])
+    lo, hi = p.intensity
+    raw_blank = bool(p.targets) and all(np.ptp(get_slice(volume.array, p.axis, t)) == 0 for t in p.targets)
+    if raw_blank:
+        warnings.append("The image is blank: every slice to segment has one constant value, so there is nothing to "
+                        "segment. Check that this is the right image (and that it was read completely).")
+    elif p.targets and all(np.ptp(apply_range(get_slice(volume.array, p.axis, t), lo, hi)) == 0 for t in p.targets):
+        warnings.append(f"Every slice to segment is blank in the intensity range {lo:g}..{hi:g}: the window hides "
+                        "the image. On CT choose a window that shows the structure (window, modality); on MR "
+                        "choose the mr modality.")
+    if result.mode == "spd" and result.audit:
+        counts = result.audit_counts()
+        own = counts.get("kept", 0) + counts.get("rejected", 0)
+        if own and counts.get("kept", 0) == 0:
+            warnings.append(f"All {own} clicks were rejected: the saliency map is below tau {p.tau:g} at every one. "
+                            f"{_model_hint(model)} Lower tau only if the clicks are really on the structure.")
+    if result.voxels == 0:
+        hint = _model_hint(model) if result.mode == "spd" else (
+            "Check that the clicks are on the structure and that the slicing axis is the view they were placed "
+            "in; with LiteMedSAM keep the box around the clicks.")
+        warnings.append(f"The result has no voxels ({len(result.slices)} slices decoded, all empty). {hint}")
+    return warnings
+
+
+def _model_hint(model) -> str:
+    trained = model.header.get("training", {}) if hasattr(model, "header") else {}
+    data = trained.get("data") if isinstance(trained, dict) else None
+    axis = model.header.get("axis") if hasattr(model, "header") else None
+    about = f" ({model.name} was trained on {data}" + (f", slices along array axis {axis})" if axis is not None
+                                                        else ")") if data else ""
+    return (f"The model may be wrong for this anatomy or view{about}: use a model trained for it (spd train), check "
+            "the slicing axis, or run a backbone such as litemedsam in raw mode.")

@@ -3,8 +3,10 @@
 Weights: ``head.*`` (saliency head), ``lora.*`` (encoder adapters, LoRA mode only) and
 ``decoder.*`` (the stage-2 tuned mask decoder, stored as float16). The header (safetensors
 metadata ``spd_header``) names the backbone and its SHA-256, LoRA rank, tau, n, the training data
-summary, validation metrics and versions. safetensors loads without executing code.
-Loading checks compatibility and says exactly what does not match.
+summary, validation metrics and versions, and ``content_sha256``: a SHA-256 of the weights and the rest
+of the header, written on every save. safetensors loads without executing code. Loading checks that
+digest (a damaged file is refused; a file saved before digests existed loads with a warning), that
+every weight is finite, and compatibility, and says exactly what does not match.
 """
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -29,6 +31,7 @@ from .saliency import SaliencyHead, add_lora, lora_state
 FORMAT = "spdsegment-model"
 FORMAT_VERSION = 1
 SUFFIX = ".spd.safetensors"
+DIGEST_KEY = "content_sha256"  # header field: SHA-256 of the weights and the other header fields
 
 
 @dataclass
@@ -36,6 +39,8 @@ class SPDModel:
     backbone: "object"  # models.backbone.Backbone, with LoRA and tuned decoder applied
     head: SaliencyHead
     header: dict
+    name: str = "SPD model"  # the bundled name or the file name without .spd.safetensors
+    warnings: List[str] = field(default_factory=list)  # e.g. a file without a content digest
 
     @property
     def tau(self) -> float:
@@ -93,10 +98,24 @@ def save(path: os.PathLike, backbone, head: SaliencyHead, header: dict) -> Path:
     return _write(path, tensors, header)
 
 
+def content_digest(tensors: dict, header: dict) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and of the header without its digest field."""
+    digest = hashlib.sha256()
+    fields = {k: v for k, v in header.items() if k != DIGEST_KEY}
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"|{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _write(path: Path, tensors: dict, header: dict) -> Path:
-    """Atomic write (temporary name, then rename): a failure leaves no partial model file."""
+    """Atomic write (temporary name, then rename) with the content digest in the header."""
     from safetensors.torch import save_file
 
+    header = json.loads(json.dumps(header))  # exactly what a reader will see (tuples become lists, ...)
+    header[DIGEST_KEY] = content_digest(tensors, header)
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
     return path
@@ -120,7 +139,10 @@ def read_header(path: os.PathLike) -> dict:
         raise CheckpointError(f"{path} has a damaged SPD header (a JSON {type(header).__name__}, not an object).")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}.")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path} has a damaged SPD header (format_version {version!r}).")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer SPDSegment (format {header['format_version']}); this one reads "
             f"format {FORMAT_VERSION}. Update SPDSegment."
@@ -134,9 +156,35 @@ def update_header(path: os.PathLike, **fields) -> dict:
 
     path = Path(path)
     header = read_header(path)
+    tensors = load_file(str(path), device="cpu")
+    _verify_digest(path, tensors, header)  # never seal a damaged file with a fresh digest
     header.update(fields)
-    _write(path, load_file(str(path), device="cpu"), header)
-    return header
+    _write(path, tensors, header)
+    return read_header(path)
+
+
+def _verify_digest(path: Path, tensors: dict, header: dict) -> Optional[str]:
+    """CheckpointError if the recorded digest does not match; a warning (returned) if there is none."""
+    recorded = header.get(DIGEST_KEY)
+    if not recorded:
+        return (f"{path.name} records no content digest (saved by an older SPDSegment), so damage to its weights "
+                "cannot be detected. Re-save it to add one: python -c \"from SPDSegmentLib.core.spd_model import "
+                f"update_header; update_header('{path}')\"")
+    actual = content_digest(tensors, header)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its weights or header do not match the SHA-256 recorded when it was saved "
+            f"({actual[:12]}... instead of {str(recorded)[:12]}...). Copy or download it again, or retrain it."
+        )
+    return None
+
+
+def _check_finite(path: Path, tensors: dict) -> None:
+    bad = [key for key, value in sorted(tensors.items())
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"{path.name} is damaged: {len(bad)} weight tensors hold NaN or infinite values "
+                              f"(e.g. {bad[0]!r}). Copy or download it again, or retrain it.")
 
 
 def is_spd_file(path: os.PathLike) -> bool:
@@ -153,6 +201,15 @@ def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
     if not path.exists():
         raise CheckpointError(f"SPD model file not found: {path}")
     header = read_header(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} is not a readable SPD model file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'damaged'}).") from exc
+    warning = _verify_digest(path, tensors, header)
+    _check_finite(path, tensors)
+    if not isinstance(header.get("backbone"), str):
+        raise CheckpointError(f"{path} has a damaged SPD header (no backbone name).")
     if backbone is None:
         backbone = load_backbone(header["backbone"], device=device)
     problems = []
@@ -165,7 +222,6 @@ def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
             problems.append(f"{key}: model {header[key]}, backbone {actual}")
     if problems:
         raise CheckpointError(f"{path.name} does not fit this backbone: " + "; ".join(problems) + ".")
-    tensors = load_file(str(path), device="cpu")
     head = SaliencyHead(backbone.embed_dim, int(header.get("head_hidden", 64)))
     groups = {"head": {}, "lora": {}, "decoder": {}}
     for key, value in tensors.items():
@@ -190,7 +246,10 @@ def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
             digest.update(key.encode())
             digest.update(groups["lora"][key].float().contiguous().numpy().tobytes())
         header["weights_sha"] = digest.hexdigest()
-    return SPDModel(backbone.to(device).eval(), head.to(device).eval(), header)
+    name = next((n for n, p in BUNDLED_SPD_MODELS.items() if Path(p) == path), path.name[: -len(SUFFIX)]
+                if path.name.endswith(SUFFIX) else path.stem)
+    return SPDModel(backbone.to(device).eval(), head.to(device).eval(), header, name=name,
+                    warnings=[warning] if warning else [])
 
 
 def resolve(name_or_path: str) -> Optional[Path]:

@@ -345,6 +345,9 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     the run succeeded; with ``editor_node`` its editable-area and overwrite settings apply, otherwise those
     of the scene's SPD editor node. A failed or cancelled run raises and leaves the segmentation unchanged.
     """
+    from ..core.pipeline import SegmentOptions
+
+    options = (options or SegmentOptions()).validate()  # a bad option is refused before any model loads
     if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
     volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis)

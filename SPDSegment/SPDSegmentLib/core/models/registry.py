@@ -68,6 +68,8 @@ def checkpoint_for(name: str, allow_download: bool = True,
     if entry["source"].startswith("random:"):
         return None
     path = cached_path(name)
+    if path is None and entry["source"].startswith("package:"):
+        bundled_litemedsam_checkpoint()  # the package is missing: raises, saying what to install
     if path is None:
         raise CheckpointError(f"Model {name!r} has no checkpoint source; see catalogue.json.")
     if not path.exists():
@@ -84,9 +86,11 @@ def _load_state(path: Path) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, not a torch file
+        # PyTorch's own message advises weights_only=False, which would run code from the file: not repeated
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}). "
-            "Check that the file is complete and is a SAM-family checkpoint."
+            f"{path} is not a readable PyTorch checkpoint of weights ({_load_failure(exc)}). Check that the file "
+            "is complete and is a SAM, MedSAM or LiteMedSAM checkpoint; SPDSegment loads weights only, never "
+            "code from a file."
         ) from exc
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -96,11 +100,38 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def _load_failure(exc: Exception) -> str:
+    """What went wrong reading a checkpoint, in our words (PyTorch's text suggests unsafe loading)."""
+    text = str(exc)
+    if "Weights only load failed" in text or "weights_only" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        if "global" in detail.lower() or "GLOBAL" in detail:
+            return "it holds Python objects besides tensors"
+        return "not a PyTorch file (the unpickler found no weights)"
+    if "zip" in text.lower() or "central directory" in text.lower():
+        return "a damaged or truncated zip archive"
+    if "load key" in text or "pickle" in text.lower() or type(exc).__name__ == "UnpicklingError":
+        return "not a PyTorch file"
+    if isinstance(exc, EOFError) or "ran out of input" in text.lower():
+        return "the file ends early"
+    return type(exc).__name__
+
+
+def check_finite(state: dict, what: str) -> None:
+    """CheckpointError if a weight tensor holds NaN or infinite values (a damaged file)."""
+    import torch
+
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{what} is damaged: weight {key!r} holds NaN or infinite values. Copy or download "
+                                  "it again.")
+
+
 def infer_architecture(state: dict) -> str:
     if any(k.startswith("image_encoder.layers.") for k in state):
         return "litemedsam"
     weight = state.get("image_encoder.patch_embed.proj.weight")
-    if weight is not None:
+    if getattr(weight, "shape", None):
         for arch, dim in VIT_ARCHITECTURES.items():
             if weight.shape[0] == dim:
                 return arch
@@ -149,7 +180,11 @@ def assemble(name: str, architecture: str, input_size: int, normalisation: str, 
     encoder, prompt_encoder, decoder = build_network(architecture, input_size)
     backbone = Backbone(name, encoder, prompt_encoder, decoder, input_size, normalisation, checksum)
     if state is not None:
-        result = backbone.load_state_dict(state, strict=False)
+        try:
+            result = backbone.load_state_dict(state, strict=False)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # shapes or values that do not fit
+            raise CheckpointError(f"The checkpoint does not fit the {architecture} network "
+                                  f"({str(exc).strip().splitlines()[0][:200]}). Choose the matching model type.") from exc
         missing = [k for k in result.missing_keys if not k.endswith("attention_bias_idxs")]
         if missing or result.unexpected_keys:
             raise CheckpointError(
@@ -175,14 +210,20 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str = "auto", al
     path = Path(os.path.expanduser(name_or_path))
     if not path.exists():
         raise CheckpointError(
-            f"Model {name_or_path!r} is neither a catalogue name ({', '.join(entries)}) nor an existing file."
+            f"Model {name_or_path!r} is not a known model nor an existing file. SPD models: "
+            f"{', '.join(BUNDLED_SPD_MODELS)}, or the path of a .spd.safetensors file (spd train makes one); "
+            f"backbones for raw mode: {', '.join(entries)}, or the path of a SAM-family .pth checkpoint. "
+            "spd models lists them."
         )
+    if path.is_dir():
+        raise CheckpointError(f"Model {name_or_path!r} is a folder; give a .spd.safetensors or .pth file.")
     checksum = download.sha256_of(path)
     for name, entry in entries.items():  # a known file under another name keeps its catalogue settings
         if entry.get("sha256") == checksum:
             return assemble(name, entry["architecture"], entry["input_size"], entry["pixel_normalisation"],
                             _load_state(path), checksum, device)
     state = _load_state(path)
+    check_finite(state, str(path))  # no checksum to compare with: at least no NaN weights
     architecture = infer_architecture(state)
     size = 256 if architecture == "litemedsam" else 1024
     return assemble(path.stem, architecture, size, "unit" if architecture == "litemedsam" else "imagenet255",
