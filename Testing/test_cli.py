@@ -78,6 +78,7 @@ def test_segment_raw_writes_a_segmentation(capsys, sample_paths, sample_volume, 
     np.testing.assert_allclose(image.GetSpacing(), sample_volume.spacing)
     summary = stdout.strip().splitlines()[-1]
     assert summary.startswith("raw:") and "slices" in summary and "voxels" in summary and str(out) in summary
+    assert "; axis: coronal slices (array axis 1): the clicks lie on its slice planes -> " in summary
     voxels = int(summary.split(" voxels")[0].split()[-1])
     assert voxels == int((mask > 0).sum()) > 0
     assert image.GetMetaData("Segment0_Name") == "hippocampus"
@@ -115,6 +116,7 @@ def test_segment_with_an_spd_model_writes_every_output(capsys, sample_paths, sam
     assert files_in(tmp_path) == sorted(p.name for p in (out, label_out, audit_out, saliency_out))
     summary = stdout.strip().splitlines()[-1]
     assert summary.startswith("spd:") and "prompts kept" in summary and "borrowed" in summary
+    assert "axis: coronal slices (array axis 1), as given -> " in summary
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_out)))
     assert label.shape == seg.shape == sample_volume.shape
@@ -135,6 +137,43 @@ def test_segment_with_an_spd_model_writes_every_output(capsys, sample_paths, sam
     kept_lps = np.array([p["position"] for p in kept])
     distance = np.linalg.norm(kept_lps[:, None] - clicks.lps[None], axis=2).min(axis=1)
     assert distance.max() < 0.1  # millimetres: the audit sits where the clicks were
+
+
+def ijk_csv(path, ijk):
+    path.write_text("i,j,k\n" + "".join(f"{i:g},{j:g},{k:g}\n" for i, j, k in ijk))
+    return path
+
+
+def test_segment_axis_from_voxel_centre_clicks(capsys, sample_paths, sample_volume, tiny_backbone, tmp_path):
+    """Clicks at voxel centres fit every axis's planes: the summary says the clicks' geometry chose, or the
+    model's trained orientation in a close call."""
+    from SPDSegmentLib.research.simulate import simulate
+
+    label = vol.read_label(sample_paths["label"], like=sample_volume)
+    clean = simulate((label > 0).astype("uint8"), 1, "clean", seed=0).ijk
+    assert np.all(clean == np.round(clean))
+    points = ijk_csv(tmp_path / "centre.csv", clean)
+    code, stdout, err = run(capsys, *segment_args(sample_paths["image"], points, tmp_path / "a.seg.nrrd", "--mode",
+                                                  "raw"))
+    assert code == 0, err
+    summary = stdout.strip().splitlines()[-1]
+    assert "axis: coronal slices (array axis 1) from the clicks' geometry (clicks on " in summary
+
+    diagonal = ijk_csv(tmp_path / "diagonal.csv", [(8 + s, 15 + s, 17) for s in range(16)])  # i and j alike
+    head = SaliencyHead(tiny_backbone.embed_dim, 8)
+    header = spd_model.make_header(tiny_backbone, head, lora_rank=0, tau=0.5, neighbours=1, decoder_tuned=False,
+                                   views=["sagittal"])
+    model = spd_model.save(tmp_path / "models" / "sagittal.spd.safetensors", tiny_backbone, head, header)
+    code, stdout, err = run(capsys, *segment_args(sample_paths["image"], diagonal, tmp_path / "b.seg.nrrd",
+                                                  "--mode", "raw", model=model))
+    assert code == 0, err
+    summary = stdout.strip().splitlines()[-1]
+    assert "axis: sagittal slices (array axis 2): the clicks' geometry is a close call" in summary
+    assert "the model was trained on sagittal slices" in summary
+    code, stdout, err = run(capsys, *segment_args(sample_paths["image"], diagonal, tmp_path / "c.seg.nrrd",
+                                                  "--mode", "raw"))  # a plain backbone: a tie, said so
+    assert code == 0, err
+    assert "axis: coronal slices (array axis 1): a tie in the clicks' geometry" in stdout
 
 
 def test_segment_default_output_name(capsys, sample_paths, tmp_path, monkeypatch):

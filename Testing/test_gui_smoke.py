@@ -259,6 +259,7 @@ def test_effect_click_preview_apply_undo_cancel(gui):
     wait(effect.poll, lambda: effect.run is not None)
     assert effect.preview is not None, effect.statusLabel.text
     assert effect.preview["result"].axis == 1
+    assert effect.preview["result"].axis_note.startswith("coronal slices (array axis 1), the slice view")
     preview_mask = effect.preview["result"].mask
     assert sa.segment_array(segmentation_node, segment_id, gui.volume).sum() == 0  # preview writes nothing
     effect.onApply()

@@ -73,6 +73,7 @@ def test_raw_mode_mask_type_shape_and_slices(case, raw_result):
     assert result.voxels == int(result.mask.sum()) > 0
     assert result.audit == [] and result.saliency is None
     assert {"encode_s", "decode_s", "total_s"} <= set(result.timings)
+    assert result.axis_note == "coronal slices (array axis 1), as given"
 
 
 def test_raw_mode_points_only(case, tiny_backbone):
@@ -303,3 +304,25 @@ def test_spd_segment_is_deterministic(case, tiny_backbone, spd_cache):
     np.testing.assert_array_equal(a.mask, b.mask)
     assert [(e.slice, e.status, e.source_slice) for e in a.audit] == \
         [(e.slice, e.status, e.source_slice) for e in b.audit]
+
+
+# ---------------------------------------------------------------- the slicing axis the model prefers
+
+def test_trained_axes_from_the_model(case, tiny_backbone, oblique_volume, tmp_path):
+    from SPDSegmentLib.core.pipeline import trained_axes
+    from SPDSegmentLib.core.volume import Volume, geometry_matrix
+
+    volume, _ = case
+    # i runs along S, j along L, k along P: axial is array axis 2, coronal 0, sagittal 1
+    permuted = Volume(np.zeros((4, 5, 6)), geometry_matrix((0, 0, 0), (1, 1, 1), [0, 1, 0, 0, 0, 1, 1, 0, 0]))
+    assert trained_axes({"views": ["axial", "coronal", "sagittal"], "axis": 1}, permuted) == (2, 0, 1)
+    assert trained_axes({"views": ["coronal", "oblique?", "Green"]}, permuted) == (0,)  # unknown names: no say
+    assert trained_axes({"axis": 1}, permuted) == (1,)  # an array axis, taken as it is
+    assert trained_axes({"axis": 1}, oblique_volume) == (1,)
+    assert trained_axes({"tau": 0.5}, volume) == ()
+    assert trained_axes(spd(tiny_backbone), volume) == ()  # a header without axis or views
+    assert trained_axes(SPDModel(tiny_backbone, None, {"views": ["sagittal"]}), volume) == (2,)
+    assert trained_axes(tiny_backbone, volume) == ()  # a plain backbone: no preference
+    assert trained_axes("tiny_sam_test", volume) == trained_axes("litemedsam", volume) == ()
+    assert trained_axes("spd-hippocampus", volume) == trained_axes(None, volume) == (1,)  # the bundled header
+    assert trained_axes(str(tmp_path / "missing.spd.safetensors"), volume) == ()  # loading it says what is wrong

@@ -1,6 +1,7 @@
 """prompts: markups / CSV files -> physical points -> voxels, grouped by slice."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -191,14 +192,123 @@ def test_no_points(oblique_volume):
     ([[1.3, 2, 1.4], [4.1, 5, 2.6]], 1),  # integer j
     ([[1, 2.7, 1.4], [4, 5.6, 2.6]], 2),  # integer i
     ([[1.02, 2.7, 1.4], [3.96, 5.6, 2.6]], 2),  # within 0.05 voxel of an integer
-    ([[1.1, 2.7, 1.4], [4, 5.6, 2.6]], 0),  # none qualifies -> axial
+    ([[1.1, 2.7, 1.4], [4, 5.6, 2.6]], 0),  # none qualifies, 2 slices each way, no clear direction: axial
     ([[1, 2, 1], [1, 5, 1], [1, 8, 1]], 1),  # voxel centres: j has the most distinct slices
-    ([[1, 2, 1], [4, 5, 1], [7, 8, 1]], 1),  # i and j tie: coronal before sagittal
-    ([[1, 2, 1], [1, 5, 2], [1, 8, 3]], 0),  # j and k tie: axial
+    ([[1, 2, 1], [4, 5, 1], [7, 8, 1]], 1),  # i and j: as many slices, directions close: coronal first
+    ([[1, 2, 1], [1, 5, 2], [1, 8, 3]], 1),  # j and k: as many slices, but 5.4 mm along j and 4 mm along k
     ([[1, 2, 3]], 0),  # one voxel centre: axial
 ])
 def test_choose_axis(oblique_volume, ijk, axis):
     assert prompts.choose_axis(np.array(ijk, float), oblique_volume) == axis
+
+
+SLICE_VIEW_CASES = [  # clicks placed in a slice view: on the integer planes of its axis only
+    ([[1.3, 2.7, 1], [4.1, 5.6, 1], [2.2, 3.3, 2]], 0),
+    ([[1.3, 2, 1.4], [4.1, 5, 2.6]], 1),
+    ([[1, 2.7, 1.4], [4, 5.6, 2.6]], 2),
+    ([[1.3, 0.2, 1], [1.4, 2.6, 1], [1.2, 5.3, 2], [1.3, 8.7, 2], [1.6, 11.2, 3]], 0),  # runs along j: still axial
+]
+
+
+@pytest.mark.parametrize("ijk, axis", SLICE_VIEW_CASES)
+def test_slice_view_clicks_keep_their_axis(oblique_volume, ijk, axis):
+    choice = prompts.choose_axis(np.array(ijk, float), oblique_volume, preferred_axes=(2, 1, 0))
+    assert choice == axis and choice.source == "slice planes"
+    vp = prompts.to_voxels(prompts.from_ijk(ijk), oblique_volume)
+    assert vp.axis == axis and vp.axis_source == "slice planes"
+
+
+def grid_volume(spacing=(0.9, 1.1, 1.5), shape=(40, 40, 40), degrees=20.0):
+    """An oblique grid (rotated about S) with the given (i, j, k) spacing; array (k, j, i)."""
+    angle = np.deg2rad(degrees)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    return Volume(np.zeros(shape, np.float32), geometry_matrix((4.0, -2.0, 7.0), spacing, direction.ravel()),
+                  name="grid")
+
+
+def centerline_along(axis, n=24):
+    """A gently curving centerline at voxel centres with one point per slice along array ``axis``."""
+    t = np.arange(8, 8 + n)
+    drift_a = 20 + np.round(3 * np.sin(t / 6.0))  # a few voxels of curve
+    drift_b = 15 + np.round(t / 5.0)  # a slow slope
+    index = np.zeros((n, 3))  # (k, j, i)
+    others = [a for a in range(3) if a != axis]
+    index[:, axis], index[:, others[0]], index[:, others[1]] = t, drift_a, drift_b
+    return index[:, ::-1].copy()  # (i, j, k)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_voxel_centre_centerline_is_sliced_across(axis):
+    volume = grid_volume()
+    ijk = centerline_along(axis)
+    assert np.all(ijk == np.round(ijk))  # every plane test fits: the geometry decides
+    for preferred in ((), ((axis + 1) % 3,)):  # a clear geometry is not overruled by the model's preference
+        choice = prompts.choose_axis(ijk, volume, preferred_axes=preferred)
+        assert choice == axis and choice.source == "clicks' geometry", choice.why
+    vp = prompts.to_voxels(prompts.from_lps(ijk_to_physical(ijk, volume.ijk_to_lps)), volume)
+    assert vp.axis == axis and vp.axis_source == "clicks' geometry"
+    note = prompts.axis_note(vp, volume)
+    assert note.startswith(f"{('axial', 'coronal', 'sagittal')[axis]} slices (array axis {axis}) from the clicks' "
+                           "geometry") and "\n" not in note
+    # the same line placed in 3D (a curve resampled in mm): on no axis's planes, the geometry still decides
+    jitter = np.random.default_rng(axis).uniform(0.15, 0.35, ijk.shape) * np.random.default_rng(9).choice([-1, 1],
+                                                                                                         ijk.shape)
+    choice = prompts.choose_axis(ijk + jitter, volume)
+    assert choice == axis and choice.source == "clicks' geometry", choice.why
+
+
+@pytest.mark.parametrize("direction, spacing, axis", [
+    ((1.0, 0.55, 0.3), (0.9, 1.1, 1.5), 2),  # mostly along i: more i slices than any other
+    ((0.3, 1.0, 0.6), (0.9, 1.1, 1.5), 1),  # mostly along j
+    ((1.0, 1.0, 0.0), (0.8, 1.2, 1.0), 1),  # as many i as j slices, but 1.5 x longer along j in mm
+    ((0.0, 0.95, 1.0), (1.0, 1.0, 1.6), 0),  # about as many j as k slices, but 1.7 x longer along k in mm
+])
+def test_oblique_voxel_centre_line(direction, spacing, axis):
+    volume = grid_volume(spacing)
+    s = np.arange(25)[:, None]
+    ijk = np.round(np.array([5.0, 5.0, 5.0]) + s * np.array(direction))
+    choice = prompts.choose_axis(ijk, volume, preferred_axes=((axis + 2) % 3,))
+    assert choice == axis and choice.source == "clicks' geometry", choice.why
+
+
+def test_tie_between_two_axes_and_the_trained_orientation():
+    volume = grid_volume(spacing=(1.0, 1.0, 1.0))
+    ijk = np.array([[5.0 + s, 9.0 + s, 12.0] for s in range(20)])  # 45 degrees between i and j, one k plane
+    tie = prompts.choose_axis(ijk, volume)
+    assert tie == 1 and tie.source == "tie"  # coronal before sagittal; axial (k) has a single slice
+    assert "close: coronal, sagittal" in tie.why
+    vp = prompts.to_voxels(prompts.from_ijk(ijk), volume)
+    assert vp.axis_source == "tie" and "Set the axis" in prompts.axis_note(vp, volume)
+    trained = prompts.choose_axis(ijk, volume, preferred_axes=(2,))  # the model's orientation wins a close call
+    assert trained == 2 and trained.source == "trained orientation"
+    vp = prompts.to_voxels(prompts.from_ijk(ijk), volume, preferred_axes=(0, 2))
+    assert vp.axis == 2 and "the model was trained on sagittal slices" in prompts.axis_note(vp, volume)
+    assert prompts.choose_axis(ijk, volume, preferred_axes=(0,)) == 1  # not among the close ones: no say
+    blob = np.array(list(itertools.product((10.0, 11.0, 12.0), repeat=3)))  # no main direction
+    choice = prompts.choose_axis(blob, volume, preferred_axes=(2,))
+    assert choice == 2 and choice.source == "trained orientation" and "no main direction" in choice.why
+    assert prompts.choose_axis(blob, volume).source == "tie"
+
+
+def test_axis_sources_and_names(oblique_volume):
+    points = prompts.from_ijk(IJK)
+    given = prompts.to_voxels(points, oblique_volume, axis="coronal")
+    assert given.axis == 1 and given.axis_source == "given"
+    assert prompts.axis_note(given, oblique_volume) == "coronal slices (array axis 1), as given"
+    assert prompts.to_voxels(points, oblique_volume, axis=np.int64(2)).axis_source == "given"
+    view = prompts.to_voxels(points, oblique_volume, axis=prompts.AxisChoice(2, "view"))
+    assert view.axis == 2 and type(view.axis) is int and view.axis_source == "view"
+    assert "the slice view" in prompts.axis_note(view, oblique_volume)
+    planes = prompts.to_voxels(points, oblique_volume)
+    assert planes.axis_source == "slice planes" and "lie on its slice planes" in prompts.axis_note(planes,
+                                                                                                oblique_volume)
+    assert [prompts.axis_name(a, oblique_volume) for a in range(3)] == ["axial", "coronal", "sagittal"]
+    permuted = Volume(np.zeros((4, 5, 6)), geometry_matrix((0, 0, 0), (1, 1, 1), [0, 1, 0, 0, 0, 1, 1, 0, 0]))
+    assert [prompts.axis_name(a, permuted) for a in range(3)] == ["coronal", "sagittal", "axial"]
+    with pytest.raises(ValueError):
+        prompts.AxisChoice(1, "guess")
+    bare = prompts.VoxelPrompts(ijk=IJK, labels=np.ones(3, int), axis=0, outside_lps=np.zeros((0, 3)))
+    assert bare.axis_source == "given"  # made by hand (research code): the caller chose
 
 
 def test_axis_names(oblique_volume):

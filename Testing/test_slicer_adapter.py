@@ -362,6 +362,34 @@ def test_axis_from_slice_view(sample, slice_to_ras, axis):
     assert sa.axis_from_slice_to_ras(slice_to_ras, volume) == axis
 
 
+def test_axis_sources_through_the_adapter(app, loaded, sample, tmp_path):
+    """The view's axis keeps source "view" on its way to the prompts; "auto" prefers the model's orientation."""
+    from types import SimpleNamespace
+
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    green = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    view_axis = sa.axis_from_slice_to_ras(green, volume)
+    assert view_axis == 1 and view_axis.source == "view"
+    _, vp = sa.prepare_inputs(volume_node, markups_node, axis=view_axis)
+    assert vp.axis == 1 and vp.axis_source == "view"
+    assert prompts.axis_note(vp, volume) == "coronal slices (array axis 1), the slice view the clicks were placed in"
+    _, vp = sa.prepare_inputs(volume_node, markups_node, axis="coronal")
+    assert vp.axis == 1 and vp.axis_source == "given"
+    # voxel centres on a 45 degree diagonal between i and j: a close call that the model's orientation settles
+    ijk = np.array([[8.0 + s, 15.0 + s, 17.0, 1.0] for s in range(12)])
+    path = prompts.write_markups(tmp_path / "diagonal.mrk.json", (ijk @ volume.ijk_to_lps.T)[:, :3])
+    diagonal = app.load_markups(path)
+    _, vp = sa.prepare_inputs(volume_node, diagonal, model="tiny_sam_test")  # a plain backbone: a tie
+    assert vp.axis == 1 and vp.axis_source == "tie"
+    sagittal_model = SimpleNamespace(header={"views": ["sagittal"]})
+    _, vp = sa.prepare_inputs(volume_node, diagonal, model=sagittal_model)
+    assert vp.axis == 2 and vp.axis_source == "trained orientation"
+    segment = fake_segment(label)
+    sa.run_spd_on_nodes(volume_node, diagonal, segmentation_node, model=sagittal_model, segment_fn=segment)
+    assert segment.calls[-1][1].axis == 2 and segment.calls[-1][1].axis_source == "trained orientation"
+
+
 def test_axis_from_slice_view_follows_volume_orientation(oblique_volume):
     # a view along the volume's own j direction shows j slices (array axis 1), whatever the obliquity
     normal_ras = (oblique_volume.ijk_to_ras[:3, 1] / np.linalg.norm(oblique_volume.ijk_to_ras[:3, 1]))

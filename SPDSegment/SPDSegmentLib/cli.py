@@ -87,7 +87,7 @@ def cmd_segment(args) -> int:
     from .core import prompts, volume
     from .core.errors import InputError
     from .core.files import OutputSet
-    from .core.pipeline import load_model, segment
+    from .core.pipeline import load_model, segment, trained_axes
     from .core.progress import tqdm_progress
 
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def cmd_segment(args) -> int:
     _check_mode(args, outputs)
     vol = volume.read(args.image)
     points = prompts.read(args.points)
-    voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis)
+    voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis, preferred_axes=trained_axes(args.model, vol))
     if len(voxel_prompts.outside_lps):
         print(f"warning: {len(voxel_prompts.outside_lps)} of {len(points)} points lie outside the image and were "
               "dropped", file=sys.stderr)
@@ -132,7 +132,7 @@ def cmd_segment(args) -> int:
     seconds = time.perf_counter() - t0
     how = "" if result.audit else (f"; the clicks{' and a box around them' if options.use_box else ' (no box)'} "
                                    f"through {result.decoder}")
-    print(f"{result.summary()}, {seconds:.1f} s{how} -> " + ", ".join(written))
+    print(f"{result.summary()}, {seconds:.1f} s{how}; axis: {result.axis_note} -> " + ", ".join(written))
     return 0
 
 
@@ -307,7 +307,8 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
                         "(litemedsam, sam_vit_b, ..., or a .pth checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--mode", default="auto", choices=["auto", "spd", "raw"])
-    p.add_argument("--axis", default=None, help="slicing axis: auto (default), axial, coronal, sagittal, 0, 1, 2")
+    p.add_argument("--axis", default=None, help="slicing axis: auto (default: from the clicks, the summary says "
+                                                "which and why), axial, coronal, sagittal, 0, 1, 2")
     p.add_argument("--tau", type=float, default=None,
                    help=f"saliency threshold (default: the model's, usually {DEFAULT_TAU})")
     p.add_argument("--neighbours", type=int, default=None,

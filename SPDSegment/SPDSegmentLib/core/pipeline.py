@@ -23,6 +23,7 @@ from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import InputError
 from .models.registry import DEFAULT_MODEL, load_backbone, resolve_device
 from .progress import Progress
+from .prompts import axis_note
 from .volume import (CT_WINDOWS, Volume, apply_range, fingerprint_key, get_slice, intensity_range, put_slice,
                      validate_array)
 
@@ -161,6 +162,7 @@ class Result:
     # the GUIs show them in their status line.
     warnings: List[str] = field(default_factory=list)
     decoder: str = ""  # which mask decoder ran, e.g. "litemedsam" or "the tuned decoder of spd-hippocampus"
+    axis_note: str = ""  # one line: the slicing axis by name and array axis, and where it came from
 
     @property
     def voxels(self) -> int:
@@ -199,6 +201,42 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", runtime:
     backbone = model.backbone if path is not None else model
     backbone.set_runtime(runtime, precision)
     return model
+
+
+def trained_axes(model, volume: Volume) -> Tuple[int, ...]:
+    """The array axes of ``volume`` along which ``model`` was trained to slice: ``choose_axis``'s preference.
+
+    ``model`` is a loaded model, an SPD model header (dict), or a name / path (None or "": the default
+    model); only the header is read. An SPD header's ``"views"`` (anatomical names such as "axial",
+    "coronal") are mapped through the image direction (``prompts.axis_from_name``); without them its
+    ``"axis"`` (the array axis of the training slices) is taken as it is. A plain backbone, or a model file
+    that cannot be read here (loading it reports that), gives no preference.
+    """
+    from .errors import CheckpointError
+    from .prompts import axis_from_name
+
+    header = getattr(model, "header", model)
+    if header is None or isinstance(header, str):
+        from . import spd_model
+
+        try:
+            path = spd_model.resolve(header or DEFAULT_MODEL)
+            header = spd_model.read_header(path) if path is not None and path.is_file() else {}
+        except CheckpointError:
+            header = {}
+    if not isinstance(header, dict):
+        return ()  # a plain backbone
+    axes: List[int] = []
+    views = header.get("views")
+    if isinstance(views, (list, tuple)) and views:
+        for view in views:
+            try:
+                axes.append(axis_from_name(view, volume))
+            except InputError:
+                continue  # a name this version does not know: no preference from it
+    elif str(header.get("axis", "")).strip() in ("0", "1", "2"):
+        axes.append(int(header["axis"]))
+    return tuple(dict.fromkeys(axes))
 
 
 def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intensity: Tuple[float, float],
@@ -499,7 +537,8 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
         put_slice(mask, p.axis, t, m.astype(np.uint8))
     timings["total_s"] = time.perf_counter() - t_start
     result = Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
-                    timings=timings, mode=p.mode, decoder=decoder_description(model))
+                    timings=timings, mode=p.mode, decoder=decoder_description(model),
+                    axis_note=axis_note(prompts, volume))
     result.warnings = plausibility_warnings(volume, p, model, result)
     return result
 

@@ -24,6 +24,15 @@ MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Module
                   "Schema/markups-schema-v1.0.3.json#")
 POINT_TYPES = ("Fiducial", "ClosedCurve", "Curve")
 INTEGER_TOLERANCE = 0.05  # voxels: clicks in a slice view lie on the slice plane up to rounding
+# choose_axis, when the slice planes do not decide: spreads within 10 % (at least one slice) of the largest are
+# close; so are main-direction alignments within 0.1 of the best; a main direction needs the points' largest
+# variance to be at least twice the next (a line, not a blob)
+SPREAD_CLOSE = 0.10
+DIRECTION_CLOSE = 0.10
+ELONGATION = 2.0
+ANATOMICAL_ORDER = ("axial", "coronal", "sagittal")  # the last resort of a tie
+# where a slicing axis came from (VoxelPrompts.axis_source)
+AXIS_SOURCES = ("given", "view", "slice planes", "clicks' geometry", "trained orientation", "tie")
 EDGE_TOLERANCE = 1e-6  # voxels: a point on the image's outer face still counts as inside
 # Column triples a CSV may use, and the frame each implies (x, y, z take the frame from a comment).
 CSV_COLUMNS = {("r", "a", "s"): "ras", ("l", "p", "s"): "lps", ("i", "j", "k"): "ijk", ("x", "y", "z"): None}
@@ -216,6 +225,24 @@ def _read_table(path: Path) -> PointSet:
 
 # ---------------------------------------------------------------- to voxels
 
+class AxisChoice(int):
+    """An array axis (0, 1, 2) that says where it came from: ``source`` (one of ``AXIS_SOURCES``) and ``why``.
+
+    It is an int, so it goes wherever an axis goes; ``to_voxels`` keeps its source (the Slicer adapter
+    returns the axis of the view the clicks were placed in as ``AxisChoice(axis, "view")``).
+    """
+
+    def __new__(cls, axis, source: str = "given", why: str = ""):
+        if source not in AXIS_SOURCES:
+            raise ValueError(f"unknown axis source {source!r}; one of {AXIS_SOURCES}")
+        choice = super().__new__(cls, int(axis))
+        choice.source, choice.why = source, why
+        return choice
+
+    def __repr__(self) -> str:
+        return f"AxisChoice({int(self)}, {self.source!r})"
+
+
 @dataclass
 class VoxelPrompts:
     ijk: np.ndarray  # (N, 3) continuous (i, j, k) of the points inside the volume
@@ -224,6 +251,8 @@ class VoxelPrompts:
     outside_lps: np.ndarray  # (M, 3) points outside the volume (reported, never clamped)
     names: List[str] = field(default_factory=list)
     shape: Optional[Tuple[int, int, int]] = None  # Volume.array shape (k, j, i)
+    axis_source: str = "given"  # where the axis came from: one of AXIS_SOURCES
+    axis_why: str = ""  # the numbers behind an automatic choice (axis_note says it in words)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -256,8 +285,13 @@ def _inside(ijk: np.ndarray, volume: Volume) -> np.ndarray:
     return np.all((ijk >= -0.5 - EDGE_TOLERANCE) & (ijk <= size - 0.5 + EDGE_TOLERANCE), axis=1)
 
 
-def to_voxels(points: PointSet, volume: Volume, axis=None) -> VoxelPrompts:
-    """Physical (or voxel) points -> continuous ijk inside ``volume``, with the slicing axis chosen."""
+def to_voxels(points: PointSet, volume: Volume, axis=None, preferred_axes: Sequence[int] = ()) -> VoxelPrompts:
+    """Physical (or voxel) points -> continuous ijk inside ``volume``, with the slicing axis chosen.
+
+    ``axis``: None or "auto" chooses from the points (:func:`choose_axis`, with ``preferred_axes``, the
+    orientations the model was trained on, see ``pipeline.trained_axes``); a name or 0/1/2 is "given"; an
+    :class:`AxisChoice` keeps its source (e.g. "view").
+    """
     source = f" from {points.source}" if points.source else ""
     if len(points) == 0:
         raise InputError(f"There are no prompts{source}: place at least one point on the structure.")
@@ -283,31 +317,110 @@ def to_voxels(points: PointSet, volume: Volume, axis=None) -> VoxelPrompts:
     names = list(points.names) if len(points.names) == len(ijk) else [""] * len(ijk)
     inside_ijk = ijk[inside]
     if axis is None or (isinstance(axis, str) and axis.strip().lower() == "auto"):
-        axis = choose_axis(inside_ijk, volume)
+        axis = choose_axis(inside_ijk, volume, preferred_axes)
     elif isinstance(axis, str):
-        axis = axis_from_name(axis, volume)
-    elif int(axis) not in (0, 1, 2):
-        raise InputError(f"Slicing axis {axis} is not an array axis; use 0, 1, 2, 'axial', 'coronal' or 'sagittal'.")
+        axis = AxisChoice(axis_from_name(axis, volume), "given")
+    else:
+        try:
+            value = int(axis)
+        except (TypeError, ValueError):
+            value = None
+        if value not in (0, 1, 2):
+            raise InputError(f"Slicing axis {axis} is not an array axis; use 0, 1, 2, 'axial', 'coronal' or "
+                             "'sagittal'.")
+        axis = AxisChoice(value, getattr(axis, "source", "given"), getattr(axis, "why", ""))
     return VoxelPrompts(ijk=inside_ijk, labels=np.asarray(points.labels, int)[inside], axis=int(axis),
                         outside_lps=lps[~inside], names=[n for n, keep in zip(names, inside) if keep],
-                        shape=tuple(volume.shape))
+                        shape=tuple(volume.shape), axis_source=axis.source, axis_why=axis.why)
 
 
-def choose_axis(ijk: np.ndarray, volume: Volume) -> int:
-    """The array axis whose slice planes the points were clicked on (integer coordinates on that axis)."""
+def choose_axis(ijk: np.ndarray, volume: Volume, preferred_axes: Sequence[int] = ()) -> AxisChoice:
+    """The slicing axis for these points (array axis; its ``source`` and ``why`` say how it was found).
+
+    1. **Slice planes.** Clicks placed in a slice view lie on integer planes of that view's axis (within
+       ``INTEGER_TOLERANCE``). If exactly one axis fits, it is the one ("slice planes").
+    2. **The clicks' geometry**, when several axes fit (points at voxel centres: a centerline exported by
+       another tool, a skeleton, a curve resampled on the grid) or none does (points placed in 3D): a
+       centerline runs across slices, so slice perpendicular to it. Among the fitting axes (all three if
+       none fits), keep those along which the points spread over the most slices, so with the fewest
+       points per slice (within ``SPREAD_CLOSE`` of the largest, at least one slice); if several remain and
+       the points are elongated (largest variance >= ``ELONGATION`` x the next, in mm), keep those the
+       points' main direction (first principal component, in mm) is most aligned with (within
+       ``DIRECTION_CLOSE`` of the best |cos|). One left: "clicks' geometry".
+    3. **Close call.** Several left: the first of ``preferred_axes`` among them (the orientations the model
+       was trained on, ``pipeline.trained_axes``): "trained orientation"; otherwise the first in the
+       order axial, coronal, sagittal (by the image direction): "tie".
+    """
     ijk = np.asarray(ijk, float).reshape(-1, 3)
-    axial = axis_from_name("axial", volume)
+    order = [axis_from_name(n, volume) for n in ANATOMICAL_ORDER]
     if len(ijk) == 0:
-        return axial
-    qualified = [a for a in range(3)
-                 if np.all(np.abs(ijk[:, 2 - a] - np.round(ijk[:, 2 - a])) <= INTEGER_TOLERANCE)]
-    if not qualified:
-        return axial
-    # several fit (e.g. points at voxel centres): clicks step along the structure, so most distinct slices
-    counts = {a: len(np.unique(np.round(ijk[:, 2 - a]))) for a in qualified}
-    best = [a for a in qualified if counts[a] == max(counts.values())]
-    preference = [axis_from_name(n, volume) for n in ("axial", "coronal", "sagittal")]
-    return min(best, key=preference.index)
+        return AxisChoice(order[0], "tie", "no points")
+    on_planes = [a for a in order if np.all(np.abs(ijk[:, 2 - a] - np.round(ijk[:, 2 - a])) <= INTEGER_TOLERANCE)]
+    if len(on_planes) == 1:
+        return AxisChoice(on_planes[0], "slice planes", f"all {len(ijk)} points on its slice planes")
+    candidates = on_planes or order
+    names = {a: axis_name(a, volume) for a in range(3)}
+    spread = {a: len(np.unique(np.floor(ijk[:, 2 - a] + 0.5))) for a in candidates}
+    top = max(spread.values())
+    close = [a for a in candidates if spread[a] >= top - max(1.0, SPREAD_CLOSE * top)]
+    ranked = sorted(candidates, key=lambda a: -spread[a])
+    why = "clicks on " + ", ".join(f"{spread[a]} {names[a]}" for a in ranked) + " slices"
+    if len(close) > 1:
+        alignment = _main_direction_alignment(ijk, volume)
+        if alignment is not None:
+            best = max(alignment[a] for a in close)
+            close = [a for a in close if alignment[a] >= best - DIRECTION_CLOSE]
+            why += "; main direction |cos| " + ", ".join(f"{names[a]} {alignment[a]:.2f}" for a in candidates)
+        else:
+            why += "; no main direction"
+    if len(close) == 1:
+        return AxisChoice(close[0], "clicks' geometry", why)
+    preferred = [int(a) for a in preferred_axes if int(a) in close]
+    if preferred:
+        return AxisChoice(preferred[0], "trained orientation",
+                          why + "; close: " + ", ".join(names[a] for a in close))
+    return AxisChoice(close[0], "tie", why + "; close: " + ", ".join(names[a] for a in close))
+
+
+def _main_direction_alignment(ijk: np.ndarray, volume: Volume) -> Optional[Dict[int, float]]:
+    """|cos| between the points' main direction (first principal component in mm) and each array axis's
+    physical direction; None when the points are not elongated (or fewer than two distinct ones)."""
+    lps = ijk_to_physical(ijk, volume.ijk_to_lps)
+    if len(lps) < 2:
+        return None
+    variance, vectors = np.linalg.eigh(np.cov((lps - lps.mean(0)).T))
+    variance = np.clip(variance, 0.0, None)
+    if variance[-1] <= 1e-12 or variance[-1] < ELONGATION * variance[-2]:
+        return None
+    main = vectors[:, -1]
+    directions = volume.ijk_to_lps[:3, :3] / np.linalg.norm(volume.ijk_to_lps[:3, :3], axis=0)  # columns i, j, k
+    return {a: float(abs(main @ directions[:, 2 - a])) for a in range(3)}
+
+
+def axis_name(axis: int, volume: Volume) -> str:
+    """'axial', 'coronal' or 'sagittal': the anatomical name of array axis ``axis`` of ``volume`` (the
+    inverse of :func:`axis_from_name`, from the image direction)."""
+    return next(n for n in ANATOMICAL_ORDER if axis_from_name(n, volume) == int(axis))
+
+
+def axis_note(prompts: "VoxelPrompts", volume: Volume) -> str:
+    """One line: which axis the prompts are sliced along, by name and array axis, and why."""
+    axis = int(prompts.axis)
+    name = axis_name(axis, volume)
+    source, why = getattr(prompts, "axis_source", "given"), getattr(prompts, "axis_why", "")
+    head = f"{name} slices (array axis {axis})"
+    if source == "given":
+        return f"{head}, as given"
+    if source == "view":
+        return f"{head}, the slice view the clicks were placed in"
+    if source == "slice planes":
+        return f"{head}: the clicks lie on its slice planes"
+    if source == "clicks' geometry":
+        return f"{head} from the clicks' geometry ({why})"
+    if source == "trained orientation":
+        return f"{head}: the clicks' geometry is a close call ({why}); the model was trained on {name} slices"
+    return f"{head}: a tie in the clicks' geometry ({why}); first in the order axial, coronal, sagittal. " \
+           "Set the axis to choose"
 
 
 def axis_from_name(name, volume: Volume) -> int:

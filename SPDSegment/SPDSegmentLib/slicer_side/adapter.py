@@ -323,13 +323,23 @@ def add_segment(segmentation_node, name: str, color: Optional[Sequence[float]] =
 
 # ---------------------------------------------------------------- a run on nodes
 
-def prepare_inputs(volume_node, markups_node, axis=None):
-    """(Volume, VoxelPrompts) from MRML nodes. Call on the main thread; the rest can run in a worker."""
+def prepare_inputs(volume_node, markups_node, axis=None, model=None):
+    """(Volume, VoxelPrompts) from MRML nodes. Call on the main thread; the rest can run in a worker.
+
+    ``axis``: None or "auto" chooses from the points, preferring the orientations ``model`` (name, path or
+    loaded; None: the default model) was trained on; an axis from :func:`axis_from_slice_to_ras` keeps its
+    source "view"; a name or 0/1/2 is "given".
+    """
     from ..core.prompts import to_voxels
 
     volume = volume_from_node(volume_node)
     points = points_from_markups(markups_node)
-    return volume, to_voxels(points, volume, axis=axis)
+    preferred = ()
+    if axis is None or (isinstance(axis, str) and axis.strip().lower() == "auto"):
+        from ..core.pipeline import trained_axes
+
+        preferred = trained_axes(model, volume)
+    return volume, to_voxels(points, volume, axis=axis, preferred_axes=preferred)
 
 
 def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: Optional[str] = None,
@@ -350,7 +360,7 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     options = (options or SegmentOptions()).validate()  # a bad option is refused before any model loads
     if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
-    volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis)
+    volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis, model=model)
     if segment_fn is None:
         from ..core import pipeline
 
@@ -389,16 +399,19 @@ def write_result(result, volume: Volume, volume_node, segmentation_node, segment
     return apply_mask_to_segment(editor_node, mask, volume, editor_logic=logic, save_undo=not created)
 
 
-def axis_from_slice_to_ras(slice_to_ras, volume: Volume) -> int:
+def axis_from_slice_to_ras(slice_to_ras, volume: Volume):
     """The array axis of ``volume`` whose slices a slice view with this SliceToRAS matrix shows.
 
     The view's normal (third column, world RAS) is matched against the volume's i, j, k directions, so any
-    view works (Red, Green, Yellow, or a reformatted one), not only the axial one.
+    view works (Red, Green, Yellow, or a reformatted one), not only the axial one. The axis is a
+    ``prompts.AxisChoice`` with source "view": passed to ``to_voxels``, the run's ``axis_note`` says so.
     """
+    from ..core.prompts import AxisChoice
+
     normal = np.asarray(slice_to_ras, float)[:3, 2]
     directions = volume.ijk_to_ras[:3, :3] / np.linalg.norm(volume.ijk_to_ras[:3, :3], axis=0)
     ijk_index = int(np.argmax(np.abs(directions.T @ (normal / np.linalg.norm(normal)))))
-    return 2 - ijk_index
+    return AxisChoice(2 - ijk_index, "view")
 
 
 # ---------------------------------------------------------------- result overlays

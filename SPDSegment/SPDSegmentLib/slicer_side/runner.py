@@ -276,6 +276,7 @@ def run_batch(cases, output_folder, model=None, options=None, progress: Optional
     fatal). Cancellation stops before the next case; finished cases stay written."""
     from ..core import prompts, volume as vol
     from ..core.errors import Cancelled, SPDError
+    from ..core.pipeline import trained_axes
 
     progress = progress or Progress()
     if not output_folder:
@@ -288,7 +289,8 @@ def run_batch(cases, output_folder, model=None, options=None, progress: Optional
         t0 = time.perf_counter()
         try:
             image = vol.read(image_path)
-            voxel_prompts = prompts.to_voxels(prompts.read(points_path), image)
+            voxel_prompts = prompts.to_voxels(prompts.read(points_path), image,
+                                              preferred_axes=trained_axes(model, image))
             result = compute(image, voxel_prompts, model, options, progress, device)
             path = vol.write_segmentation(out_dir / f"{name}_spd.seg.nrrd", result.mask, image.ijk_to_lps,
                                           segment_name=name)
