@@ -10,6 +10,10 @@ as ``spd segment`` does; the report gives the axis chosen and why, and Dice agai
     python scripts/axis_check.py [--data-root ../shared/data] [--split test_full] [--max-minutes 30]
 
 The bar: the voxel-centre case picks the benchmark axis and its mean Dice is within 0.02 of the sub-voxel case.
+
+``--choices`` runs no network: for each noise level and click spacing (``every_kth``), the clicks rounded to
+voxel centres, it counts the axes ``choose_axis`` picks on every case of the split, with the model's trained
+orientation as the preference and without one.
 """
 from __future__ import annotations
 
@@ -45,6 +49,31 @@ def off_centre(ijk: np.ndarray, axis: int, shape, seed: int) -> np.ndarray:
     return moved
 
 
+def count_choices(args, names, axis: int) -> None:
+    """How often ``choose_axis`` picks each axis for voxel-centre clicks, per noise level and click spacing."""
+    import collections
+
+    cases = [case.load() for case in find_cases(Path(args.data_root) / args.dataset, names)]
+    preferred = trained_axes(args.model, cases[0][0])
+    print(f"{args.dataset} {args.split}: {len(cases)} cases, clicks along axis {axis} rounded to voxel centres; "
+          f"model preference {preferred}")
+    print("| clicks | every k-th slice | with the model's preference | without a preference |")
+    print("|---|---|---|---|")
+    for level, every_kth in (("clean", 1), ("clean", 2), ("clean", 3), ("mild", 1), ("moderate", 1),
+                             ("moderate", 2), ("severe", 1)):
+        tallies = {True: collections.Counter(), False: collections.Counter()}
+        for index, (volume, label) in enumerate(cases):
+            ijk = np.round(simulate(label, axis, level, seed=10_000 + index, every_kth=every_kth).ijk)
+            for prefer in (True, False):
+                choice = P.choose_axis(ijk, volume, trained_axes(args.model, volume) if prefer else ())
+                tallies[prefer][(int(choice), choice.source)] += 1
+
+        def cell(tally):
+            return "; ".join(f"axis {a} ({source}) {n}" for (a, source), n in sorted(tally.items()))
+
+        print(f"| {level} | {every_kth} | {cell(tallies[True])} | {cell(tallies[False])} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data")
@@ -57,11 +86,15 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", default="axis_check.json")
+    parser.add_argument("--choices", action="store_true", help="only count the axes chosen (no network)")
     args = parser.parse_args()
 
     split = load_split(args.dataset)
     axis = int(split["axis"])
     names = list(split[args.split])[: args.max_cases]
+    if args.choices:
+        count_choices(args, names, axis)
+        return
     model = load_model(args.model, device="cpu", runtime=args.runtime, precision=args.precision)
     runtime = getattr(model.backbone if hasattr(model, "backbone") else model, "runtime_name", args.runtime)
     options = SegmentOptions()
