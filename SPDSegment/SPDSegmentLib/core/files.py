@@ -142,9 +142,10 @@ def check_writable(path: os.PathLike, what: str = "output") -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        where = f"into the folder {folder}" if existing == folder else f"the folder {folder} inside {existing}"
-        raise InputError(f"Cannot write the {what} {where} ({exc.strerror or exc}). Choose a folder you can write "
-                         "to; nothing was computed.") from None
+        why = (f"the folder {folder} is not writable" if existing == folder else
+               f"the folder {folder} cannot be created in {existing}")
+        raise InputError(f"Cannot write the {what} {path}: {why} ({exc.strerror or exc}). Choose a folder you can "
+                         "write to; nothing was computed.") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"The {what} {path} exists and cannot be overwritten (no write permission).")
 
