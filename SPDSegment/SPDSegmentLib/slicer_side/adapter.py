@@ -2,8 +2,10 @@
 
 ``slicer`` and ``vtk`` are imported inside the functions, so importing this module is cheap and
 works without Slicer. It runs in desktop Slicer and on the ``slicer-core`` wheel (real MRML in plain
-Python, no Qt). Long work runs off the UI thread (``runner.BackgroundRun``): read the nodes with
-:func:`prepare_inputs` on the main thread, compute in a worker, then :func:`write_result` on the main thread.
+Python, no Qt). Long work runs in the SPD engine process (``SPDSegmentLib.engine``): read the nodes with
+:func:`prepare_inputs` on the main thread, compute in the engine, then :func:`write_result` on the main thread.
+The application facts the engine client needs (Slicer's Python, its startup environment, the version,
+the exit signal) are read here too.
 
 Frames: MRML stores RAS, the core works in LPS (``Volume.ijk_to_lps``). Every geometry read here is
 taken to *world* coordinates (parent transforms applied, linear only), and every write goes back into
@@ -30,6 +32,7 @@ SALIENCY_COLOUR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColo
 MODES = ("set", "add", "remove")
 MAX_UNDO_STATES = 10  # per segment editor node
 AUDIT_NODE_NAME = "SPD audit"  # the audit point lists are "SPD audit kept", "... rejected", "... borrowed"
+MINIMUM_SLICER = (5, 10)  # vtkSlicerSegmentEditorLogic; CMakeLists.txt and the README say the same
 
 
 # ---------------------------------------------------------------- matrices and transforms
@@ -186,8 +189,8 @@ def editor_logic_for(editor_node):
     import slicer
 
     if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
-        raise InputError("Writing segments from the SPD module needs Slicer 5.10 or later "
-                         "(vtkSlicerSegmentEditorLogic); use the SPD effect in the Segment Editor instead.")
+        raise InputError("Writing segments from the SPD module needs Slicer {}.{} or later "
+                         "(vtkSlicerSegmentEditorLogic).".format(*MINIMUM_SLICER))
     key = editor_node.GetAddressAsString("vtkObject")  # the C++ object, whatever its Python wrapper
     logic = _LOGICS_BY_ID.get(key)
     if logic is None or logic.GetSegmentEditorNode() is not editor_node:
@@ -480,3 +483,66 @@ def audit_to_markups_nodes(audit, geometry, scene, nodes=None, axis: Optional[in
         node.SetLocked(True)
         node.EndModify(was_modifying)
     return nodes
+
+
+# ---------------------------------------------------------------- the application
+
+def slicer_python() -> str:
+    """Slicer's own Python (``PythonSlicer``), found as Slicer's Python utilities find it: on the PATH
+    that Slicer sets, else in ``<slicerHome>/bin``; outside Slicer, this interpreter."""
+    import os
+    import shutil
+    import sys
+
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    try:
+        import slicer
+
+        home = str(slicer.app.slicerHome)
+    except (ImportError, AttributeError):
+        return sys.executable
+    candidate = os.path.join(home, "bin", "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+    return candidate if os.path.isfile(candidate) else sys.executable
+
+
+def startup_environment() -> Optional[Dict[str, str]]:
+    """The environment Slicer started with (what ``slicer.util.launchConsoleProcess`` gives a child);
+    None outside Slicer (the child inherits this process's)."""
+    try:
+        import slicer
+
+        environment = slicer.util.startupEnvironment()
+    except (ImportError, AttributeError):
+        return None
+    return dict(environment) if isinstance(environment, dict) else None
+
+
+def on_application_exit(callback: Callable[[], Any]) -> None:
+    """Call ``callback`` when Slicer quits (nothing outside Slicer; ``atexit`` covers that)."""
+    try:
+        import slicer
+
+        slicer.app.connect("aboutToQuit()", callback)
+    except (ImportError, AttributeError):
+        pass
+
+
+def check_slicer_version(version: Optional[tuple] = None) -> None:
+    """Refuse to start a run in a Slicer older than :data:`MINIMUM_SLICER` (before any work is done)."""
+    version = slicer_version() if version is None else version
+    if version is not None and tuple(version) < MINIMUM_SLICER:
+        raise InputError("SPDSegment needs Slicer {}.{} or later; this is Slicer {}.{}. Install a newer Slicer."
+                         .format(*MINIMUM_SLICER, *version))
+
+
+def slicer_version() -> Optional[tuple]:
+    """(major, minor) of the running Slicer; None outside desktop Slicer."""
+    try:
+        import slicer
+
+        version = (slicer.app.majorVersion, slicer.app.minorVersion)
+    except (ImportError, AttributeError):
+        return None
+    return version if all(isinstance(v, int) for v in version) else None

@@ -1,0 +1,359 @@
+"""The parent's side of the engine: start it, talk to it without ever blocking, restart it after a crash.
+
+``EngineClient.segment(...)`` (and ``encode_ahead``, ``load_model``, ``batch``, ``status``) sends a
+request and returns a :class:`Handle` at once; the GUI polls ``handle.done`` from a ``qt.QTimer``
+(each poll reads what the engine has written so far, without waiting), shows ``handle.state()`` and
+finally takes ``handle.result()``, which re-raises the engine's error (``InputError``,
+``Cancelled``, :class:`EngineDied`, ...). No thread is started in the parent.
+
+The engine is ``python -m SPDSegmentLib.engine`` started with the Python given (Slicer's
+``PythonSlicer``), its stdin and stdout a pipe private to this process, its stderr a log file. A
+token in its environment must come back in the first message, so nothing but this process can
+drive it. If it dies (killed, out of memory, a native crash) every pending handle fails with one
+line naming the log, and the next request starts a fresh engine; the volume files stay in this
+client's private folder, so the new engine maps them again. ``handle.cancel()`` ends a handle at
+once; an engine that has not given up the request ``hang_seconds`` later is killed.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..core import errors
+from . import protocol
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding SPDSegmentLib
+KEEP_LOGS = 10
+
+
+class EngineError(errors.SPDError):
+    """The engine failed in a way the user cannot fix; its log has the details."""
+
+
+class EngineDied(errors.SPDError):
+    """The engine process ended while a request was pending."""
+
+
+ERRORS = {cls.__name__: cls for cls in (errors.SPDError, errors.InputError, errors.CheckpointError,
+                                         errors.RuntimeChoiceError, errors.DeviceError, errors.DownloadError,
+                                         errors.Cancelled, EngineError)}
+
+
+class Handle:
+    """One request: poll :attr:`done`, show :meth:`state`, then take :meth:`result`."""
+
+    def __init__(self, client: "EngineClient", request_id: int, kind: str):
+        self._client = client
+        self.id = request_id
+        self.kind = kind
+        self.started_at = time.perf_counter()
+        self._state: Tuple[str, int, int] = ("starting the engine" if not client.ready else "queued", 0, 1)
+        self._finished = False
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    @property
+    def done(self) -> bool:
+        if not self._finished:
+            self._client.poll()
+        return self._finished
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self._error, errors.Cancelled)
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The error a finished request ended with (None while it runs or when it succeeded)."""
+        return self._error
+
+    def state(self) -> Tuple[str, int, int]:
+        """(stage, done, total) of the latest progress message."""
+        return self._state
+
+    def result(self):
+        """The engine's answer; re-raises its error here."""
+        if not self._finished:
+            raise RuntimeError("The request has not finished; poll `done` first.")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def cancel(self) -> None:
+        self._client.cancel(self)
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.005) -> bool:
+        """Block until done (scripts, tests and benchmarks only; GUIs poll)."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.done:
+            if deadline is not None and time.perf_counter() > deadline:
+                return False
+            time.sleep(interval)
+        return True
+
+    def _finish(self, value=None, error: Optional[BaseException] = None) -> None:
+        if not self._finished:
+            self._finished, self._value, self._error = True, value, error
+
+
+class EngineClient:
+    """One engine process for this process (start on first use; stop at exit)."""
+
+    def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 log_folder=None, hang_seconds: float = 20.0):
+        self.python = python or sys.executable
+        self.base_env = dict(env if env is not None else os.environ)
+        self.log_folder = Path(log_folder) if log_folder else Path(tempfile.gettempdir()) / "spdsegment-logs"
+        self.hang_seconds = hang_seconds
+        self.log_path: Optional[Path] = None
+        self.ready = False
+        self.pid: Optional[int] = None
+        self.starts = 0
+        self.last_death: Optional[str] = None
+        self._process: Optional[subprocess.Popen] = None
+        self._log_handle = None
+        self._share: Optional[Path] = None
+        self._shelf: Optional[protocol.VolumeShelf] = None
+        self._buffer = protocol.LineBuffer()
+        self._pending: Dict[int, Handle] = {}
+        self._abandoned: Dict[int, float] = {}  # cancelled here, not yet given up by the engine: id -> when
+        self._next_id = 1
+        self._registered_exit = False
+
+    # ------------------------------------------------------------ lifetime
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> "EngineClient":
+        """Start the engine unless it runs (returns at once; it loads in the background)."""
+        if self.alive:
+            return self
+        if self._process is not None:
+            self._died()
+        if self._share is None:
+            self._share = Path(tempfile.mkdtemp(prefix="spd-engine-"))  # private (0700) to this user
+            self._shelf = protocol.VolumeShelf(self._share)
+        self.log_folder.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        self.log_path = self.log_folder / f"engine-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self.starts}.log"
+        self._prune_logs()
+        token = secrets.token_hex(16)
+        env = dict(self.base_env)
+        env.update({protocol.TOKEN_ENV: token, protocol.SHARE_ENV: str(self._share), "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT)] + ([env["PYTHONPATH"]]
+                                                                           if env.get("PYTHONPATH") else []))})
+        self._log_handle = open(self.log_path, "ab")
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
+        self._process = subprocess.Popen([self.python, "-m", "SPDSegmentLib.engine"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._log_handle, env=env,
+                                         cwd=str(self._share), creationflags=flags)
+        if os.name != "nt":
+            os.set_blocking(self._process.stdout.fileno(), False)
+        self.ready, self.pid = False, self._process.pid
+        self._buffer = protocol.LineBuffer()
+        self._write({"type": "hello", "token": token, "protocol": protocol.PROTOCOL_VERSION})
+        if not self._registered_exit:
+            atexit.register(self.stop)
+            self._registered_exit = True
+        return self
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Ask the engine to stop (kill it if it does not within ``timeout``); pending handles are cancelled."""
+        process, self._process = self._process, None
+        if process is not None:
+            try:
+                process.stdin.write(protocol.dumps({"type": "shutdown"}))
+                process.stdin.close()
+            except OSError:
+                pass
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+            if process.stdout is not None:
+                process.stdout.close()
+        self._fail_pending(errors.Cancelled("The SPD engine was stopped; nothing was written."))
+        self.ready = False
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._share is not None:
+            shutil.rmtree(self._share, ignore_errors=True)
+            self._share, self._shelf = None, None
+
+    def kill(self) -> None:
+        """End the engine process at once (as a crash would); the next poll reports it."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(5)
+
+    # ------------------------------------------------------------ requests
+    def submit(self, request) -> Handle:
+        self.poll()
+        self.start()
+        handle = Handle(self, self._next_id, protocol.KIND_OF[type(request)])
+        self._next_id += 1
+        body = protocol.to_json(request, folder=self._share, share_volume=self._shelf.reference)
+        self._pending[handle.id] = handle
+        self._write({"type": "request", "id": handle.id, "kind": handle.kind, "body": body})
+        return handle
+
+    def segment(self, volume, prompts, model=None, options=None, device: str = "auto",
+                allow_download: bool = False) -> Handle:
+        return self.submit(protocol.Segment(volume, prompts, model, options, device, allow_download))
+
+    def encode_ahead(self, volume, prompts, model=None, options=None, device: str = "auto") -> Handle:
+        return self.submit(protocol.EncodeAhead(volume, prompts, model, options, device))
+
+    def load_model(self, model=None, device: str = "auto", allow_download: bool = False) -> Handle:
+        return self.submit(protocol.LoadModel(model, device, allow_download))
+
+    def batch(self, cases, output_folder, model=None, options=None, device: str = "auto") -> Handle:
+        cases = [(str(n), str(i), str(p)) for n, i, p in cases]
+        return self.submit(protocol.Batch(cases, str(output_folder), model, options, device))
+
+    def status(self) -> Handle:
+        return self.submit(protocol.Status())
+
+    def cancel(self, handle: Handle) -> None:
+        """End ``handle`` now (Cancelled) and tell the engine to stop it at its next slice."""
+        if handle._finished:
+            return
+        handle._finish(error=errors.Cancelled("Cancelled; the segmentation was left unchanged."))
+        if self._pending.pop(handle.id, None) is not None and self.alive:
+            self._abandoned[handle.id] = time.perf_counter()
+            self._write({"type": "cancel", "id": handle.id})
+
+    # ------------------------------------------------------------ polling
+    def poll(self) -> None:
+        """Read what the engine has written (never waits); finish handles; notice a dead or hung engine."""
+        process = self._process
+        if process is None:
+            return
+        data, closed = self._read_available()
+        try:
+            messages = self._buffer.feed(data) if data else []
+        except ValueError:
+            messages, closed = [], True
+            self._note("a reply was not SPD protocol; the engine is restarted")
+            self.kill()
+        for message in messages:
+            self._dispatch(message)
+        if closed or process.poll() is not None:
+            self._died()
+            return
+        now = time.perf_counter()
+        hung = [i for i, when in self._abandoned.items() if now - when > self.hang_seconds]
+        if hung:
+            self._note(f"request {hung[0]} did not stop within {self.hang_seconds:.0f} s of its cancel; "
+                       "the engine was killed")
+            self.kill()
+            self._died()
+
+    def _dispatch(self, message: dict) -> None:
+        kind, request_id = message.get("type"), message.get("id")
+        if kind == "ready":
+            self.ready = True
+            return
+        if kind != "progress":
+            self._abandoned.pop(request_id, None)  # the engine has given the request up
+        handle = self._pending.get(request_id)
+        if kind == "progress":
+            if handle is not None:
+                handle._state = (message.get("stage", ""), int(message.get("done", 0)), int(message.get("total", 1)))
+            return
+        self._pending.pop(request_id, None)
+        if kind == "result":
+            try:
+                value = protocol.from_json(message.get("body"))  # also removes the result files
+            except (OSError, ValueError) as exc:
+                value, error = None, EngineError(f"The engine's answer could not be read ({exc}).")
+            else:
+                error = None
+            if handle is not None:
+                handle._finish(value, error)
+        elif handle is not None and kind == "cancelled":
+            handle._finish(error=errors.Cancelled("Cancelled; the segmentation was left unchanged."))
+        elif handle is not None and kind == "error":
+            cls = ERRORS.get(message.get("error"), EngineError)
+            text = message.get("message", "")
+            if cls is EngineError and self.log_path is not None:
+                text = f"{text} Log: {self.log_path}"
+            handle._finish(error=cls(text))
+
+    def _died(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        code = process.poll()
+        if code is None:
+            process.kill()
+            code = process.wait(5)
+        if process.stdout is not None:
+            process.stdout.close()
+        self.ready = False
+        self._abandoned.clear()
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        self.last_death = (f"The SPD engine stopped unexpectedly (exit code {code}); nothing was written. "
+                           f"Log: {self.log_path}")
+        self._fail_pending(EngineDied(self.last_death))
+
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for handle in pending.values():
+            handle._finish(error=error)
+
+    def _write(self, message: dict) -> None:
+        try:
+            self._process.stdin.write(protocol.dumps(message))
+            self._process.stdin.flush()
+        except (OSError, ValueError):  # a dead engine: the next poll reports it
+            pass
+
+    def _read_available(self) -> Tuple[bytes, bool]:
+        """(bytes the engine has written so far, whether its end of the pipe is closed); never waits."""
+        fd = self._process.stdout.fileno()
+        chunks: List[bytes] = []
+        if os.name == "nt":
+            import ctypes
+            import msvcrt
+
+            available = ctypes.c_ulong(0)
+            handle = msvcrt.get_osfhandle(fd)
+            if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None, ctypes.byref(available), None):
+                return b"", True
+            return (os.read(fd, available.value) if available.value else b""), False
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return b"".join(chunks), False
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+
+    def _note(self, text: str) -> None:
+        """A line in the engine's log written by the parent (why it killed the engine)."""
+        if self._log_handle is not None:
+            self._log_handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} PARENT {text}\n".encode())
+            self._log_handle.flush()
+
+    def _prune_logs(self) -> None:
+        logs = sorted(self.log_folder.glob("engine-*.log"), key=lambda p: p.stat().st_mtime)
+        for old in logs[:-KEEP_LOGS]:
+            try:
+                old.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,311 @@
+"""What the Slicer process and the SPD engine say to each other.
+
+Requests are the dataclasses below; the same types serve every front end (the engine process, and
+:class:`~SPDSegmentLib.engine.server.Engine` called in-process by the console API and the benchmark).
+
+On the wire each message is one line of JSON (UTF-8) on the engine's private pipes (its stdin and
+the duplicate of its stdout it keeps for itself), with a request id on everything that concerns a
+request:
+
+- parent -> engine: ``{"type": "hello", "token": ...}`` first (the token the parent put in the
+  engine's environment), then ``{"type": "request", "id": 7, "kind": "segment", "body": {...}}``,
+  ``{"type": "cancel", "id": 7}``, ``{"type": "shutdown"}``;
+- engine -> parent: ``{"type": "ready", "pid": ...}``, ``{"type": "progress", "id": 7, "stage":
+  "encode", "done": 3, "total": 20}``, then exactly one of ``{"type": "result", "id": 7, "body":
+  {...}}``, ``{"type": "error", "id": 7, "error": "InputError", "message": ...}`` or
+  ``{"type": "cancelled", "id": 7}``.
+
+Voxel arrays never travel in JSON: a volume is written once into a ``.npy`` file in the parent's
+private folder and the engine maps it read-only (``{"__volume__": {"id", "path", ...}}``); masks
+and saliency maps come back the same way, cropped to their non-zero box. Small arrays (click
+coordinates) travel inline. Importing this module imports no torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+TOKEN_ENV = "SPDSEGMENT_ENGINE_TOKEN"  # the parent's secret; the engine removes it from its environment
+SHARE_ENV = "SPDSEGMENT_ENGINE_SHARE"  # the parent's private folder for arrays
+INLINE_BYTES = 1 << 14  # arrays up to this size (click coordinates) travel inside the JSON
+
+
+# ---------------------------------------------------------------- requests (one type per job)
+
+@dataclasses.dataclass
+class LoadModel:
+    """Load (and on first use convert) a model. ``allow_download``: fetch a missing checkpoint, with
+    progress; never set it unless the user asked for the download."""
+    model: Optional[str] = None  # name, path; None is the default SPD model
+    device: str = "auto"
+    allow_download: bool = False
+
+
+@dataclasses.dataclass
+class Segment:
+    """One run (the effect's Preview, the module's Segment). Returns a ``pipeline.Result``."""
+    volume: Any  # core.volume.Volume
+    prompts: Any  # core.prompts.VoxelPrompts
+    model: Optional[str] = None
+    options: Any = None  # core.pipeline.SegmentOptions; None: the defaults (the model's own tau and n)
+    device: str = "auto"
+    allow_download: bool = False
+
+
+@dataclasses.dataclass
+class EncodeAhead(Segment):
+    """Work ahead of a Preview while the user clicks: encode the slices the run will need (nearest the
+    newest click first), then run it so saliency maps and decoded slices are remembered. Any newer
+    request supersedes it (it stops at the next slice). Returns ``{"encoded": n, "ran": bool}``."""
+
+
+@dataclasses.dataclass
+class Batch:
+    """Files in, files out: ``OUT/NAME_spd.seg.nrrd`` per case. Returns one row per case."""
+    cases: List[Tuple[str, str, str]]  # (name, image path, points path)
+    output_folder: str
+    model: Optional[str] = None
+    options: Any = None
+    device: str = "auto"
+
+
+@dataclasses.dataclass
+class Status:
+    """What the engine holds: models, cache, device. Answered at once, even while a job runs."""
+
+
+REQUESTS = {"load_model": LoadModel, "segment": Segment, "encode_ahead": EncodeAhead, "batch": Batch,
+            "status": Status}
+KIND_OF = {cls: kind for kind, cls in REQUESTS.items()}
+
+
+# ---------------------------------------------------------------- framing
+
+def dumps(message: dict) -> bytes:
+    return (json.dumps(message, separators=(",", ":"), allow_nan=True) + "\n").encode("utf-8")
+
+
+def loads(line: bytes) -> dict:
+    message = json.loads(line.decode("utf-8"))
+    if not isinstance(message, dict) or "type" not in message:
+        raise ValueError("not a protocol message")
+    return message
+
+
+class LineBuffer:
+    """Bytes in (as they arrive, in any pieces), whole messages out."""
+
+    def __init__(self):
+        self._pending = b""
+
+    def feed(self, data: bytes) -> List[dict]:
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
+        return [loads(line) for line in lines if line.strip()]
+
+
+# ---------------------------------------------------------------- arrays through files
+
+def write_array(folder, array: np.ndarray, stem: str) -> dict:
+    """``array`` into ``folder/stem.npy`` (written under a temporary name, then renamed)."""
+    folder = Path(folder)
+    path = folder / f"{stem}.npy"
+    partial = folder / f"{stem}.partial.npy"
+    np.save(partial, np.ascontiguousarray(array), allow_pickle=False)
+    os.replace(partial, path)
+    return {"path": str(path), "dtype": str(array.dtype), "shape": list(array.shape)}
+
+
+def map_array(ref: dict) -> np.ndarray:
+    """A read-only view of a written array (memory-mapped, not read into memory)."""
+    array = np.load(ref["path"], mmap_mode="r", allow_pickle=False)
+    if list(array.shape) != list(ref["shape"]) or str(array.dtype) != ref["dtype"]:
+        raise ValueError(f"{ref['path']} does not hold the announced array")
+    return array
+
+
+def nonzero_box(array: np.ndarray) -> Optional[List[int]]:
+    """[lo0, hi0, lo1, hi1, ...] (hi exclusive) of the non-zero voxels; None if there are none."""
+    box = []
+    for axis in range(array.ndim):
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(array, axis=others))
+        if not len(hits):
+            return None
+        box += [int(hits[0]), int(hits[-1]) + 1]
+    return box
+
+
+def pack_array(array: np.ndarray, folder=None, stem: str = "") -> dict:
+    """An array as JSON: inline when small, else its non-zero box written to ``folder``."""
+    array = np.asarray(array)
+    if folder is None or array.nbytes <= INLINE_BYTES:
+        return {"__array__": array.tolist(), "dtype": str(array.dtype), "shape": list(array.shape)}
+    box = nonzero_box(array)
+    packed = {"__array_box__": box, "dtype": str(array.dtype), "shape": list(array.shape)}
+    if box is not None:
+        crop = array[tuple(slice(box[2 * a], box[2 * a + 1]) for a in range(array.ndim))]
+        packed["file"] = write_array(folder, crop, stem or uuid.uuid4().hex)
+    return packed
+
+
+def unpack_array(packed: dict) -> np.ndarray:
+    if "__array__" in packed:
+        return np.array(packed["__array__"], dtype=packed["dtype"]).reshape(packed["shape"])
+    array = np.zeros(packed["shape"], packed["dtype"])
+    box = packed["__array_box__"]
+    if box is not None:
+        path = packed["file"]["path"]
+        array[tuple(slice(box[2 * a], box[2 * a + 1]) for a in range(array.ndim))] = np.load(path, allow_pickle=False)
+        try:
+            os.remove(path)  # the reader owns a result file once it has read it
+        except OSError:
+            pass
+    return array
+
+
+# ---------------------------------------------------------------- values <-> JSON
+
+def _dataclasses() -> Dict[str, type]:
+    """The data types that may cross the pipe (an allow-list: nothing else is ever constructed)."""
+    from ..core import distill, pipeline, prompts
+
+    types = [pipeline.SegmentOptions, pipeline.Result, distill.AuditEntry, prompts.VoxelPrompts,
+             *REQUESTS.values()]
+    return {cls.__name__: cls for cls in types}
+
+
+def to_json(value, folder=None, share_volume: Optional[Callable[[Any], dict]] = None, _names=None):
+    """``value`` (requests, results, options, prompts, arrays, volumes) as JSON-ready data.
+
+    Large arrays go to files in ``folder``; a ``core.volume.Volume`` becomes the reference that
+    ``share_volume(volume)`` returns. New fields of the dataclasses travel without changes here.
+    """
+    recurse = lambda v: to_json(v, folder, share_volume, _names)  # noqa: E731
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return pack_array(value, folder, f"a{next(_serial)}-{os.getpid()}")
+    if isinstance(value, (list, tuple)):
+        items = [recurse(v) for v in value]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {str(k): recurse(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__name__ == "Volume" and share_volume is not None:
+        return {"__volume__": share_volume(value)}
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: recurse(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return {"__dataclass__": type(value).__name__, "fields": fields}
+    raise TypeError(f"{type(value).__name__} cannot be sent to the SPD engine")
+
+
+def from_json(data, open_volume: Optional[Callable[[dict], Any]] = None, _types=None):
+    """The inverse of :func:`to_json`; ``open_volume(reference)`` turns a volume reference into a Volume."""
+    types = _types if _types is not None else _dataclasses()
+    recurse = lambda v: from_json(v, open_volume, types)  # noqa: E731
+    if isinstance(data, list):
+        return [recurse(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "__array__" in data or "__array_box__" in data:
+        return unpack_array(data)
+    if "__tuple__" in data:
+        return tuple(recurse(v) for v in data["__tuple__"])
+    if "__volume__" in data:
+        if open_volume is None:
+            raise ValueError("a volume reference arrived where none was expected")
+        return open_volume(data["__volume__"])
+    if "__dataclass__" in data:
+        cls = types.get(data["__dataclass__"])
+        if cls is None:
+            raise ValueError(f"unknown data type {data['__dataclass__']!r}")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: recurse(v) for k, v in data["fields"].items() if k in known})
+    return {k: recurse(v) for k, v in data.items()}
+
+
+_serial = itertools.count()
+
+
+# ---------------------------------------------------------------- volumes shared by file
+
+class VolumeShelf:
+    """The parent's side: each volume written once into the private folder, the newest few kept.
+
+    A volume is known by the identity of its array (the effect keeps one read-only copy per source
+    volume), so the main thread never hashes voxels; the engine computes the content fingerprint.
+    """
+
+    def __init__(self, folder, keep: int = 2):
+        self.folder = Path(folder)
+        self.keep = keep
+        self._shelf: List[Tuple[Any, dict]] = []  # (volume, reference), newest last
+
+    def reference(self, volume) -> dict:
+        for index, (held, ref) in enumerate(self._shelf):
+            if held is volume or held.array is volume.array:
+                self._shelf.append(self._shelf.pop(index))
+                if Path(ref["array"]["path"]).exists():
+                    return ref
+                self._shelf.pop()
+                break
+        volume_id = uuid.uuid4().hex
+        ref = {"id": volume_id, "array": write_array(self.folder, volume.array, f"volume-{volume_id}"),
+               "ijk_to_lps": np.asarray(volume.ijk_to_lps, float).tolist(), "name": volume.name}
+        self._shelf.append((volume, ref))
+        while len(self._shelf) > self.keep:
+            _, old = self._shelf.pop(0)
+            remove_quietly(old["array"]["path"])
+        return ref
+
+    def clear(self) -> None:
+        for _, ref in self._shelf:
+            remove_quietly(ref["array"]["path"])
+        self._shelf = []
+
+
+def remove_quietly(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:  # already gone, or still mapped on Windows (the folder goes at stop)
+        pass
+
+
+class VolumeRack:
+    """The engine's side: volumes mapped read-only from the parent's files, by id, the newest few kept."""
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._rack: Dict[str, Any] = {}
+
+    def open(self, ref: dict):
+        from ..core.volume import Volume
+
+        volume = self._rack.pop(ref["id"], None)
+        if volume is None:
+            try:
+                array = map_array(ref["array"])
+            except (OSError, ValueError) as exc:
+                from ..core.errors import InputError
+
+                raise InputError(f"The engine could not read the volume shared with it ({exc}); run again.") from exc
+            volume = Volume(array=array, ijk_to_lps=np.array(ref["ijk_to_lps"], float), name=ref.get("name", "volume"))
+        self._rack[ref["id"]] = volume
+        while len(self._rack) > self.keep:
+            self._rack.pop(next(iter(self._rack)))
+        return volume
+
+    def __len__(self) -> int:
+        return len(self._rack)

@@ -1,0 +1,216 @@
+"""What the two Slicer GUIs (the SPDSegment module and the SPD effect) share, without Qt.
+
+The SPD engine of this Slicer process (:func:`engine`), the model menu built from the registry,
+each model's own tau and n, progress and status lines, and the training and batch helpers. Widgets
+are passed in and used through their Python attributes only, so nothing here imports qt, and
+importing this module imports no torch.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from ..core.errors import InputError
+from . import adapter
+
+_engine = None
+
+
+def engine():
+    """The one engine client of this Slicer process, started with Slicer's Python on first use and
+    stopped when Slicer quits. Starting it returns at once; the engine loads in the background."""
+    global _engine
+    if _engine is None:
+        from ..core.models.download import cache_dir
+        from ..engine.client import EngineClient
+
+        _engine = EngineClient(python=adapter.slicer_python(), env=adapter.startup_environment(),
+                               log_folder=cache_dir() / "logs")
+        adapter.on_application_exit(_engine.stop)
+    return _engine
+
+
+def engine_if_started():
+    """The engine client if something has used it, else None (nothing is started)."""
+    return _engine
+
+
+_local = None
+
+
+def local_engine():
+    """The engine's work done in this process, for the synchronous console API (``logic.run``): the same
+    request types, models loaded once. The GUIs never use it: they use :func:`engine`."""
+    global _local
+    if _local is None:
+        from ..engine.server import Engine
+
+        _local = Engine()
+    return _local
+
+
+# ---------------------------------------------------------------- models
+
+def spd_header(path) -> dict:
+    """An SPD model file's JSON header, read without torch (safetensors: 8-byte length, JSON)."""
+    with open(path, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        if not 0 < length < 1 << 24:
+            raise ValueError("not a safetensors file")
+        metadata = json.loads(handle.read(length)).get("__metadata__") or {}
+    return json.loads(metadata.get("spd_header", "{}"))
+
+
+def _spd_model_path(name: str) -> Optional[Path]:
+    from ..core.models.registry import BUNDLED_SPD_MODELS
+
+    if name in BUNDLED_SPD_MODELS:
+        return Path(BUNDLED_SPD_MODELS[name])
+    return Path(name).expanduser() if name.endswith(".safetensors") else None
+
+
+def model_choices() -> List[Tuple[str, str]]:
+    """(name, title) of the model menu: every bundled SPD model (default first), then the catalogue."""
+    from ..core.models.registry import BUNDLED_SPD_MODELS, DEFAULT_MODEL, catalogue
+
+    spd = sorted(BUNDLED_SPD_MODELS, key=lambda n: (n != DEFAULT_MODEL, n))
+    return [(n, f"{n} (SPD model, bundled)") for n in spd] + [(n, e["title"]) for n, e in catalogue().items()]
+
+
+def fill_model_menu(combo) -> None:
+    combo.clear()
+    for name, title in model_choices():
+        combo.addItem(title, name)
+
+
+def model_header(name_or_path: str) -> Optional[dict]:
+    """An SPD model's header (bundled name or file), read without torch; None for a plain backbone or an
+    unreadable file. ``pipeline.trained_axes`` takes it, so the GUIs choose the slicing axis without torch."""
+    from ..core.models.registry import DEFAULT_MODEL
+
+    path = _spd_model_path(name_or_path or DEFAULT_MODEL)
+    if path is None:
+        return None
+    try:
+        return spd_header(path)
+    except (OSError, ValueError):
+        return None
+
+
+def model_defaults(name_or_path: str) -> Optional[Tuple[float, int]]:
+    """An SPD model's own (tau, neighbours); None for a plain backbone (raw mode) or an unreadable file."""
+    from ..core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
+
+    header = model_header(name_or_path)
+    if header is None:
+        return None
+    return float(header.get("tau", DEFAULT_TAU)), int(header.get("neighbours", DEFAULT_NEIGHBOURS))
+
+
+def show_model_defaults(name_or_path: str, tau_widget, neighbours_widget) -> Tuple[float, int]:
+    """Put the chosen model's own tau and n into the widgets (never keep another model's); a backbone
+    has none (raw mode), so the widgets are disabled. Returns the values shown."""
+    defaults = model_defaults(name_or_path)
+    for widget in (tau_widget, neighbours_widget):
+        widget.enabled = defaults is not None
+    tau, neighbours = defaults or (0.5, 2)
+    tau_widget.value, neighbours_widget.value = tau, neighbours
+    return tau, neighbours
+
+
+def model_status(name: str) -> str:
+    from ..core.models import registry
+
+    if name in registry.BUNDLED_SPD_MODELS:
+        return "SPD model bundled with the extension."
+    if name not in registry.catalogue():
+        return "A local model file."
+    entry = registry.catalogue()[name]
+    size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
+    state = "on this machine" if registry.is_available(name) else f"not downloaded{size}"
+    return f"{state}; licence {entry['licence']}"
+
+
+# ---------------------------------------------------------------- progress and status lines
+
+def show_progress(bar, handle) -> None:
+    stage, done, total = handle.state()
+    bar.setMaximum(max(total, 1))
+    bar.setValue(min(done, total))
+    bar.setFormat(f"{stage}: %p%")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the status label; an SPD error's message already says what to do."""
+    from ..core.errors import SPDError
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, SPDError) else f"{type(exc).__name__}: {text}"
+
+
+def summary(result) -> str:
+    """``Result.summary()`` (mode, slices, voxels, the prompt audit), then the slicing axis and any warnings."""
+    parts = [result.summary() + "."]
+    note = getattr(result, "axis_note", "")
+    if note:
+        parts.append(str(note).rstrip(".") + ".")
+    parts += [f"Warning: {w}" for w in getattr(result, "warnings", None) or []]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- training and batches (files only)
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+POINT_EXTENSIONS = (".mrk.json", ".json", ".csv", ".tsv", ".fcsv")
+
+
+def pair_cases(folder) -> List[Tuple[str, Path, Path]]:
+    """(name, image, points) for each image in ``folder`` with a point file named like it.
+
+    ``CASE.nii.gz`` pairs with ``CASE.mrk.json`` / ``CASE.csv``, or ``CASE_<anything>.mrk.json`` (e.g.
+    ``CASE_centerline.mrk.json``). Labels (``*_label*``) and earlier outputs (``*.seg.nrrd``) are skipped.
+    """
+    folder = Path(folder or "")
+    if not folder.is_dir():
+        raise InputError(f"Batch input folder {str(folder)!r} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    points = [p for p in files if p.name.lower().endswith(POINT_EXTENSIONS)]
+    cases, unmatched = [], []
+    for image in files:
+        lower = image.name.lower()
+        if not lower.endswith(IMAGE_EXTENSIONS) or lower.endswith(".seg.nrrd") or "_label" in lower:
+            continue
+        name = next(image.name[: -len(e)] for e in IMAGE_EXTENSIONS if lower.endswith(e))
+        stem = name[:-6] if name.endswith("_image") else name
+        match = [p for p in points if p.name.startswith((name + ".", name + "_", stem + ".", stem + "_"))]
+        if match:
+            cases.append((stem, image, match[0]))
+        else:
+            unmatched.append(image.name)
+    if not cases:
+        raise InputError(f"No image in {folder} has a point file named like it (CASE.nii.gz + CASE.mrk.json)"
+                         + (f"; images without points: {unmatched[:5]}" if unmatched else "") + ".")
+    return cases
+
+
+def batch_summary(rows) -> str:
+    return "Batch: " + "; ".join(f"{r['case']} {'failed: ' + r['error'] if r['error'] else 'done'}" for r in rows)
+
+
+def train_arguments(data_folder, output_path, epochs: int = 8, lora: bool = False, device: str = "auto"):
+    """Arguments after the Python executable for ``python -m SPDSegmentLib.cli train``."""
+    if not data_folder or not output_path:
+        raise InputError("Choose a data folder (imagesTr, labelsTr) and an output .spd.safetensors file.")
+    return ["-m", "SPDSegmentLib.cli", "train", "--data", str(data_folder), "--out", str(output_path),
+            "--stage1-epochs", str(int(epochs)), "--mode", "lora" if lora else "frozen", "--device", device]
+
+
+def parse_progress(line: str) -> Optional[float]:
+    """Fraction done from a tqdm line such as 'stage 1 (saliency):  40%|####  | 40/100 [00:10<00:15]'."""
+    match = re.search(r"(\d+)/(\d+)\s*\[", line)
+    if not match or int(match.group(2)) == 0:
+        return None
+    return min(1.0, int(match.group(1)) / int(match.group(2)))
