@@ -186,11 +186,17 @@ def test_run_batch_with_tiny_model(tmp_path, sample_paths, tiny_backbone):
 # ---------------------------------------------------------------- the engine as a child process
 
 EXACT = {"SPDSEGMENT_RUNTIME": "torch", "SPDSEGMENT_PRECISION": "fp32"}  # both processes compute alike
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # test engines share 2 cores with the suite and other work
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(torch_one_thread):
+    yield
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    engine = EngineClient(env=dict(os.environ, **EXACT), log_folder=tmp_path_factory.mktemp("engine-logs"))
+    engine = EngineClient(env=dict(os.environ, **EXACT, **ONE_THREAD), log_folder=tmp_path_factory.mktemp("logs"))
     assert engine.load_model(TINY, "cpu").wait(180)
     yield engine
     engine.stop()
@@ -311,7 +317,7 @@ def test_the_engine_serves_only_its_parent(tmp_path):
 def test_no_thread_is_started_in_the_parent(case, tmp_path):
     volume, clicks = case
     before = threading.active_count()
-    engine = EngineClient(log_folder=tmp_path)
+    engine = EngineClient(env=dict(os.environ, **ONE_THREAD), log_folder=tmp_path)
     try:
         handle = engine.segment(volume, clicks, TINY, SegmentOptions(mode="raw"), device="cpu")
         assert threading.active_count() == before
@@ -328,7 +334,8 @@ def test_bench_speed_times_the_effects_path_through_the_engine_and_in_process(ca
 
     volume, clicks = case
     seconds = speed._clicked_one_per_second(volume, clicks, TINY, preview_after=0.0, seconds_per_click=0.01,
-                                            device="cpu", client=EngineClient(log_folder=tmp_path))
+                                            device="cpu", client=EngineClient(env=dict(os.environ, **ONE_THREAD),
+                                                                              log_folder=tmp_path))
     assert 0.0 <= seconds < 60.0
     assert 0.0 <= speed._clicked_in_process(volume, clicks, tiny_default, 0.0, seconds_per_click=0.01) < 60.0
     assert [len(c) for c in speed._click_by_click(clicks)] == list(range(1, len(clicks) + 1))

@@ -539,9 +539,10 @@ BAD_OPTIONS = [(dict(tau=7), "strictly between 0 and 1"), (dict(neighbours=-1), 
 @pytest.mark.parametrize("options, expected", BAD_OPTIONS)
 def test_console_api_refuses_bad_options_before_any_model_loads(nodes, logic, no_model_load, monkeypatch,
                                                                 options, expected):
-    from SPDSegmentLib.slicer_side import adapter, runner
+    from SPDSegmentLib.engine.server import Engine
+    from SPDSegmentLib.slicer_side import adapter
 
-    monkeypatch.setattr(runner, "cached_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(Engine, "model", lambda *a, **k: pytest.fail("a model was loaded"))
     for call in (lambda o: logic.run(nodes.volume, nodes.points, nodes.segmentation, model="tiny_sam_test",
                                      options=o),
                  lambda o: adapter.run_spd_on_nodes(nodes.volume, nodes.points, nodes.segmentation,

@@ -408,7 +408,7 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
 
     Returns:
       A ``Plan``: the mode, the slices to encode, tau and n, the intensity range, the batch size and the
-      embedding-cache key. ``runner.RunAhead`` uses it to encode while the user still clicks.
+      embedding-cache key. The engine's work ahead (``EncodeAhead``) uses it to encode while the user still clicks.
 
     Raises:
       InputError: SPD mode with a plain backbone, no prompts inside the volume or slice range, or a bad

@@ -1,4 +1,5 @@
-"""The Slicer side: MRML <-> core (``adapter``, imports slicer lazily) and GUI helpers (``runner``).
+"""The Slicer side: MRML <-> core (``adapter``, imports slicer lazily) and what the two GUIs share (``gui``:
+this Slicer's SPD engine, the model menu, status lines).
 
-Builds on ``core``; nothing in ``core`` or ``research`` imports from here.
+Builds on ``core`` and ``engine``; nothing in ``core``, ``engine`` or ``research`` imports from here.
 """
