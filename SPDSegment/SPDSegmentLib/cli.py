@@ -12,9 +12,23 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
+from .core import prompts, volume
 from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
-from .core.errors import SPDError
-from .core.models.registry import DEFAULT_MODEL
+from .core.errors import InputError, SPDError
+from .core.files import OutputSet, check_writable
+from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
+                                   is_available)
+from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
+from .core.progress import Progress, tqdm_progress
+from .core.sample import sample_case
+from .core.volume import LABEL_SUFFIXES, SEGMENTATION_SUFFIXES, output_type_error
+from .research.data import load_split
+from .research.simulate import simulate
+
+# train, evaluate, bench-speed and the demo's metrics import their modules when they run: those import
+# torch (and MONAI, matplotlib), so `spd --help` and the argument check of every command stay quick.
 
 EXIT_INPUT = 2  # bad input or unusable model: nothing written
 EXIT_MEMORY = 3
@@ -24,8 +38,6 @@ EXIT_CANCELLED = 130
 
 def _options(args):
     """The segment options from the command line, checked (InputError before anything loads)."""
-    from .core.pipeline import SegmentOptions
-
     return SegmentOptions(mode=args.mode, tau=args.tau, neighbours=args.neighbours, use_box=not args.no_box,
                           empty_slice=args.empty_slice, modality=args.modality, window=args.window,
                           slice_range=tuple(args.slice_range) if args.slice_range else None,
@@ -34,10 +46,6 @@ def _options(args):
 
 def _segment_outputs(args) -> dict:
     """kind -> path of every output asked for; types and writable folders checked before any work."""
-    from .core.errors import InputError
-    from .core.files import check_writable
-    from .core.volume import LABEL_SUFFIXES, SEGMENTATION_SUFFIXES, output_type_error
-
     out = args.out or f"{Path(args.image).name.split('.')[0]}_spd.seg.nrrd"
     wanted = {"out": (out, SEGMENTATION_SUFFIXES + LABEL_SUFFIXES, "--out"),
               "label": (args.label_out, LABEL_SUFFIXES + SEGMENTATION_SUFFIXES, "--label-out"),
@@ -61,12 +69,11 @@ def _segment_outputs(args) -> dict:
 
 def _check_mode(args, outputs: dict) -> None:
     """SPD mode and the SPD-only outputs need an SPD model: known from the name, before the model loads."""
-    from .core.errors import InputError
-    from .core.spd_model import resolve
+    from .core.spd_model import resolve  # torch: only when a segment command runs
 
     is_spd = resolve(args.model) is not None
     if args.mode == "spd" and not is_spd:
-        raise InputError(f"SPD mode needs an SPD model (for example spd-hippocampus or a .spd.safetensors file); "
+        raise InputError(f"SPD mode needs an SPD model (for example {DEFAULT_MODEL} or a .spd.safetensors file); "
                          f"{args.model} is a backbone: use --mode raw or --mode auto.")
     raw = args.mode == "raw" or (args.mode == "auto" and not is_spd)
     if raw and ("saliency" in outputs or "audit" in outputs):
@@ -76,20 +83,12 @@ def _check_mode(args, outputs: dict) -> None:
 
 
 def _check_inputs_not_outputs(args, outputs: dict) -> None:
-    from .core.errors import InputError
-
     for path in (args.image, args.points):
         if any(Path(path).resolve() == p.resolve() for p in outputs.values()):
             raise InputError(f"An output would overwrite the input {path}; choose another output name.")
 
 
 def cmd_segment(args) -> int:
-    from .core import prompts, volume
-    from .core.errors import InputError
-    from .core.files import OutputSet
-    from .core.pipeline import load_model, segment, trained_axes
-    from .core.progress import tqdm_progress
-
     t0 = time.perf_counter()
     options = _options(args)
     outputs = _segment_outputs(args)
@@ -119,10 +118,7 @@ def cmd_segment(args) -> int:
                 volume.write_segmentation(files.add(outputs["label"]), result.mask, vol.ijk_to_lps,
                                           segment_name=segment_name, method=method)
             if "saliency" in outputs and result.saliency is not None:
-                import SimpleITK as sitk
-
-                sitk.WriteImage(volume.to_sitk(result.saliency, vol.ijk_to_lps),
-                                str(files.add(outputs["saliency"])), True)
+                volume.write_image(files.add(outputs["saliency"]), result.saliency, vol.ijk_to_lps)
             if "audit" in outputs and result.audit:
                 write_audit(files.add(outputs["audit"]), result, vol)
             written = [str(p) for p in files.paths]
@@ -138,20 +134,13 @@ def cmd_segment(args) -> int:
 
 def write_audit(path, result, vol) -> Path:
     """The prompt audit as one Slicer point list; each point's description says kept/rejected/borrowed."""
-    import numpy as np
-
-    from .core.prompts import write_markups
-    from .core.volume import ijk_to_physical
-
-    lps = ijk_to_physical(np.array([e.ijk(result.axis) for e in result.audit]), vol.ijk_to_lps)
+    lps = volume.ijk_to_physical(np.array([e.ijk(result.axis) for e in result.audit]), vol.ijk_to_lps)
     names = [f"{e.status[0].upper()}{i}" for i, e in enumerate(result.audit)]
     descriptions = [f"{e.status} (clicked on slice {e.source_slice}, saliency {e.score:.2f})" for e in result.audit]
-    return write_markups(path, lps, names=names, descriptions=descriptions, node_name="SPD prompt audit")
+    return prompts.write_markups(path, lps, names=names, descriptions=descriptions, node_name="SPD prompt audit")
 
 
 def cmd_models(args) -> int:
-    from .core.models.registry import BUNDLED_SPD_MODELS, cached_path, catalogue, is_available
-
     print(f"{'name':16} {'available':10} {'input':6} title")
     for name, path in BUNDLED_SPD_MODELS.items():  # the SPD models first: the default is one of them
         default = " (default)" if name == DEFAULT_MODEL else ""
@@ -169,9 +158,6 @@ def cmd_models(args) -> int:
 
 def cmd_demo(args) -> int:
     """Raw-prompt SAM and SPD on the bundled sample case; Dice against its label; PNG overlay."""
-    from .core import prompts, volume
-    from .core.pipeline import SegmentOptions, load_model, segment
-    from .core.sample import sample_case
     from .research.evaluate import dice_score, overlay_png
 
     case = sample_case()
@@ -182,8 +168,8 @@ def cmd_demo(args) -> int:
     masks = {}
     progress = encoding_progress()
     for title, model_name, options in (
-        ("SAM (LiteMedSAM), raw points", "litemedsam", SegmentOptions(mode="raw", use_box=False)),
-        ("SAM (LiteMedSAM), box around raw points", "litemedsam", SegmentOptions(mode="raw", use_box=True)),
+        ("SAM (LiteMedSAM), raw points", DEFAULT_BACKBONE, SegmentOptions(mode="raw", use_box=False)),
+        ("SAM (LiteMedSAM), box around raw points", DEFAULT_BACKBONE, SegmentOptions(mode="raw", use_box=True)),
         ("SPD", args.model, SegmentOptions(mode="spd")),
     ):
         t0 = time.perf_counter()
@@ -202,12 +188,17 @@ def cmd_demo(args) -> int:
         rows.append((title, dice_score(result.mask, label), seconds))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    volume.write_segmentation(out_dir / "demo_spd.seg.nrrd", masks["SPD"], vol.ijk_to_lps, segment_name="hippocampus")
-    png = overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=case.axis)
+    written = [volume.write_segmentation(out_dir / "demo_spd.seg.nrrd", masks["SPD"], vol.ijk_to_lps,
+                                         segment_name="hippocampus")]
+    note = ""
+    try:
+        written.append(overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=case.axis))
+    except ImportError:  # matplotlib comes with the "train" extra, not with SPDSegment itself
+        note = " (no overlay PNG: matplotlib is not installed)"
     print(f"sample case {case.name}, {len(points)} sloppy centerline points (moderate noise)")
     for title, dice, seconds in rows:
         print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
-    print(f"wrote {out_dir / 'demo_spd.seg.nrrd'} and {png}")
+    print("wrote " + " and ".join(str(p) for p in written) + note)
     return 0
 
 
@@ -216,8 +207,6 @@ def encoding_progress(stream=None):
 
     On a terminal one line is rewritten per slice; in a log, a line at the start, every quarter and the end.
     """
-    from .core.progress import Progress
-
     state = {}
 
     def callback(stage: str, done: int, total: int) -> None:
@@ -246,9 +235,6 @@ def encoding_progress(stream=None):
 
 
 def cmd_simulate(args) -> int:
-    from .core import volume
-    from .research.simulate import simulate
-
     vol = volume.read(args.label)
     mask = (vol.array > 0).astype("uint8")
     sim = simulate(mask, args.axis, args.level, seed=args.seed)
@@ -258,13 +244,10 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .core.progress import tqdm_progress
     from .research.train import TrainConfig, train
 
     axis = args.axis
     if axis is None and args.dataset:
-        from .research.data import load_split
-
         axis = int(load_split(args.dataset)["axis"])
     config = TrainConfig(data=args.data, out=args.out, dataset=args.dataset, cases=args.cases, axis=axis or 0,
                          modality=args.modality, backbone=args.backbone, mode=args.mode, lora_rank=args.lora_rank,
@@ -374,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", type=int, default=None,
                    help="slicing axis as an array axis 0, 1, 2 (None: the split's axis, else 0)")
     p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"], help="intensity scaling")
-    p.add_argument("--backbone", default="litemedsam", help="catalogue backbone to train on")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="catalogue backbone to train on")
     p.add_argument("--mode", default="frozen", choices=["frozen", "lora"],
                    help="frozen: cached encoder features (CPU-friendly); lora: adapters in the encoder (GPU)")
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (--mode lora)")

@@ -56,7 +56,7 @@ class EmbeddingCache:
             return item
         path = self._file(key, t)
         if path is not None and path.exists():
-            import torch
+            import torch  # here, not at the top: the GUI imports this module at Slicer's start-up
 
             tensor = torch.from_numpy(np.load(path).astype(np.float32))
             self._store(key, t, tensor)

@@ -142,7 +142,7 @@ def saliency_box(saliency: np.ndarray, points_rc: np.ndarray, tau: float = DEFAU
     has nothing above tau. LiteMedSAM was trained with boxes, so this box carries the prior's
     extent to the decoder while the points say which structure is meant.
     """
-    from scipy import ndimage
+    from scipy import ndimage  # here: Slicer imports this module at start-up, before SciPy may be installed
 
     above = saliency > tau
     if not above.any():

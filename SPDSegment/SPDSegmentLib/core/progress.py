@@ -38,7 +38,7 @@ class Progress:
 
 def tqdm_progress(disable: bool = False) -> Progress:
     """A Progress that draws one tqdm bar per stage (for the command line)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # here: Slicer imports this module at start-up, before tqdm may be installed
 
     bars: dict = {}
 

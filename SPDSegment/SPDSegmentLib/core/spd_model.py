@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import CheckpointError
 from .files import atomic_write
-from .models.registry import BUNDLED_SPD_MODELS
+from .models.registry import BUNDLED_SPD_MODELS, load_backbone
 from .saliency import SaliencyHead, add_lora, lora_state
 
 FORMAT = "spdsegment-model"
@@ -112,8 +114,6 @@ def content_digest(tensors: dict, header: dict) -> str:
 
 def _write(path: Path, tensors: dict, header: dict) -> Path:
     """Atomic write (temporary name, then rename) with the content digest in the header."""
-    from safetensors.torch import save_file
-
     header = json.loads(json.dumps(header))  # exactly what a reader will see (tuples become lists, ...)
     header[DIGEST_KEY] = content_digest(tensors, header)
     with atomic_write(path) as tmp:
@@ -122,8 +122,6 @@ def _write(path: Path, tensors: dict, header: dict) -> Path:
 
 
 def read_header(path: os.PathLike) -> dict:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -152,8 +150,6 @@ def read_header(path: os.PathLike) -> dict:
 
 def update_header(path: os.PathLike, **fields) -> dict:
     """Add fields (e.g. evaluation metrics measured after training) to a model file's header."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     header = read_header(path)
     tensors = load_file(str(path), device="cpu")
@@ -193,10 +189,6 @@ def is_spd_file(path: os.PathLike) -> bool:
 
 def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
     """Load an SPD model; ``backbone`` (optional) must be the one it was trained on."""
-    from safetensors.torch import load_file
-
-    from .models.registry import load_backbone
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"SPD model file not found: {path}")

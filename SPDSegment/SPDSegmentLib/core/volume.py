@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import InputError
 from .files import atomic_write
+from .integrity import check_image_file
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -119,8 +121,6 @@ def validate_array(array: np.ndarray, what: str = "image") -> np.ndarray:
 
 
 def from_sitk(image, name: str = "volume") -> Volume:
-    import SimpleITK as sitk
-
     if image.GetDimension() != 3:
         raise InputError(
             f"The image has {image.GetDimension()} dimensions; SPD needs a 3D volume "
@@ -137,10 +137,6 @@ def from_sitk(image, name: str = "volume") -> Volume:
 
 def read(path: str | os.PathLike) -> Volume:
     """Read NIfTI, NRRD, MHA (a file) or a DICOM series (a folder) keeping the geometry."""
-    import SimpleITK as sitk
-
-    from .integrity import check_image_file
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"Image not found: {path}")
@@ -163,8 +159,6 @@ def read(path: str | os.PathLike) -> Volume:
 
 
 def to_sitk(array: np.ndarray, ijk_to_lps: np.ndarray):
-    import SimpleITK as sitk
-
     image = sitk.GetImageFromArray(array)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     image.SetSpacing([float(s) for s in spacing])
@@ -259,13 +253,10 @@ def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_lps: np
     ``method`` is recorded in the segment's tags (``SPDSegment.method:SPD``, or e.g. ``raw SAM``).
     The file is written to a temporary name and renamed, so a failure leaves no partial file.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     mask = np.asarray(mask, dtype=np.uint8)
-    image = to_sitk(mask, ijk_to_lps)
-    name = path.name.lower()
-    if name.endswith(".seg.nrrd"):
+    if path.name.lower().endswith(".seg.nrrd"):
+        image = to_sitk(mask, ijk_to_lps)
         extent = f"0 {mask.shape[2] - 1} 0 {mask.shape[1] - 1} 0 {mask.shape[0] - 1}"
         fields = {
             "Segmentation_MasterRepresentation": "Binary labelmap",
@@ -283,8 +274,22 @@ def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_lps: np
         }
         for key, value in fields.items():
             image.SetMetaData(key, value)
-    elif output_type_error(path, LABEL_SUFFIXES, "output"):
+        return _write_image(image, path)
+    return write_image(path, mask, ijk_to_lps)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, ijk_to_lps: np.ndarray) -> Path:
+    """Write a volume (a label map, or e.g. the saliency map) as NIfTI, NRRD or MHA, keeping the geometry.
+
+    The file is written to a temporary name and renamed, so a failure leaves no partial file.
+    """
+    path = Path(path)
+    if output_type_error(path, LABEL_SUFFIXES, "output"):
         raise InputError(f"Unsupported output type {path.name}; use .seg.nrrd, .nii.gz, .nrrd or .mha.")
+    return _write_image(to_sitk(np.asarray(array), ijk_to_lps), path)
+
+
+def _write_image(image, path: Path) -> Path:
     with atomic_write(path) as tmp:
         sitk.WriteImage(image, str(tmp), True)
     return path

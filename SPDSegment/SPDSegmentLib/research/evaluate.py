@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
+import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+import torch
+from scipy.stats import wilcoxon
+
+from ..core import spd_model
+from ..core.cache import EmbeddingCache
+from ..core.models.registry import load_backbone, resolve_device
+from ..core.pipeline import SegmentOptions, segment
+from ..core.volume import get_slice
+from . import unet
+from .data import find_cases, load_split, structure_range
+from .simulate import simulate
+
+# MONAI and matplotlib (the "train" extra) are imported where they are used: the demo's Dice needs neither.
 
 METHODS = {
     "sam_points": "SAM zero-shot, raw points",
@@ -37,7 +53,6 @@ def dice_score(prediction: np.ndarray, label: np.ndarray) -> float:
 
 def surface_distances(prediction: np.ndarray, label: np.ndarray, spacing_kji) -> tuple:
     """(HD95, ASD) in mm with MONAI; the image diagonal when either mask is empty."""
-    import torch
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     p, g = prediction > 0, label > 0
@@ -58,9 +73,6 @@ def overlay_png(path, volume, label, masks: Dict[str, np.ndarray], prompts, axis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..core.volume import get_slice
-    from .data import structure_range
 
     first, last = structure_range(label, axis)
     picks = np.linspace(first + 2, last - 2, n_slices).round().astype(int)
@@ -101,13 +113,6 @@ def _model_files(models_dir: Path, dataset: str) -> Dict[str, Path]:
 def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: List[str], seed: int, cache,
                      device: str, log, unet_epochs: int = 30, runtime: str = "torch",
                      precision: str = "fp32") -> List[dict]:
-    from ..core import spd_model
-    from ..core.models.registry import load_backbone
-    from ..core.pipeline import SegmentOptions, segment
-    from . import unet
-    from .data import find_cases, load_split
-    from .simulate import simulate
-
     split = load_split(dataset)
     axis = int(split["axis"])
     files = _model_files(models_dir, dataset)
@@ -161,8 +166,6 @@ def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: Li
 
 
 def summarise(rows: List[dict], levels: List[str], reference: str = REFERENCE) -> List[dict]:
-    from scipy.stats import wilcoxon
-
     if not any(r["method"] == reference for r in rows):
         reference = "spd"
     summary = []
@@ -251,13 +254,6 @@ def read_rows(paths: List[Path]) -> List[dict]:
 
 
 def run_benchmark(args) -> None:
-    import platform
-    import sys
-    from datetime import date
-
-    from ..core.cache import EmbeddingCache
-    from ..core.models.registry import resolve_device
-
     device = resolve_device(args.device)
     cache = EmbeddingCache(max_bytes=2 << 30, directory=args.cache_dir)
     rows = read_rows([Path(p) for p in args.merge]) if args.merge else []

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 from ..core.files import atomic_write
+from ..core.volume import apply_range, fingerprint_key, get_slice, intensity_range
 from .data import training_slices
 
 MARGIN = 3  # slices stored beyond the structure on each side (CPD borrows from n = 2 neighbours)
@@ -81,10 +83,6 @@ class FeatureStore:
 def encode_case(store: FeatureStore, dataset: str, case, axis: int, backbone, margin: int = MARGIN,
                 modality: str = "auto", progress=None) -> int:
     """Encode one case along one axis into the store (skipped when present); returns slices encoded."""
-    import torch
-
-    from ..core.volume import apply_range, fingerprint_key, get_slice, intensity_range
-
     if store.has(dataset, case.name, axis):
         return 0
     volume, label = case.load()

@@ -69,8 +69,11 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
+from scipy import ndimage
 
 from ..core.errors import InputError
+from ..core.prompts import from_ijk, to_voxels, write_markups
+from ..core.volume import ijk_to_physical
 from .data import structure_slices
 
 KINDS = ("centerline", "drift", "spurious")
@@ -134,16 +137,11 @@ class SimulatedPrompts:
     def voxel_prompts(self, volume, keep: Optional[np.ndarray] = None):
         """The clicks (all, or those where ``keep`` is True) as ``prompts.VoxelPrompts`` on ``volume`` (the
         grid of the simulated label), slicing along :attr:`axis`: what ``pipeline.segment`` takes."""
-        from ..core.prompts import from_ijk, to_voxels
-
         keep = np.ones(len(self), bool) if keep is None else np.asarray(keep, bool)
         return to_voxels(from_ijk(self.ijk[keep], self.labels[keep]), volume, axis=self.axis)
 
     def to_markups(self, path: Union[str, os.PathLike], ijk_to_lps: np.ndarray) -> Path:
         """Write a Slicer point list (``.mrk.json``, LPS millimetres); ``description`` is the kind."""
-        from ..core.prompts import write_markups
-        from ..core.volume import ijk_to_physical
-
         lps = ijk_to_physical(self.ijk, np.asarray(ijk_to_lps, float)) if len(self) else np.zeros((0, 3))
         return write_markups(path, lps, descriptions=[str(k) for k in self.kind], color=(0.4, 1.0, 1.0),
                              node_name="simulated clicks", locked=False)
@@ -166,8 +164,6 @@ def _check_mask(mask: np.ndarray, axis: int) -> np.ndarray:
 
 def _medial(slice2d: np.ndarray) -> Tuple[np.ndarray, float]:
     """Medial point (row, col) and radius of the largest 8-connected component of a 2D mask."""
-    from scipy import ndimage
-
     labels, count = ndimage.label(slice2d, structure=_EIGHT_CONNECTED)
     if count > 1:
         sizes = np.bincount(labels.ravel())[1:]
@@ -213,8 +209,6 @@ def _resolve_level(level: Union[str, NoiseLevel], every_kth: Optional[int]) -> T
 def _drift_point(slice2d: np.ndarray, medial_rc: np.ndarray, radius: float, rng: np.random.Generator
                  ) -> Optional[np.ndarray]:
     """A background pixel at distance ~U(r, 3r) from the slice's foreground, in a random direction."""
-    from scipy import ndimage
-
     background = ~slice2d
     if not background.any():
         return None

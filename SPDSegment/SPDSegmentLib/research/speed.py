@@ -12,6 +12,7 @@ the same machine at the same time. Both on the sample case and on a left-atrium 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -23,15 +24,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.cache import EmbeddingCache
+from ..core.errors import Cancelled
+from ..core.models.backbone import pad_points
+from ..core.pipeline import SegmentOptions, default_batch_size, load_model, segment
+from ..core.progress import Progress
+from ..core.sample import sample_case
+from ..core.volume import apply_range, get_slice, intensity_range, read, read_label
+from ..engine.client import EngineClient
+from ..engine.protocol import EncodeAhead, Segment
+from ..engine.server import Engine
+from .data import find_cases, load_split
+from .simulate import simulate
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _naive(backbone, volume, axis, slices, prompts_by_slice, intensity):
-    from ..core.models.backbone import pad_points
-    from ..core.volume import apply_range, get_slice
-
     shape_hw = tuple(s for a, s in enumerate(volume.shape) if a != axis)
     transform = backbone.transform(*shape_hw)
     t0 = time.perf_counter()
@@ -73,8 +84,6 @@ def _throughput(backbone, batch: int, repeats: int = 2):
 
 def _case(volume, label, axis, n_slices=30, seed=0, within=None):
     """Sloppy moderate clicks over (up to) n_slices consecutive slices of the structure."""
-    from .simulate import simulate
-
     sim = simulate(label, axis, "moderate", seed=seed)
     t = np.rint(sim.ijk[:, 2 - axis]).astype(int)
     first = int(t.min())
@@ -86,8 +95,6 @@ def _case(volume, label, axis, n_slices=30, seed=0, within=None):
 
 def _one_click_moved(prompts):
     """The same clicks with the middle one dragged by two voxels within its slice."""
-    import dataclasses
-
     ijk = prompts.ijk.copy()
     ijk[len(ijk) // 2, (3 - prompts.axis) % 3] += 2.0
     return dataclasses.replace(prompts, ijk=ijk)
@@ -95,8 +102,6 @@ def _one_click_moved(prompts):
 
 def _click_by_click(prompts):
     """The clicks so far after each click, in slice order (as a reader scrolls)."""
-    import dataclasses
-
     order = np.argsort(prompts.slice_index(), kind="stable")
     for count in range(1, len(order) + 1):
         keep = order[:count]
@@ -119,9 +124,6 @@ def _clicked_one_per_second(volume, prompts, model, preview_after: float, second
     ``EngineClient``, stopped here): the model loaded first (as when the effect is selected), clicks one
     at a time with work ahead after each, then Preview ``preview_after`` seconds after the last click.
     Returns the seconds from Preview to the mask back in this process."""
-    from ..core.pipeline import SegmentOptions
-    from ..engine.client import EngineClient
-
     client = client or EngineClient()
     try:
         client.load_model(model, device).wait()
@@ -165,9 +167,6 @@ class _InProcessAhead:
             thread.join()
 
     def _loop(self) -> None:
-        from ..core.errors import Cancelled
-        from ..core.progress import Progress
-
         while True:
             with self._lock:
                 job, self._job = self._job, None
@@ -183,11 +182,6 @@ class _InProcessAhead:
 
 def _clicked_in_process(volume, prompts, model, preview_after: float, seconds_per_click: float = 1.0) -> float:
     """The same path in-process with a fresh cache (``model``: loaded); Preview stops the work ahead."""
-    from ..core.cache import EmbeddingCache
-    from ..core.pipeline import SegmentOptions
-    from ..engine.protocol import EncodeAhead, Segment
-    from ..engine.server import Engine
-
     engine = Engine(cache=EmbeddingCache())
     ahead = _InProcessAhead(engine)
     for clicks in _click_by_click(prompts):
@@ -215,13 +209,6 @@ def _engine_environment(args) -> dict:
 
 
 def run_speed_benchmark(args) -> None:
-    from ..core.cache import EmbeddingCache
-    from ..core.pipeline import SegmentOptions, default_batch_size, load_model, segment
-    from ..engine.client import EngineClient
-    from ..core.sample import sample_case
-    from ..core.volume import intensity_range, read, read_label
-    from .data import find_cases, load_split
-
     # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
     naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")
     naive_backbone = naive_model.backbone if hasattr(naive_model, "head") else naive_model

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RuntimeChoiceError
+from . import openvino_runtime
 from .transform import SliceTransform
 
 IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
@@ -90,10 +92,6 @@ class Backbone(nn.Module):
         The environment variables SPDSEGMENT_RUNTIME and SPDSEGMENT_PRECISION replace "auto" (for
         Slicer, where there is no command line).
         """
-        import os
-
-        from . import openvino_runtime as ovr
-
         if runtime == "auto":
             runtime = os.environ.get("SPDSEGMENT_RUNTIME", "auto")
         if precision == "auto":
@@ -101,23 +99,23 @@ class Backbone(nn.Module):
         if runtime not in RUNTIMES:
             raise RuntimeChoiceError(f"The runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}.",
                                      setting="runtime")
-        if precision not in ("auto",) + ovr.PRECISIONS:
-            raise RuntimeChoiceError(f"The precision must be one of auto, {', '.join(ovr.PRECISIONS)}, not "
+        if precision not in ("auto",) + openvino_runtime.PRECISIONS:
+            raise RuntimeChoiceError(f"The precision must be one of auto, {', '.join(openvino_runtime.PRECISIONS)}, not "
                                      f"{precision!r}.", setting="precision")
         on_cpu = self.device.type == "cpu"
         if runtime == "openvino" and not on_cpu:
             raise RuntimeChoiceError("The OpenVINO runtime runs on the CPU; choose the torch runtime with a GPU.",
                                      setting="runtime")
-        if runtime == "openvino" and not ovr.available():
+        if runtime == "openvino" and not openvino_runtime.available():
             raise RuntimeChoiceError("The OpenVINO runtime needs the openvino package (pip install openvino); or "
                                      "choose the torch runtime.", setting="runtime")
-        if precision == "int8" and (runtime == "torch" or not on_cpu or not ovr.available()):
+        if precision == "int8" and (runtime == "torch" or not on_cpu or not openvino_runtime.available()):
             raise RuntimeChoiceError("The int8 precision runs on the CPU with OpenVINO (pip install openvino nncf); "
                                      "choose bf16 or fp32 here.", setting="precision")
-        use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and ovr.available())
+        use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and openvino_runtime.available())
         if precision == "auto":
-            precision = "bf16" if use_openvino and AUTO_BF16 and ovr.cpu_supports_bf16() else "fp32"
-        self.runtime = ovr.OpenVINORuntime(self, precision) if use_openvino else None
+            precision = "bf16" if use_openvino and AUTO_BF16 and openvino_runtime.cpu_supports_bf16() else "fp32"
+        self.runtime = openvino_runtime.OpenVINORuntime(self, precision) if use_openvino else None
         self.precision = precision
         return self
 

@@ -33,7 +33,7 @@ def _temporary_modules(modules: dict):
 
 
 def _timm_stand_in() -> dict:
-    import torch
+    import torch  # here, not at the top: the registry imports this module at Slicer's start-up
     import torch.nn as nn
 
     class DropPath(nn.Module):

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -26,7 +27,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, RuntimeChoiceError
+from ..sample import sample_case
+from ..volume import apply_range, get_slice, intensity_range, read
 from .digest import weights_digest
+from .download import cache_dir
+
+# openvino and nncf are optional: imported where used, so that PyTorch alone still runs SPD.
 
 # int8: part of the encoder in static int8 (INT8_SCOPE, calibrated once), the rest as bf16 where the
 # CPU has it natively, else fp32. Opt-in: docs/performance.md has its speed and Dice.
@@ -92,15 +98,11 @@ def prompt_tokens(points: Optional[np.ndarray], labels: Optional[np.ndarray], bo
 
 
 def _ir_cache_root() -> Path:
-    from .download import cache_dir
-
     return cache_dir() / "openvino"
 
 
 def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) -> None:
     """torch module -> OpenVINO IR at ``xml_path``."""
-    import warnings
-
     import openvino as ov
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -131,9 +133,6 @@ def _save(model, xml_path: Path) -> None:
 
 def _calibration_images(backbone) -> list:
     """Model inputs for int8 calibration: the slices of the bundled sample case (MR hippocampus)."""
-    from ..sample import sample_case
-    from ..volume import apply_range, get_slice, intensity_range, read
-
     case = sample_case()
     volume = read(case.image)
     lo_hi = intensity_range(volume.array)

@@ -15,6 +15,9 @@ from ..errors import CheckpointError, DeviceError
 from . import download
 from .compat import bundled_litemedsam_checkpoint, medsam_lite_modules, segment_anything_modules
 
+# torch, and the modules built on it (backbone, litemedsam), are imported inside the functions that need
+# them: the Slicer module and the effect read the catalogue at start-up, before PyTorch may be installed.
+
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
 DEFAULT_MODEL = "spd-hippocampus"  # the default model of every front end (`spd`, the module, the effect)
 DEFAULT_BACKBONE = "litemedsam"  # the default backbone (raw mode, and what SPD models are trained on)
