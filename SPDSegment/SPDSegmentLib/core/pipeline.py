@@ -495,11 +495,11 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
         for t in p.targets:
             consensus = distilled.consensus.get(t)
             if consensus is not None and len(consensus.positives):
-                box = distill.saliency_box(maps[t], consensus.positives, p.tau)
+                box = distill.saliency_box(maps[t], consensus.positives, tau=p.tau)
                 jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels,
                              transform.box_rc_to_model(*box)))
             elif options.empty_slice == "saliency" and prompted[0] <= t <= prompted[-1]:
-                box = distill.saliency_box(maps[t], np.zeros((0, 2)), p.tau)
+                box = distill.saliency_box(maps[t], np.zeros((0, 2)), tau=p.tau)
                 if box is not None:
                     jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
         if options.return_saliency:
@@ -516,7 +516,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
             if options.use_box:
                 if not len(positives):
                     continue  # a box needs a foreground point
-                box = transform.box_rc_to_model(*distill.points_box(positives, margin, p.shape_hw))
+                box = transform.box_rc_to_model(*distill.points_box(positives, margin=margin, shape=p.shape_hw))
             jobs.append((t, transform.rc_to_model_xy(rc), np.asarray(labels), box))
     progress.check()
 

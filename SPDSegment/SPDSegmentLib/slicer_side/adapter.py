@@ -373,8 +373,8 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     result = segment_fn(volume, voxel_prompts, model, options=options, progress=progress)
     if progress is not None:
         progress.check()  # a cancel that arrived after the last slice still writes nothing
-    write_result(result, volume, volume_node, segmentation_node, segment_id, markups_node.GetName() or "SPD",
-                 editor_node)
+    write_result(result, volume, volume_node, segmentation_node, segment_id,
+                 segment_name=markups_node.GetName() or "SPD", editor_node=editor_node)
     return result
 
 
