@@ -9,6 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from cli_helpers import files_in, run, segment_args
+
 from SPDSegmentLib import cli
 from SPDSegmentLib.core import prompts
 from SPDSegmentLib.core import spd_model
@@ -34,21 +36,6 @@ def spd_file(tmp_path_factory, tiny_backbone):
         head.net[-1].bias.fill_(4.0)
     header = spd_model.make_header(tiny_backbone, head, lora_rank=0, tau=0.5, neighbours=1, decoder_tuned=False)
     return spd_model.save(tmp_path_factory.mktemp("models") / "tiny.spd.safetensors", tiny_backbone, head, header)
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def segment_args(image, points, out, *extra, model="tiny_sam_test"):
-    return ("segment", image, "--points", points, "--model", model, "--device", "cpu", "--out", out, "--quiet",
-            *extra)
-
-
-def files_in(folder):
-    return sorted(p.name for p in folder.rglob("*") if p.is_file())
 
 
 # ---------------------------------------------------------------- models

@@ -23,6 +23,8 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import files_in, run, segment_args
+
 from SPDSegmentLib import cli
 from SPDSegmentLib.core import files, pipeline, prompts, spd_model
 from SPDSegmentLib.core import volume as vol
@@ -35,21 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- helpers
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def segment_args(image, points, out, *extra, model="tiny_sam_test"):
-    return ("segment", image, "--points", points, "--model", model, "--device", "cpu", "--out", out, "--quiet",
-            *extra)
-
-
-def files_in(folder):
-    return sorted(p.name for p in Path(folder).rglob("*") if p.is_file())
-
 
 def tiny_spd_file(path, backbone, bias=4.0, decoder_tuned=False):
     """An SPD model on the tiny backbone whose saliency is sigmoid(bias) everywhere."""

@@ -545,7 +545,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
 
 def decoder_description(model) -> str:
     """Which mask decoder a run with ``model`` uses: an SPD model's tuned decoder, or the backbone's own."""
-    from .spd_model import SPDModel
+    from .spd_model import SPDModel  # torch
 
     if isinstance(model, SPDModel):
         if model.header.get("decoder_tuned"):
