@@ -20,10 +20,10 @@ import numpy as np
 from . import distill
 from .cache import default_cache
 from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .models.registry import DEFAULT_MODEL, load_backbone, resolve_device
 from .progress import Progress
-from .prompts import axis_note
+from .prompts import axis_from_name, axis_note
 from .volume import (CT_WINDOWS, Volume, apply_range, fingerprint_key, get_slice, intensity_range, put_slice,
                      validate_array)
 
@@ -212,12 +212,9 @@ def trained_axes(model, volume: Volume) -> Tuple[int, ...]:
     ``"axis"`` (the array axis of the training slices) is taken as it is. A plain backbone, or a model file
     that cannot be read here (loading it reports that), gives no preference.
     """
-    from .errors import CheckpointError
-    from .prompts import axis_from_name
-
     header = getattr(model, "header", model)
     if header is None or isinstance(header, str):
-        from . import spd_model
+        from . import spd_model  # torch
 
         try:
             path = spd_model.resolve(header or DEFAULT_MODEL)
