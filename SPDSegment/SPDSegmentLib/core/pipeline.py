@@ -236,7 +236,7 @@ def trained_axes(model, volume: Volume) -> Tuple[int, ...]:
     return tuple(dict.fromkeys(axes))
 
 
-def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intensity: Tuple[float, float],
+def encode_slices(backbone, volume: Volume, axis: int, slices: List[int], intensity: Tuple[float, float], *,
                   cache=None, progress: Optional[Progress] = None, batch_size: int = 8,
                   key: Optional[str] = None) -> Dict[int, "object"]:
     """Embeddings (C, E, E) of the given slices; cached ones are not recomputed.
@@ -325,7 +325,7 @@ def _job_digest(job) -> str:
     return digest.hexdigest()[:20]
 
 
-def _decode(backbone, embeddings, jobs, shape_hw, batch_size, progress, dense=None, cache=None,
+def _decode(backbone, embeddings, jobs, shape_hw, *, batch_size, progress, dense=None, cache=None,
             key: Optional[str] = None) -> Dict[int, np.ndarray]:
     """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None); dense: t -> mask prompt.
 
