@@ -314,7 +314,7 @@ def test_the_engine_serves_only_its_parent(tmp_path):
     assert by_hand.returncode == 2 and b"not meant to be started by hand" in by_hand.stderr
 
 
-def test_no_thread_is_started_in_the_parent(case, tmp_path):
+def test_no_thread_in_the_parent_and_the_engine_ends_with_its_pipe(case, tmp_path):
     volume, clicks = case
     before = threading.active_count()
     engine = EngineClient(env=dict(os.environ, **ONE_THREAD), log_folder=tmp_path)
@@ -323,6 +323,9 @@ def test_no_thread_is_started_in_the_parent(case, tmp_path):
         assert threading.active_count() == before
         assert handle.wait(180) and handle.result().voxels > 0
         assert threading.active_count() == before
+        process = engine._process
+        process.stdin.close()  # Slicer gone (even by a crash): the engine does not outlive it
+        assert process.wait(30) == 0
     finally:
         engine.stop()
     assert not engine.alive and engine._share is None

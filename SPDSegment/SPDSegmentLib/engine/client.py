@@ -173,7 +173,7 @@ class EngineClient:
             try:
                 process.stdin.write(protocol.dumps({"type": "shutdown"}))
                 process.stdin.close()
-            except OSError:
+            except (OSError, ValueError):
                 pass
             try:
                 process.wait(timeout)

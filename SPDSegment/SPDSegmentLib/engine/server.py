@@ -270,7 +270,9 @@ class Server:
                 self.receive(message)
         log.info("the parent closed the pipe; stopping")
         self.stop()
-        threading.Timer(15.0, os._exit, args=(0,)).start()  # a job stuck in native code must not outlive Slicer
+        deadline = threading.Timer(15.0, os._exit, args=(0,))  # a job stuck in native code must not outlive Slicer
+        deadline.daemon = True  # a normal stop does not wait for it
+        deadline.start()
 
     def receive(self, message: dict) -> None:
         kind = message.get("type")
