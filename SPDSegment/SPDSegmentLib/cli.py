@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="../shared/data", help="folder holding one folder per dataset")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
+    p.add_argument("--preview-only", action="store_true",
+                   help="only the effect's Preview, through the engine process and in-process")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser

@@ -219,10 +219,21 @@ def _engine_environment(args) -> dict:
     return env
 
 
+def _previews(volume, prompts, model, args):
+    """The effect's path through the engine and in-process, alternating, so both see the machine alike:
+    'at once (in-process)', '1 s later (...)', 'again (...)' as printed."""
+    preview = {}
+    for after in (0.0, 1.0):
+        preview[after] = (
+            _clicked_one_per_second(volume, prompts, args.model, after, device=args.device,
+                                    client=EngineClient(env=_engine_environment(args))),
+            _clicked_in_process(volume, prompts, model, after))
+    at_once, later = (f"{preview[a][0][0]:.2f} ({preview[a][1][0]:.2f})" for a in (0.0, 1.0))
+    return at_once, later, f"{preview[1.0][0][1]:.3f} ({preview[1.0][1][1]:.3f})"
+
+
 def run_speed_benchmark(args) -> None:
-    # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
-    naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")
-    naive_backbone = naive_model.backbone if hasattr(naive_model, "head") else naive_model
+    preview_only = getattr(args, "preview_only", False)  # only the effect's Preview columns
     model, load_s = _timed(load_model, args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     backbone = model.backbone if hasattr(model, "head") else model
     sample = sample_case()
@@ -236,15 +247,27 @@ def run_speed_benchmark(args) -> None:
     batch = default_batch_size(backbone.device)
     print(f"device {backbone.device}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"{platform.machine()}; {date.today()}")
-    print(f"(a) naive: torch-fp32, batch 1, no cache; (b) SPD: {backbone.runtime_name}, batch {batch}, "
-          f"model load {load_s:.1f} s (includes the one-time OpenVINO conversion when not cached)")
+    print(f"(b) SPD: {backbone.runtime_name}, batch {batch}, model load {load_s:.1f} s (includes the one-time "
+          "OpenVINO conversion when not cached)")
+    previews = f"{'Preview at once s':>17} {'Preview 1 s later s':>19} {'Preview again s':>15}"
+    if preview_only:
+        print("Preview: through the engine process (in this process for comparison), seconds")
+        print(f"{'case':28} {previews}")
+        for name, volume, axis, label in cases:
+            print(f"{name:28} " + " ".join(f"{v:>{w}}" for v, w in zip(
+                _previews(volume, _case(volume, label, axis), model, args), (17, 19, 15))))
+        return
+    # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
+    naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")
+    naive_backbone = naive_model.backbone if hasattr(naive_model, "head") else naive_model
+    print("(a) naive: torch-fp32, batch 1, no cache")
     for label_, bb, b in (("(a)", naive_backbone, 1), ("(b)", backbone, batch)):
         encoder_rate, decoder_rate = _throughput(bb, batch=b)
         print(f"{label_} encoder {encoder_rate:.2f} slices/s (batch {b}), decoder {decoder_rate:.1f} prompts/s "
               f"(batch {b * 4})")
     print("Preview: through the engine process (in this process for comparison), seconds")
     print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'naive/SPD':>9} {'1 click moved s':>15} "
-          f"{'all clicks new s':>16} {'Preview at once s':>17} {'Preview 1 s later s':>19} {'Preview again s':>15}")
+          f"{'all clicks new s':>16} {previews}")
     for name, volume, axis, label in cases:
         prompts = _case(volume, label, axis)
         slices = sorted(prompts.by_slice())
@@ -255,14 +278,7 @@ def run_speed_benchmark(args) -> None:
         _, moved = _timed(segment, volume, _one_click_moved(prompts), model, SegmentOptions(), cache=cache)
         others = _case(volume, label, axis, seed=1, within=slices)
         _, new = _timed(segment, volume, others, model, SegmentOptions(), cache=cache)
-        preview = {}
-        for after in (0.0, 1.0):  # engine and in-process alternate, so both see the machine alike
-            preview[after] = (
-                _clicked_one_per_second(volume, prompts, args.model, after, device=args.device,
-                                        client=EngineClient(env=_engine_environment(args))),
-                _clicked_in_process(volume, prompts, model, after))
-        at_once, later = (f"{preview[a][0][0]:.2f} ({preview[a][1][0]:.2f})" for a in (0.0, 1.0))
-        again = f"{preview[1.0][0][1]:.3f} ({preview[1.0][1][1]:.3f})"
+        at_once, later, again = _previews(volume, prompts, model, args)
         print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {naive / ours:>9.2f} {moved:>15.2f} "
               f"{new:>16.2f} {at_once:>17} {later:>19} {again:>15}")
         print("    SPD first run: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
