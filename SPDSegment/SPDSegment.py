@@ -47,7 +47,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.task = None  # (engine Handle, onDone) of the run, download, batch or status request in progress
         self.process = None  # training QProcess
         self.timer = qt.QTimer()
-        self.timer.setInterval(100)
+        self.timer.setInterval(50)  # a finished run is picked up within 50 ms; a poll is one read()
         self.timer.connect("timeout()", self.poll)
         self.buildSegmentPanel()
         self.buildModelPanel()

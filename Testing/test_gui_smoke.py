@@ -25,6 +25,7 @@ pytest.importorskip("torch")
 from SPDSegmentLib.core import prompts  # noqa: E402
 from SPDSegmentLib.core.models import registry  # noqa: E402
 from SPDSegmentLib.core.volume import Volume, read, read_label, to_sitk  # noqa: E402
+from SPDSegmentLib.research import speed  # noqa: E402
 from SPDSegmentLib.slicer_side import adapter as sa  # noqa: E402
 from SPDSegmentLib.slicer_side import gui as shared  # noqa: E402
 from slicer_app import make_standalone_app  # noqa: E402
@@ -135,6 +136,7 @@ def test_module_widget_run_undo_batch(gui, engine):
     widget.overlaysCheck.checked = True
     widget.onModelChanged()
     assert not widget.tauSlider.enabled  # a backbone runs raw: no tau
+    widget.timer.setInterval.assert_called_once_with(round(speed.POLL_SECONDS * 1000))
     widget.onRun()
     wait(widget.poll, lambda: widget.task is not None)
     segmentation = gui.nodes.segmentation.GetSegmentation()
@@ -303,6 +305,7 @@ def test_effect_click_preview_apply_undo_cancel(gui, engine):
     assert "ModelFile" not in scripted.params and "ViewNormal" not in scripted.params  # never stored empty
     assert scripted.params["Model"] == "tiny_sam_test" and scripted.params["Mode"] == "raw"
     assert not effect.tauSlider.enabled  # a backbone has no tau of its own: raw mode
+    effect.timer.setInterval.assert_called_once_with(round(speed.POLL_SECONDS * 1000))  # as bench-speed polls
 
     effect.activate()  # selecting the effect starts the engine and loads the model, downloading nothing
     assert engine.alive and effect.preload is not None
@@ -326,7 +329,6 @@ def test_effect_click_preview_apply_undo_cancel(gui, engine):
     assert effect.preview["result"].axis == 1
     assert effect.preview["result"].axis_note.startswith("coronal slices (array axis 1), the slice view")
     assert effect.preview["result"].axis_note.rstrip(".") in effect.statusLabel.text  # shown to the user
-    assert effect.preview["result"].axis_note.startswith("coronal slices (array axis 1), the slice view")
     preview_mask = effect.preview["result"].mask
     assert sa.segment_array(segmentation_node, segment_id, gui.volume).sum() == 0  # preview writes nothing
 
@@ -393,8 +395,8 @@ def long_case(gui, offset):
 
 
 def preview_seconds(effect, gui, volume_node, points_node, starve: bool) -> float:
-    """Preview on ``volume_node`` while the main thread idles like Slicer's: the QTimer ticks every 100 ms.
-    ``starve``: between ticks it holds the GIL as PythonQt's event loop does (a usleep that keeps it),
+    """Preview on ``volume_node`` while the main thread idles like Slicer's, the effect polling every 100 ms.
+    ``starve``: between polls it holds the GIL as PythonQt's event loop does (a usleep that keeps it),
     with a 2 ms sleep every 100 ms, as the issue measured it."""
     usleep = ctypes.PyDLL(None).usleep
     gui.app.editor_node.SetAndObserveSourceVolumeNode(volume_node)
@@ -460,12 +462,14 @@ def test_a_killed_engine_leaves_the_segment_as_it_was(gui, engine):
     effect, scripted, segment_id = make_effect(gui)
     effect.activate()
     wait(effect.poll, lambda: effect.preload is not None)
+    sa.apply_mask_to_segment(gui.app.editor_node, (gui.label > 0).astype(np.uint8), gui.volume)
+    before = segment_bytes(gui, segment_id)
+    assert np.frombuffer(before, np.uint8).any()  # a segment with content, which must stay as it is
     volume_node, points_node = long_case(gui, 0)
     gui.app.editor_node.SetAndObserveSourceVolumeNode(volume_node)
     gui.app.editor_node.SetNodeReferenceID("SPD.Prompts", points_node.GetID())
     effect.onPreview()
     wait(effect.poll, lambda: effect.run is not None and effect.run.state()[0] not in ("encode", "decode"))
-    before = segment_bytes(gui, segment_id)
     first_pid = engine.pid
     engine.kill()  # out of memory, a native crash
     wait(effect.poll, lambda: effect.run is not None)

@@ -401,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
     p.add_argument("--preview-only", action="store_true",
                    help="only the effect's Preview, through the engine process and in-process")
+    p.add_argument("--seconds-per-click", type=float, default=1.0,
+                   help="the pace of the simulated clicks in the Preview columns (slower on a busy machine)")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser

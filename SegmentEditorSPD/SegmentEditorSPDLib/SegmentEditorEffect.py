@@ -55,7 +55,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.previousForeground = None
         self._volumeCopy = (None, None)
         self.timer = qt.QTimer()
-        self.timer.setInterval(100)
+        self.timer.setInterval(50)  # a finished Preview is picked up within 50 ms; a poll is one read()
         self.timer.connect("timeout()", self.poll)
 
     def clone(self):

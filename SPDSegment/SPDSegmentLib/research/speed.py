@@ -4,11 +4,12 @@
 (b) ours: ``pipeline.segment`` with the default runtime (OpenVINO bf16 on a CPU that has it; only the
 needed slices; embedding, saliency and decode caches), then two re-prompts of the encoded volume:
 one click dragged (the usual edit) and every click replaced (the worst case); and the Segment Editor
-effect's path: clicks arrive one per second while the SPD engine process works ahead, Preview is
-pressed at once after the last click or a second later, and the Preview is timed from the request
-to the mask back in this process. The same path in-process (the engine's work ahead in a thread of
-this process, as the effect did before the engine) is timed alongside, so the two are compared on
-the same machine at the same time. Both on the sample case and on a left-atrium case.
+effect's path: clicks arrive one per second (``--seconds-per-click``) while the SPD engine process
+works ahead, Preview is pressed at once after the last click or a second later, and the Preview is
+timed from the request to the mask back in this process, polled as often as the effect's QTimer
+polls. The same path in-process (the engine's work ahead in a thread of this process, as the effect
+did before the engine) is timed alongside, so the two are compared on the same machine at the same
+time. Both on the sample case and on a left-atrium case.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from ..engine.protocol import EncodeAhead, Segment
 from ..engine.server import Engine
 from .data import find_cases, load_split
 from .simulate import simulate
+
+POLL_SECONDS = 0.05  # the effect's and the module's QTimer interval (SegmentEditorEffect.py, SPDSegment.py)
 
 
 def _peak_rss_mb() -> float:
@@ -110,10 +113,10 @@ def _click_by_click(prompts):
 
 
 def _wait_polling(seconds: float, client) -> None:
-    """Sleep like Slicer's event loop: the effect's QTimer polls the engine every 100 ms."""
+    """Sleep like Slicer's event loop, polling the engine as the effect's QTimer does."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        time.sleep(min(0.1, max(0.0, end - time.perf_counter())))
+        time.sleep(min(POLL_SECONDS, max(0.0, end - time.perf_counter())))
         if client is not None:
             client.poll()
 
@@ -137,7 +140,7 @@ def _clicked_one_per_second(volume, prompts, model, preview_after: float, second
             _wait_polling(seconds_per_click if len(clicks) < len(prompts) else preview_after, client)
         def preview():
             handle = client.segment(volume, prompts, model, SegmentOptions(), device)
-            handle.wait()
+            handle.wait(interval=POLL_SECONDS)  # picked up at a tick of the effect's QTimer
             return handle.result()  # raises what the engine raised
 
         _, seconds = _timed(preview)
@@ -222,12 +225,13 @@ def _engine_environment(args) -> dict:
 def _previews(volume, prompts, model, args):
     """The effect's path through the engine and in-process, alternating, so both see the machine alike:
     'at once (in-process)', '1 s later (...)', 'again (...)' as printed."""
+    pace = getattr(args, "seconds_per_click", 1.0)
     preview = {}
     for after in (0.0, 1.0):
         preview[after] = (
-            _clicked_one_per_second(volume, prompts, args.model, after, device=args.device,
+            _clicked_one_per_second(volume, prompts, args.model, after, pace, device=args.device,
                                     client=EngineClient(env=_engine_environment(args))),
-            _clicked_in_process(volume, prompts, model, after))
+            _clicked_in_process(volume, prompts, model, after, pace))
     at_once, later = (f"{preview[a][0][0]:.2f} ({preview[a][1][0]:.2f})" for a in (0.0, 1.0))
     return at_once, later, f"{preview[1.0][0][1]:.3f} ({preview[1.0][1][1]:.3f})"
 
@@ -246,12 +250,14 @@ def run_speed_benchmark(args) -> None:
         cases.append((case.name, volume, 0, label))
     batch = default_batch_size(backbone.device)
     print(f"device {backbone.device}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"{platform.machine()}; {date.today()}")
+          f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {date.today()}")
     print(f"(b) SPD: {backbone.runtime_name}, batch {batch}, model load {load_s:.1f} s (includes the one-time "
           "OpenVINO conversion when not cached)")
     previews = f"{'Preview at once s':>17} {'Preview 1 s later s':>19} {'Preview again s':>15}"
+    preview_title = ("Preview: through the engine process (in this process for comparison), seconds; a click "
+                     f"every {getattr(args, 'seconds_per_click', 1.0):g} s")
     if preview_only:
-        print("Preview: through the engine process (in this process for comparison), seconds")
+        print(preview_title)
         print(f"{'case':28} {previews}")
         for name, volume, axis, label in cases:
             print(f"{name:28} " + " ".join(f"{v:>{w}}" for v, w in zip(
@@ -265,7 +271,7 @@ def run_speed_benchmark(args) -> None:
         encoder_rate, decoder_rate = _throughput(bb, batch=b)
         print(f"{label_} encoder {encoder_rate:.2f} slices/s (batch {b}), decoder {decoder_rate:.1f} prompts/s "
               f"(batch {b * 4})")
-    print("Preview: through the engine process (in this process for comparison), seconds")
+    print(preview_title)
     print(f"{'case':28} {'slices':>6} {'naive s':>8} {'SPD s':>7} {'naive/SPD':>9} {'1 click moved s':>15} "
           f"{'all clicks new s':>16} {previews}")
     for name, volume, axis, label in cases:
