@@ -1,6 +1,6 @@
 """The SPD engine: its messages, the in-process Engine (work ahead, downloads only when asked, batches),
-and the engine as a real child process (results equal to in-process ones, cancel, a killed engine,
-two volumes in turn, a volume it has not seen, a stranger refused)."""
+and the engine as a real child process (results equal to in-process ones, cancel, a killed engine, a hung
+one, two volumes in turn, a volume it has not seen, a stranger refused)."""
 from __future__ import annotations
 
 import os
@@ -269,6 +269,29 @@ def test_a_killed_engine_fails_its_request_in_one_line_and_the_next_starts_a_fre
     assert client.pid != first_pid and client.starts >= 2
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="freezes the engine with SIGSTOP")
+def test_a_hung_request_is_cancelled_and_its_engine_replaced(case, tmp_path):
+    """An engine stuck in native code never gives up a cancelled request: it is killed ``hang_seconds`` later."""
+    import signal
+
+    volume, clicks = case
+    engine = EngineClient(env=dict(os.environ, **EXACT, **ONE_THREAD), log_folder=tmp_path, hang_seconds=0.5)
+    try:
+        assert engine.load_model(TINY, "cpu").wait(180)
+        handle = engine.segment(volume, clicks, TINY, SegmentOptions(mode="raw"), device="cpu")
+        hung_pid = engine.pid
+        os.kill(hung_pid, signal.SIGSTOP)  # hung: it reads no cancel and answers nothing
+        handle.cancel()
+        assert handle.done and handle.cancelled  # the GUI is free at once
+        time.sleep(1.0)
+        engine.poll()
+        assert not engine.alive and "did not stop within" in engine.log_path.read_text()
+        after = engine.segment(volume, clicks, TINY, SegmentOptions(mode="raw"), device="cpu")
+        assert after.wait(180) and after.result().voxels > 0 and engine.pid != hung_pid
+    finally:
+        engine.stop()
+
+
 def test_two_volumes_in_turn(client, case, tiny_default):
     volume, clicks = case
     other = Volume(np.ascontiguousarray(volume.array[:, :, ::-1]), volume.ijk_to_lps, name="flipped")
@@ -343,3 +366,4 @@ def test_bench_speed_times_the_effects_path_through_the_engine_and_in_process(ca
     seconds, again = speed._clicked_in_process(volume, clicks, tiny_default, 0.0, seconds_per_click=0.01)
     assert 0.0 <= again and 0.0 <= seconds < 60.0
     assert [len(c) for c in speed._click_by_click(clicks)] == list(range(1, len(clicks) + 1))
+    assert [speed._at_next_tick(s) for s in (0.01, 0.05, 0.051)] == pytest.approx([0.05, 0.05, 0.1])

@@ -24,7 +24,7 @@ pytest.importorskip("torch")
 
 from SPDSegmentLib.core import prompts  # noqa: E402
 from SPDSegmentLib.core.models import registry  # noqa: E402
-from SPDSegmentLib.core.volume import Volume, read, read_label, to_sitk  # noqa: E402
+from SPDSegmentLib.core.volume import read, read_label, to_sitk  # noqa: E402
 from SPDSegmentLib.research import speed  # noqa: E402
 from SPDSegmentLib.slicer_side import adapter as sa  # noqa: E402
 from SPDSegmentLib.slicer_side import gui as shared  # noqa: E402
