@@ -270,7 +270,7 @@ def test_a_killed_engine_fails_its_request_in_one_line_and_the_next_starts_a_fre
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="freezes the engine with SIGSTOP")
-def test_a_hung_request_is_cancelled_and_its_engine_replaced(case, tmp_path):
+def test_a_hung_request_is_cancelled_and_its_engine_replaced(case, long_case, tmp_path):
     """An engine stuck in native code never gives up a cancelled request: it is killed ``hang_seconds`` later."""
     import signal
 
@@ -278,9 +278,10 @@ def test_a_hung_request_is_cancelled_and_its_engine_replaced(case, tmp_path):
     engine = EngineClient(env=dict(os.environ, **EXACT, **ONE_THREAD), log_folder=tmp_path, hang_seconds=0.5)
     try:
         assert engine.load_model(TINY, "cpu").wait(180)
-        handle = engine.segment(volume, clicks, TINY, SegmentOptions(mode="raw"), device="cpu")
+        handle = engine.segment(*long_case, TINY, SegmentOptions(mode="raw"), device="cpu")
         hung_pid = engine.pid
         os.kill(hung_pid, signal.SIGSTOP)  # hung: it reads no cancel and answers nothing
+        os.waitpid(hung_pid, os.WUNTRACED)  # a stop takes effect a moment later: wait for it
         handle.cancel()
         assert handle.done and handle.cancelled  # the GUI is free at once
         time.sleep(1.0)
