@@ -40,7 +40,10 @@ def main():
         t0 = time.time()
         done = 0
         for i, case in enumerate(cases):
-            n = encode_case(store, dataset, case, axis, backbone)
+            if store.has(dataset, case.name, axis):
+                continue  # (the training command checks the cache key; this fill-up trusts what is there)
+            volume, label = case.load()
+            n = len(encode_case(store, dataset, case.name, volume, label, axis, backbone).slices)
             done += n
             rate = done / max(time.time() - t0, 1e-6)
             print(f"{dataset} axis {axis} {i + 1}/{len(cases)} {case.name}: {n} slices encoded "

@@ -280,14 +280,46 @@ def weights_tag(owner, *modules) -> str:
     return getattr(owner, name)
 
 
-def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, int],
-                  batch_size: int = 32, dense: Optional[dict] = None, cache=None,
-                  key: Optional[str] = None) -> Dict[int, np.ndarray]:
-    """Per-slice saliency probabilities on the slice grid.
+def slice_pixels(backbone, array: np.ndarray, axis: int, slices, intensity: Tuple[float, float]) -> Dict[int, "object"]:
+    """Each slice's pixels in the model frame ((S, S), channel 0 of ``Backbone.prepare``): what a saliency
+    head that refines with pixels reads. Training and inference both call this."""
+    import torch
 
-    If ``dense`` is a dict, it receives each slice's saliency logits in the model frame at the
-    decoder's mask-prompt resolution (for models trained with the dense prior). With a ``cache`` and
-    the embeddings' ``key``, maps computed by an earlier run are recalled instead of recomputed.
+    out = {}
+    with torch.inference_mode():
+        for t in slices:
+            out[t] = backbone.prepare([apply_range(get_slice(array, axis, t), *intensity)])[0, 0].cpu()
+    return out
+
+
+def head_logits(model, embeddings: Dict[int, "object"], ts: List[int], pixels: Optional[Dict[int, "object"]] = None):
+    """Saliency logits in the model frame (B, 1, L, L) of slices ``ts``, reading neighbours (2.5D heads)
+    from ``embeddings`` and pixels (heads that refine with them) from ``pixels``. With gradients when
+    the caller has them on: training calls this too."""
+    from .saliency import head_input
+
+    device = model.backbone.device
+    available = sorted(embeddings)
+    emb, image = head_input(model.head, ts, embeddings.__getitem__, available,
+                            None if pixels is None else pixels.__getitem__)
+    return model.head(emb.to(device), None if image is None else image.to(device))
+
+
+def saliency_maps(model, embeddings: Dict[int, "object"], targets: List[int], shape_hw: Tuple[int, int],
+                  pixels: Optional[Dict[int, "object"]] = None, batch_size: int = 32, dense: Optional[dict] = None,
+                  cache=None, key: Optional[str] = None) -> Dict[int, np.ndarray]:
+    """Per-slice saliency probabilities on the slice grid, for the ``targets`` slices.
+
+    Args:
+      model: an ``SPDModel``.
+      embeddings: t -> (C, E, E) for the targets and, for a 2.5D head, their encoded neighbours.
+      targets: the slices to map.
+      shape_hw: the slice grid (h, w).
+      pixels: t -> model-frame pixels (:func:`slice_pixels`), for a head that refines with pixels.
+      dense: if a dict, it receives each slice's saliency logits at the decoder's mask-prompt
+        resolution (for models trained with the dense prior).
+      cache, key: with the embedding cache and the embeddings' key, maps computed by an earlier run
+        are recalled instead of recomputed.
     """
     import torch
 
@@ -295,26 +327,75 @@ def saliency_maps(model, embeddings: Dict[int, "object"], shape_hw: Tuple[int, i
     memo_key = None
     if cache is not None and key is not None and dense is None:
         memo_key = f"{key}|saliency|{weights_tag(model, model.head)}"
-        for t in embeddings:
+        for t in targets:
             hit = cache.recall(memo_key, t)
             if hit is not None:
                 maps[t] = hit
-    ts = sorted(t for t in embeddings if t not in maps)
-    device = model.backbone.device
+    ts = sorted(t for t in targets if t not in maps)
     with torch.inference_mode():
         for start in range(0, len(ts), batch_size):
             batch = ts[start:start + batch_size]
-            emb = torch.stack([embeddings[t] for t in batch]).to(device)
-            head_logits = model.head(emb)
-            logits = model.backbone.to_slice(head_logits, *shape_hw)
+            logits_model = head_logits(model, embeddings, batch, pixels)
+            logits = model.backbone.to_slice(logits_model.float(), *shape_hw)
             for t, prob in zip(batch, torch.sigmoid(logits).float().cpu().numpy()):
                 maps[t] = prob
                 if memo_key is not None:
                     cache.remember(memo_key, t, prob)
             if dense is not None:
-                for t, low in zip(batch, model.backbone.mask_prompt(head_logits)):
+                for t, low in zip(batch, model.backbone.mask_prompt(logits_model)):
                     dense[t] = low
     return maps
+
+
+def box_margin_px(spacing_kji, axis: int, margin_mm: float) -> float:
+    """A box margin in millimetres as slice pixels (the finer in-plane spacing)."""
+    spacing_rc = [float(spacing_kji[a]) for a in range(3) if a != axis]
+    return margin_mm / min(spacing_rc)
+
+
+def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transform, tau: float, neighbours: int,
+             empty_slice: str = "saliency", local_only: bool = False):
+    """SPD's decoder prompts: (jobs, DistillResult). The one place that turns clicks and saliency maps into
+    what the decoder sees, for inference (:func:`segment`) and for stage-2 training alike.
+
+    Each job is (t, points_xy (n, 2) in the model frame, labels (n,), box (4,) in the model frame): the
+    consensus points of slice t plus the box of the saliency component holding them; a target slice
+    between the first and last prompted slice that is left without points gets the box of its own
+    saliency map when ``empty_slice`` is "saliency".
+    """
+    distilled = distill.distill(by_slice, maps, tau=tau, neighbours=neighbours, targets=targets,
+                                local_only=local_only)
+    prompted = sorted(by_slice)
+    jobs = []
+    for t in targets:
+        consensus = distilled.consensus.get(t)
+        if consensus is not None and len(consensus.positives):
+            box = distill.saliency_box(maps[t], consensus.positives, tau=tau)
+            jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels, transform.box_rc_to_model(*box)))
+        elif empty_slice == "saliency" and prompted and prompted[0] <= t <= prompted[-1]:
+            box = distill.saliency_box(maps[t], np.zeros((0, 2)), tau=tau)
+            if box is not None:
+                jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
+    return jobs, distilled
+
+
+def raw_jobs(by_slice, targets: List[int], transform, shape_hw: Tuple[int, int], margin_px: float,
+             use_box: bool = True):
+    """Raw mode's decoder prompts (the clicks as they are, plus a box around them grown by ``margin_px``):
+    the same job format as :func:`spd_jobs`, for inference and for the SAM-Tuning baseline's training."""
+    jobs = []
+    for t in targets:
+        if t not in by_slice:
+            continue
+        rc, labels = by_slice[t]
+        positives = np.asarray(rc)[np.asarray(labels) > 0]
+        box = None
+        if use_box:
+            if not len(positives):
+                continue  # a box needs a foreground point
+            box = transform.box_rc_to_model(*distill.points_box(positives, margin=margin_px, shape=shape_hw))
+        jobs.append((t, transform.rc_to_model_xy(rc), np.asarray(labels), box))
+    return jobs
 
 
 def _job_digest(job) -> str:
@@ -325,6 +406,29 @@ def _job_digest(job) -> str:
     return digest.hexdigest()[:20]
 
 
+def prompt_groups(jobs) -> List[List[int]]:
+    """Indices of the jobs with points, then of the box-only jobs: each group is decoded as its own batch
+    (padding a box-only prompt with a "not a point" token would change what the decoder sees)."""
+    with_points = [k for k, job in enumerate(jobs) if len(job[1])]
+    box_only = [k for k, job in enumerate(jobs) if not len(job[1])]
+    return [group for group in (with_points, box_only) if group]
+
+
+def job_tensors(jobs):
+    """(points (B, N, 2), labels (B, N), boxes (B, 4)) of a batch of jobs from one :func:`prompt_groups`
+    group, as the decoder takes them: points padded with label -1, None where the batch has none."""
+    import torch
+
+    from .models.backbone import pad_points  # torch
+
+    points = labels = boxes = None
+    if any(len(job[1]) for job in jobs):
+        points, labels = pad_points([job[1] for job in jobs], [job[2] for job in jobs])
+    if jobs[0][3] is not None:
+        boxes = torch.as_tensor(np.stack([job[3] for job in jobs]), dtype=torch.float32)
+    return points, labels, boxes
+
+
 def _decode(backbone, embeddings, jobs, shape_hw, *, batch_size, progress, dense=None, cache=None,
             key: Optional[str] = None) -> Dict[int, np.ndarray]:
     """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None); dense: t -> mask prompt.
@@ -333,8 +437,6 @@ def _decode(backbone, embeddings, jobs, shape_hw, *, batch_size, progress, dense
     decoded before with exactly the same prompt is recalled (re-prompting decodes only what changed).
     """
     import torch
-
-    from .models.backbone import pad_points  # torch
 
     masks = {}
     memo_keys = {}  # slice -> its memo key (one job per slice)
@@ -356,13 +458,7 @@ def _decode(backbone, embeddings, jobs, shape_hw, *, batch_size, progress, dense
             progress.step("decode", start, len(jobs))
         batch = jobs[start:start + batch_size]
         emb = torch.stack([embeddings[t] for t, *_ in batch]).to(device)
-        has_points = any(len(p) for _, p, _, _ in batch)
-        points = labels = None
-        if has_points:
-            points, labels = pad_points([p for _, p, _, _ in batch], [lab for _, _, lab, _ in batch])
-        boxes = None
-        if batch[0][3] is not None:
-            boxes = torch.as_tensor(np.stack([b for *_, b in batch]), dtype=torch.float32)
+        points, labels, boxes = job_tensors(batch)
         mask_input = None
         if dense:
             mask_input = torch.stack([dense[t] for t, *_ in batch]).to(device)
@@ -385,7 +481,8 @@ class Plan:
     backbone: "object"
     axis: int
     by_slice: dict
-    targets: List[int]  # the slices to encode (prompted slices, and their n neighbours in SPD mode)
+    targets: List[int]  # the slices to segment (prompted slices, and their n neighbours in SPD mode)
+    encode: List[int]  # the slices to encode: the targets and, for a 2.5D saliency head, their neighbours
     shape_hw: Tuple[int, int]
     intensity: Tuple[float, float]
     tau: float
@@ -436,7 +533,9 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
     intensity = intensity_range(volume.array, options.modality, options.window)
-    return Plan(mode=mode, backbone=backbone, axis=axis, by_slice=by_slice, targets=targets,
+    context = getattr(model.head, "context", 0) if mode == "spd" else 0
+    encode = distill.target_slices(targets, context, volume.shape[axis]) if targets else []
+    return Plan(mode=mode, backbone=backbone, axis=axis, by_slice=by_slice, targets=targets, encode=encode,
                 shape_hw=tuple(s for a, s in enumerate(volume.shape) if a != axis), intensity=intensity,
                 tau=tau, neighbours=n,
                 batch_size=options.batch_size or default_batch_size(backbone.device),
@@ -471,7 +570,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     t_start = time.perf_counter()
     p = plan(volume, prompts, model, options)
     t0 = time.perf_counter()
-    embeddings = encode_slices(p.backbone, volume, p.axis, p.targets, p.intensity, cache=cache, progress=progress,
+    embeddings = encode_slices(p.backbone, volume, p.axis, p.encode, p.intensity, cache=cache, progress=progress,
                                batch_size=p.batch_size, key=p.key)
     timings["encode_s"] = time.perf_counter() - t0
     progress.check()
@@ -479,53 +578,31 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     transform = p.backbone.transform(*p.shape_hw)
     audit: List[distill.AuditEntry] = []
     saliency = dense = None
-    jobs = []
     if p.mode == "spd":
         t0 = time.perf_counter()
         dense = {} if model.header.get("dense_prior") else None
-        maps = saliency_maps(model, embeddings, p.shape_hw, dense=dense, cache=cache, key=p.key)
-        distilled = distill.distill(p.by_slice, maps, tau=p.tau, neighbours=p.neighbours, targets=p.targets,
-                                    local_only=options.local_only)
+        pixels = slice_pixels(p.backbone, volume.array, p.axis, p.targets, p.intensity) \
+            if getattr(model.head, "uses_image", False) else None
+        maps = saliency_maps(model, embeddings, p.targets, p.shape_hw, pixels=pixels, dense=dense, cache=cache,
+                             key=p.key)
+        jobs, distilled = spd_jobs(p.by_slice, maps, p.targets, transform, p.tau, p.neighbours,
+                                   empty_slice=options.empty_slice, local_only=options.local_only)
         audit = distilled.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
-        prompted = sorted(p.by_slice)
-        for t in p.targets:
-            consensus = distilled.consensus.get(t)
-            if consensus is not None and len(consensus.positives):
-                box = distill.saliency_box(maps[t], consensus.positives, tau=p.tau)
-                jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels,
-                             transform.box_rc_to_model(*box)))
-            elif options.empty_slice == "saliency" and prompted[0] <= t <= prompted[-1]:
-                box = distill.saliency_box(maps[t], np.zeros((0, 2)), tau=p.tau)
-                if box is not None:
-                    jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
         if options.return_saliency:
             saliency = np.zeros(volume.shape, np.float32)
             for t, prob in maps.items():
                 put_slice(saliency, p.axis, t, prob)
     else:
-        spacing_rc = [volume.spacing[::-1][a] for a in range(3) if a != p.axis]
-        margin = options.box_margin_mm / float(min(spacing_rc))
-        for t in p.targets:
-            rc, labels = p.by_slice[t]
-            positives = rc[np.asarray(labels) > 0]
-            box = None
-            if options.use_box:
-                if not len(positives):
-                    continue  # a box needs a foreground point
-                box = transform.box_rc_to_model(*distill.points_box(positives, margin=margin, shape=p.shape_hw))
-            jobs.append((t, transform.rc_to_model_xy(rc), np.asarray(labels), box))
+        jobs = raw_jobs(p.by_slice, p.targets, transform, p.shape_hw,
+                        box_margin_px(volume.spacing[::-1], p.axis, options.box_margin_mm), options.use_box)
     progress.check()
 
     t0 = time.perf_counter()
-    # prompt-free (saliency box only) slices are decoded in their own batch
-    with_points = [j for j in jobs if len(j[1])]
-    box_only = [j for j in jobs if not len(j[1])]
     slice_masks = {}
-    for group in (with_points, box_only):
-        if group:
-            slice_masks.update(_decode(p.backbone, embeddings, group, p.shape_hw, batch_size=p.batch_size,
-                                       progress=progress, dense=dense, cache=cache, key=p.key))
+    for group in prompt_groups(jobs):
+        slice_masks.update(_decode(p.backbone, embeddings, [jobs[k] for k in group], p.shape_hw,
+                                   batch_size=p.batch_size, progress=progress, dense=dense, cache=cache, key=p.key))
     timings["decode_s"] = time.perf_counter() - t0
     progress.check()
 

@@ -1,16 +1,28 @@
 """Stage 1 of SPD: an anatomical prior from the image encoder's features.
 
-A light convolutional head maps the encoder embedding (C x E x E) to one saliency logit map at
-embedding resolution; it is brought to slice resolution with the same crop/resize as SAM's masks.
-In ``lora`` mode, low-rank adapters in the encoder's attention (the ``qkv`` projections) are trained
-with the head; in ``frozen`` mode (CPU) the encoder is untouched, so embeddings can be cached.
+Two heads map the encoder embedding (C x E x E) to one saliency logit map, brought to slice
+resolution with the same crop/resize as SAM's masks (``Backbone.to_slice``):
+
+- :class:`SaliencyHead`, the first design: two 3x3 convolutions at embedding resolution.
+- :class:`ContextSaliencyHead`: a 1x1 reduction, residual blocks with growing dilation, optional
+  2.5D context (the embeddings of ``context`` slices on each side), transposed-convolution
+  upsampling to the model frame and an optional refinement with the slice's own pixels.
+  Measured against the first design in docs/benchmarks.md ("Where the Dice goes").
+
+:func:`build_head` makes either from a model header; :func:`head_input` assembles what a head reads
+for a slice t from any ``t -> embedding`` mapping, so training (feature store) and inference
+(embedding cache) feed a head the same way. In ``lora`` mode, low-rank adapters in the encoder's
+attention (the ``qkv`` projections) train with the head; in ``frozen`` mode the encoder is
+untouched, so embeddings can be cached.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class SaliencyHead(nn.Module):
@@ -30,9 +42,125 @@ class SaliencyHead(nn.Module):
             nn.Conv2d(hidden, 1, 1),
         )
         self.in_channels, self.hidden = in_channels, hidden
+        self.context, self.uses_image = 0, False
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+    @property
+    def spec(self) -> dict:
+        return {"type": "conv2", "hidden": self.hidden}
+
+    def forward(self, embeddings: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.net(embeddings)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation), _norm(channels), nn.GELU(),
+            nn.Conv2d(channels, channels, 3, padding=1), _norm(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x + self.body(x))
+
+
+class ContextSaliencyHead(nn.Module):
+    """Saliency from the slice's embedding, its neighbours' and (optionally) its pixels.
+
+    Args:
+      in_channels: C, the embedding's channels.
+      hidden: channels of the residual blocks (halved at each of the two upsampling steps).
+      blocks: residual blocks; dilations cycle 1, 2, 4, 1 so the receptive field spans the slice.
+      context: neighbour slices read on each side (0: 2D). Their embeddings share the reduction and
+        are mixed by a 1x1 convolution, which gives the head the structure's 3D shape.
+      image: refine at model resolution with the slice's pixels (the padded model input, one channel).
+
+    Input: embeddings (B, 2 * context + 1, C, E, E), the centre slice in the middle (or (B, C, E, E)
+    when context is 0) and, with ``image``, the model input's pixels (B, S, S), brought to 4E x 4E.
+    Output: logits (B, 1, 4E, 4E) in the model frame.
+    """
+
+    def __init__(self, in_channels: int = 256, hidden: int = 96, blocks: int = 4, context: int = 1,
+                 image: bool = True):
+        super().__init__()
+        self.in_channels, self.hidden, self.blocks = in_channels, hidden, blocks
+        self.context, self.uses_image = int(context), bool(image)
+        k = 2 * self.context + 1
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), _norm(hidden), nn.GELU())
+        self.mix = nn.Sequential(nn.Conv2d(k * hidden, hidden, 1), _norm(hidden), nn.GELU()) if k > 1 else nn.Identity()
+        self.body = nn.Sequential(*[_Residual(hidden, (1, 2, 4, 1)[i % 4]) for i in range(blocks)])
+        half, quarter = hidden // 2, hidden // 4
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(hidden, half, 2, stride=2), _norm(half), nn.GELU(),
+            nn.ConvTranspose2d(half, quarter, 2, stride=2), _norm(quarter), nn.GELU())
+        self.refine = nn.Sequential(nn.Conv2d(quarter + 1, quarter, 3, padding=1), _norm(quarter), nn.GELU()) \
+            if self.uses_image else nn.Identity()
+        self.out = nn.Conv2d(quarter, 1, 1)
+
+    @property
+    def spec(self) -> dict:
+        return {"type": "context", "hidden": self.hidden, "blocks": self.blocks, "context": self.context,
+                "image": self.uses_image}
+
+    def forward(self, embeddings: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if embeddings.dim() == 4:
+            embeddings = embeddings[:, None]
+        b, k = embeddings.shape[:2]
+        x = self.reduce(embeddings.flatten(0, 1))
+        x = self.mix(x.reshape(b, k * x.shape[1], *x.shape[-2:]))
+        x = self.upsample(self.body(x))
+        if self.uses_image:
+            if image is None:
+                raise ValueError("this saliency head refines with the slice's pixels: pass image")
+            image = image[:, None].to(x.dtype)
+            if image.shape[-2:] != x.shape[-2:]:  # SAM ViT: a 1024 input, 4E = 256
+                image = F.interpolate(image, size=x.shape[-2:], mode="area")
+            x = self.refine(torch.cat([x, image], 1))
+        return self.out(x)
+
+
+def build_head(spec: Optional[Mapping], in_channels: int, legacy_hidden: int = 64) -> nn.Module:
+    """The head a model header describes (``header["head"]``); None: the first design (``head_hidden``)."""
+    if not spec or spec.get("type") == "conv2":
+        return SaliencyHead(in_channels, int((spec or {}).get("hidden", legacy_hidden)))
+    if spec.get("type") != "context":
+        raise ValueError(f"unknown saliency head type {spec.get('type')!r}")
+    return ContextSaliencyHead(in_channels, int(spec["hidden"]), int(spec["blocks"]), int(spec["context"]),
+                               bool(spec["image"]))
+
+
+def neighbourhood(t: int, context: int, available: Sequence[int]) -> Tuple[int, ...]:
+    """Slices a head reads for slice t: t-context..t+context, each replaced by the nearest available
+    slice towards t where it is missing (the volume's edge, or the end of what was encoded)."""
+    have = set(available)
+    out = []
+    for d in range(-context, context + 1):
+        s = t + d
+        while s not in have and s != t:
+            s += 1 if d < 0 else -1
+        out.append(s)
+    return tuple(out)
+
+
+def head_input(head: nn.Module, ts: Sequence[int], embedding_of: Callable[[int], torch.Tensor],
+               available: Sequence[int], image_of: Optional[Callable[[int], torch.Tensor]] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(embeddings, image) for a batch of slices ``ts``: what ``head(*head_input(...))`` reads.
+
+    ``embedding_of(t)`` gives a (C, E, E) tensor for every t in ``available``; ``image_of(t)`` the
+    slice's pixels in the model frame (S, S), needed when the head refines with pixels.
+    """
+    context = getattr(head, "context", 0)
+    if context:
+        embeddings = torch.stack([torch.stack([embedding_of(s) for s in neighbourhood(t, context, available)])
+                                  for t in ts])
+    else:
+        embeddings = torch.stack([embedding_of(t) for t in ts])
+    image = torch.stack([image_of(t) for t in ts]) if getattr(head, "uses_image", False) else None
+    return embeddings, image
 
 
 class LoRALinear(nn.Module):

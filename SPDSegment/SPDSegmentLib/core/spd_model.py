@@ -28,10 +28,10 @@ from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import CheckpointError
 from .files import atomic_write
 from .models.registry import BUNDLED_SPD_MODELS, load_backbone
-from .saliency import SaliencyHead, add_lora, lora_state
+from .saliency import add_lora, build_head, lora_state
 
 FORMAT = "spdsegment-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header describes the saliency head ("head"); format 1 files load too
 SUFFIX = ".spd.safetensors"
 DIGEST_KEY = "content_sha256"  # header field: SHA-256 of the weights and the other header fields
 
@@ -39,7 +39,7 @@ DIGEST_KEY = "content_sha256"  # header field: SHA-256 of the weights and the ot
 @dataclass
 class SPDModel:
     backbone: "object"  # models.backbone.Backbone, with LoRA and tuned decoder applied
-    head: SaliencyHead
+    head: "torch.nn.Module"  # a saliency head (saliency.build_head)
     header: dict
     name: str = "SPD model"  # the bundled name or the file name without .spd.safetensors
     warnings: List[str] = field(default_factory=list)  # e.g. a file without a content digest
@@ -65,7 +65,7 @@ class SPDModel:
         return self
 
 
-def make_header(backbone, head: SaliencyHead, *, lora_rank: int, tau: float, neighbours: int,
+def make_header(backbone, head, *, lora_rank: int, tau: float, neighbours: int,
                 decoder_tuned: bool, **extra) -> dict:
     """The JSON header of a model file: format, backbone and its checksum, LoRA rank, tau, n, versions;
     ``extra`` adds training facts (cases, losses, ...)."""
@@ -76,7 +76,8 @@ def make_header(backbone, head: SaliencyHead, *, lora_rank: int, tau: float, nei
         "backbone_sha256": backbone.checksum,
         "input_size": backbone.input_size,
         "embed_dim": backbone.embed_dim,
-        "head_hidden": head.hidden,
+        "head": head.spec,
+        "head_hidden": head.hidden,  # format 1 readers
         "lora_rank": int(lora_rank),
         "tau": float(tau),
         "neighbours": int(neighbours),
@@ -88,7 +89,7 @@ def make_header(backbone, head: SaliencyHead, *, lora_rank: int, tau: float, nei
     return header
 
 
-def save(path: os.PathLike, backbone, head: SaliencyHead, header: dict) -> Path:
+def save(path: os.PathLike, backbone, head, header: dict) -> Path:
     path = Path(path)
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     if header.get("lora_rank", 0) > 0:
@@ -214,7 +215,10 @@ def load(path: os.PathLike, device: str = "cpu", backbone=None) -> SPDModel:
             problems.append(f"{key}: model {header[key]}, backbone {actual}")
     if problems:
         raise CheckpointError(f"{path.name} does not fit this backbone: " + "; ".join(problems) + ".")
-    head = SaliencyHead(backbone.embed_dim, int(header.get("head_hidden", 64)))
+    try:
+        head = build_head(header.get("head"), backbone.embed_dim, int(header.get("head_hidden", 64)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path.name}: its saliency head is not one this SPDSegment knows ({exc}).") from exc
     groups = {"head": {}, "lora": {}, "decoder": {}}
     for key, value in tensors.items():
         group, _, name = key.partition(".")

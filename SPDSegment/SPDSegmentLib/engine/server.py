@@ -106,7 +106,7 @@ class Engine:
         cache = self.cache
         newest = int(request.prompts.slice_index()[-1])
         encoded = 0
-        for t in sorted(plan.targets, key=lambda s: (abs(s - newest), s)):
+        for t in sorted(plan.encode, key=lambda s: (abs(s - newest), s)):
             progress.check()
             if not cache.contains(plan.key, t):
                 pipeline.encode_slices(plan.backbone, request.volume, plan.axis, [t], plan.intensity, cache=cache,

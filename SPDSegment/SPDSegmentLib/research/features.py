@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ class FeatureEntry:
         self.index = {t: i for i, t in enumerate(self.slices)}
         self.q = np.load(folder / f"axis{axis}.q.npy", mmap_mode="r")
         self.scale = np.load(folder / f"axis{axis}.scale.npy")
+        self.fresh = False  # set by encode_case when it has just encoded this entry
 
     def embedding(self, t: int) -> np.ndarray:
         i = self.index[t]
@@ -54,6 +56,29 @@ class FeatureEntry:
     def embeddings(self, ts) -> np.ndarray:
         idx = [self.index[t] for t in ts]
         return dequantise(self.q[idx], self.scale[idx])
+
+    def as_mapping(self) -> "EmbeddingView":
+        """A read-only ``t -> torch tensor (C, E, E)`` mapping over the stored slices (what
+        ``pipeline.saliency_maps`` and the decoder read at inference, from the embedding cache)."""
+        return EmbeddingView(self)
+
+
+class EmbeddingView(Mapping):
+    def __init__(self, entry: FeatureEntry):
+        self.entry = entry
+
+    def __getitem__(self, t):
+        import torch
+
+        if t not in self.entry.index:
+            raise KeyError(t)
+        return torch.from_numpy(self.entry.embedding(t))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.entry.slices)
+
+    def __len__(self) -> int:
+        return len(self.entry.slices)
 
 
 class FeatureStore:
@@ -69,6 +94,15 @@ class FeatureStore:
     def entry(self, dataset: str, case: str, axis: int) -> FeatureEntry:
         return FeatureEntry(self.folder(dataset, case), axis)
 
+    def has_valid(self, dataset: str, case: str, volume, axis: int, identity: str, intensity) -> bool:
+        """Whether the store holds this case and axis, made from these voxels, backbone and intensity range."""
+        from ..core.volume import fingerprint_key
+
+        if not self.has(dataset, case, axis):
+            return False
+        meta = json.loads((self.folder(dataset, case) / f"axis{axis}.json").read_text())
+        return meta.get("key") == fingerprint_key(volume, axis, identity, intensity)
+
     def write(self, dataset: str, case: str, axis: int, slices: List[int], embeddings: np.ndarray,
               meta: Dict) -> None:
         folder = self.folder(dataset, case)
@@ -80,22 +114,28 @@ class FeatureStore:
             tmp.write_text(json.dumps({**meta, "slices": [int(t) for t in slices]}))
 
 
-def encode_case(store: FeatureStore, dataset: str, case, axis: int, backbone, margin: int = MARGIN,
-                modality: str = "auto", progress=None) -> int:
-    """Encode one case along one axis into the store (skipped when present); returns slices encoded."""
-    if store.has(dataset, case.name, axis):
-        return 0
-    volume, label = case.load()
-    slices = training_slices(label, axis, margin)
+def encode_case(store: FeatureStore, dataset: str, name: str, volume, label: np.ndarray, axis: int, backbone,
+                margin: int = MARGIN, modality: str = "auto", progress=None) -> FeatureEntry:
+    """The store's entry for one case along one axis, encoding it first when it is missing or was made
+    from other voxels, another backbone or another intensity range (its cache key differs)."""
     intensity = intensity_range(volume.array, modality)
+    key = fingerprint_key(volume, axis, backbone.identity, intensity)
+    if store.has(dataset, name, axis):
+        entry = store.entry(dataset, name, axis)
+        if entry.meta.get("key") == key:
+            entry.fresh = False
+            return entry
+    slices = training_slices(label, axis, margin)
     out = []
     with torch.inference_mode():
         for i, t in enumerate(slices):
             if progress is not None:
-                progress.step(f"encode {case.name}", i, len(slices))
+                progress.step("encode", i, len(slices))
             image = apply_range(get_slice(volume.array, axis, t), *intensity)
             out.append(backbone.encode(backbone.prepare([image])).float().cpu().numpy()[0])
     meta = {"intensity": list(intensity), "identity": backbone.identity, "shape": list(volume.shape),
-            "key": fingerprint_key(volume, axis, backbone.identity, intensity), "axis": axis}
-    store.write(dataset, case.name, axis, slices, np.stack(out), meta)
-    return len(slices)
+            "key": key, "axis": axis}
+    store.write(dataset, name, axis, slices, np.stack(out), meta)
+    entry = store.entry(dataset, name, axis)
+    entry.fresh = True  # encoded by this call
+    return entry
