@@ -19,7 +19,6 @@ from SPDSegmentLib.core import spd_model
 from SPDSegmentLib.core.cache import EmbeddingCache
 from SPDSegmentLib.core.errors import InputError
 from SPDSegmentLib.core.progress import Progress
-from SPDSegmentLib.core.saliency import SaliencyHead
 from SPDSegmentLib.core.sample import SAMPLE_DIR
 from SPDSegmentLib.research import train as T
 from SPDSegmentLib.research.losses import dice_focal_loss
@@ -68,7 +67,8 @@ def msd(tmp_path_factory):
 
 def config(data, out, **changes) -> T.TrainConfig:
     settings = dict(data=str(data), out=str(out), backbone="tiny_sam_test", device="cpu", stage1_epochs=2,
-                    stage2_steps=3, prompt_seeds=1, noise_levels=("moderate",), batch_size=4, head_hidden=8)
+                    stage2_steps=3, prompt_seeds=1, noise_levels=("moderate",), batch_size=2, head_hidden=8,
+                    head_blocks=1, axes=(1,), cache_dir=str(Path(out).parent / "features"))
     settings.update(changes)
     return T.TrainConfig(**settings)
 
@@ -82,22 +82,22 @@ def tensors(model):
 
 def evaluation_loss(backbone, head, items) -> float:
     """Dice + focal of the head on every training slice of every case."""
+    batch = [(i, t) for i, item in enumerate(items) for t in item.slices]
     with torch.no_grad():
-        emb = torch.stack([item.embeddings[t] for item in items for t in item.key_slices])
-        target = torch.stack([item.targets[t] for item in items for t in item.key_slices])[:, None].float()
-        logits = T._upsample(head(emb), backbone.input_size)
+        logits = T._upsample(T.head_batch(head, items, batch), backbone.input_size)
+        target = torch.stack([items[i].targets[t] for i, t in batch])[:, None].float()
         return float(dice_focal_loss(logits, target))
 
 
-def test_stage1_lowers_the_loss(msd, tiny_backbone):
-    cfg = config(msd, msd.parent / "unused.spd.safetensors", stage1_epochs=12, stage1_lr=5e-3, noise_levels=())
+def test_stage1_lowers_the_loss(msd, tiny_backbone, tmp_path):
+    cfg = config(msd, tmp_path / "unused.spd.safetensors", stage1_epochs=12, stage1_lr=5e-3, noise_levels=())
     T.seed_everything(cfg.seed)
-    items = T.prepare(cfg, tiny_backbone, EmbeddingCache(), Progress())
-    assert [item.case.name for item in items] == ["ellipsoid_001", "hippocampus_001"]
+    head = T._make_head(cfg, tiny_backbone)
+    items = T.prepare(cfg, tiny_backbone, Progress(), head)
+    assert [item.name for item in items] == ["ellipsoid_001", "hippocampus_001"]
     for item in items:
-        assert item.key_slices and set(item.embeddings) == set(item.key_slices) == set(item.targets)
-        assert all(item.targets[t].shape == (tiny_backbone.input_size,) * 2 for t in item.key_slices)
-    head = SaliencyHead(tiny_backbone.embed_dim, cfg.head_hidden)
+        assert item.slices and set(item.embeddings) == set(item.slices) == set(item.targets) == set(item.pixels)
+        assert all(item.targets[t].shape == (tiny_backbone.input_size,) * 2 for t in item.slices)
     head.eval()
     before = evaluation_loss(tiny_backbone, head, items)
     last_batch = T.train_stage1(cfg, tiny_backbone, head, items, Progress(), "cpu")
@@ -109,20 +109,77 @@ def test_stage1_lowers_the_loss(msd, tiny_backbone):
     assert all(p.grad is None for p in tiny_backbone.parameters())
 
 
-def test_training_slices_and_prompts(msd, tiny_backbone):
-    cfg = config(msd, msd.parent / "unused.spd.safetensors", noise_levels=("mild", "severe"), prompt_seeds=2,
-                 axis=1, cases=["ellipsoid_001"])
-    (item,) = T.prepare(cfg, tiny_backbone, EmbeddingCache(), Progress())
+def test_training_slices_views_and_prompts(msd, tiny_backbone, tmp_path):
+    cfg = config(msd, tmp_path / "unused.spd.safetensors", noise_levels=("mild", "severe"), prompt_seeds=2,
+                 axes=(0, 1, 2), cases=["ellipsoid_001"])
+    items = T.prepare(cfg, tiny_backbone, Progress(), T._make_head(cfg, tiny_backbone))
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(msd / "labelsTr" / "ellipsoid_001.nii.gz")))
-    present = np.nonzero(label.any(axis=(0, 2)))[0]
-    margin = cfg.neighbours + 1
-    assert item.key_slices == list(range(max(0, present[0] - margin), min(label.shape[1], present[-1] + margin + 1)))
-    assert item.shape_hw == (label.shape[0], label.shape[2])
-    assert len(item.prompts) == 2 * 2  # levels x seeds
-    for prompts in item.prompts:
-        assert set(prompts) <= set(present.tolist())
-        for rc, labels in prompts.values():
-            assert rc.shape[1] == 2 and len(rc) == len(labels)
+    assert [item.axis for item in items] == [0, 1, 2]
+    assert {item.view for item in items} == {"axial", "coronal", "sagittal"}  # identity direction
+    for item in items:
+        other = tuple(a for a in range(3) if a != item.axis)
+        present = np.nonzero(label.any(axis=other))[0]
+        margin = 3  # the feature store's margin: CPD borrows from n = 2 neighbours, a 2.5D head reads one more
+        assert item.slices == list(range(max(0, present[0] - margin), min(label.shape[item.axis],
+                                                                          present[-1] + margin + 1)))
+        assert item.shape_hw == tuple(label.shape[a] for a in other)
+        assert len(item.prompts) == 2 * 2  # levels x seeds
+        for prompts in item.prompts:
+            assert set(prompts) <= set(present.tolist())
+            for rc, labels in prompts.values():
+                assert rc.shape[1] == 2 and len(rc) == len(labels)
+
+
+def test_model_frame_mask_lies_where_the_image_does(tiny_backbone):
+    """Training targets are resized into the model frame exactly where ``Backbone.prepare`` puts the image."""
+    mask = np.zeros((20, 31), np.float32)
+    mask[:, :] = 1.0
+    transform = tiny_backbone.transform(*mask.shape)
+    target = T.model_frame_mask(mask, transform).numpy() > 0
+    image = tiny_backbone.prepare([mask])[0, 0].cpu().numpy() > 0
+    assert np.array_equal(target, image)
+
+
+def test_training_and_inference_share_one_forward_path(msd, tiny_backbone, tmp_path, monkeypatch):
+    """The saliency maps and decoder prompts stage 2 trains on are exactly those ``pipeline.segment`` builds
+    for the same clicks (a test that fails if the two paths drift apart again)."""
+    from SPDSegmentLib.core import pipeline
+    from SPDSegmentLib.core import volume as vol
+    from SPDSegmentLib.research.simulate import simulate
+
+    cfg = config(msd, tmp_path / "m.spd.safetensors", cases=["hippocampus_001"], stage1_epochs=1)
+    head = T._make_head(cfg, tiny_backbone)
+    (item,) = T.prepare(cfg, tiny_backbone, Progress(), head)
+    model = spd_model.SPDModel(tiny_backbone, head.eval(), {})
+    T.compute_saliency(model, [item])
+
+    volume = vol.read(msd / "imagesTr" / "hippocampus_001.nii.gz")
+    label = vol.read_label(msd / "labelsTr" / "hippocampus_001.nii.gz", like=volume)
+    clicks = simulate(label, 1, "moderate", seed=3).voxel_prompts(volume)
+    decoded = []
+    real_decode = pipeline._decode
+    monkeypatch.setattr(pipeline, "_decode", lambda backbone, embeddings, jobs, *a, **k: (
+        decoded.extend(jobs), real_decode(backbone, embeddings, jobs, *a, **k))[1])
+    cache = EmbeddingCache()
+    for t, emb in item.embeddings.items():  # the stored (int8) embeddings, as the benchmark does
+        cache.put(pipeline.plan(volume, clicks, model, pipeline.SegmentOptions()).key, t, emb)
+    result = pipeline.segment(volume, clicks, model, pipeline.SegmentOptions(return_saliency=True), cache=cache)
+    inference_jobs = {job[0]: job for job in decoded}
+    assert inference_jobs, "segment decoded nothing"
+    for t in result.slices:  # the same saliency maps
+        np.testing.assert_allclose(vol.get_slice(result.saliency, 1, t), item.saliency[t], atol=1e-6)
+    by_slice = clicks.by_slice()
+    checked = 0
+    for t in sorted(inference_jobs)[:-1]:
+        if t + 1 not in inference_jobs:
+            continue
+        training_jobs = T._jobs_for(cfg, item, by_slice, [t, t + 1])
+        for job in training_jobs:
+            expected = inference_jobs[job[0]]
+            for got, want in zip(job[1:], expected[1:]):
+                np.testing.assert_array_equal(got, want)
+            checked += 1
+    assert checked >= 4
 
 
 # ---------------------------------------------------------------- end to end
@@ -130,13 +187,13 @@ def test_training_slices_and_prompts(msd, tiny_backbone):
 @pytest.fixture(scope="module")
 def trained(msd, tmp_path_factory):
     out = tmp_path_factory.mktemp("run1") / "model.spd.safetensors"
-    path = T.train(config(msd, out, work_dir=str(out.parent / "work")))
+    path = T.train(config(msd, out, work_dir=str(out.parent / "work"), keep_work=True))
     return path
 
 
 def test_train_end_to_end_writes_a_loadable_model(trained, sample_paths):
     assert trained.exists() and trained.name == "model.spd.safetensors"
-    assert (trained.parent / "work" / "stage1.pt").exists()
+    assert (trained.parent / "work" / "stage1.pt").exists()  # keep_work
     assert not list(trained.parent.rglob("*.partial"))
     model = spd_model.load(trained)
     header = model.header
@@ -144,6 +201,8 @@ def test_train_end_to_end_writes_a_loadable_model(trained, sample_paths):
     assert header["lora_rank"] == 0 and header["tau"] == 0.5 and header["neighbours"] == 2
     assert header["training"]["cases"] == ["ellipsoid_001", "hippocampus_001"]
     assert header["training"]["stage2_steps"] == 3 and header["training"]["mode"] == "frozen"
+    assert header["axes"] == [1] and header["views"] == ["coronal"]
+    assert header["head"] == {"type": "context", "hidden": 8, "blocks": 1, "context": 1, "image": True}
     assert math.isfinite(header["losses"]["stage1"]) and math.isfinite(header["losses"]["stage2"])
     # the model segments
     from SPDSegmentLib.core import prompts as P
@@ -156,6 +215,11 @@ def test_train_end_to_end_writes_a_loadable_model(trained, sample_paths):
     assert result.mode == "spd" and result.mask.shape == volume.shape
 
 
+def test_work_folder_is_removed_after_success(msd, tmp_path):
+    out = T.train(config(msd, tmp_path / "m.spd.safetensors", stage2_steps=0))
+    assert out.exists() and not (tmp_path / "m.spd.safetensors.work").exists()
+
+
 def test_same_seed_gives_identical_weights(msd, trained, tmp_path):
     again = T.train(config(msd, tmp_path / "again.spd.safetensors"))
     a, b = tensors(spd_model.load(trained)), tensors(spd_model.load(again))
@@ -166,19 +230,31 @@ def test_same_seed_gives_identical_weights(msd, trained, tmp_path):
     assert any(not torch.equal(a[k], other[k]) for k in a if k.startswith("head."))
 
 
-def test_second_run_resumes_after_stage1(msd, trained, tmp_path, monkeypatch):
+def test_resume_continues_only_the_same_run(msd, trained, tmp_path, monkeypatch):
+    work = str(trained.parent / "work")
+    real_stage1 = T.train_stage1
+
     def no_stage1(*args, **kwargs):
         raise AssertionError("stage 1 ran again although stage1.pt exists")
 
     monkeypatch.setattr(T, "train_stage1", no_stage1)
-    out = tmp_path / "resumed.spd.safetensors"
-    resumed = T.train(config(msd, out, work_dir=str(trained.parent / "work")))
+    said = []
+    resumed = T.train(config(msd, tmp_path / "resumed.spd.safetensors", work_dir=work, resume=True, keep_work=True),
+                      log=said.append)
+    assert any("Resuming" in line for line in said)
     a, b = tensors(spd_model.load(trained)), tensors(spd_model.load(resumed))
     for key in a:  # the head comes from stage1.pt, and stage 2 repeats exactly
         assert torch.equal(a[key], b[key]), key
     assert spd_model.read_header(resumed)["losses"]["stage1"] == spd_model.read_header(trained)["losses"]["stage1"]
-    with pytest.raises(AssertionError, match="stage 1 ran again"):  # a fresh work dir does need stage 1
-        T.train(config(msd, tmp_path / "fresh.spd.safetensors"))
+    # without resume, or with other settings or cases, stage 1 runs again and says why
+    for changes, reason in (({}, "use resume"), ({"resume": True, "stage1_epochs": 3}, "other settings"),
+                            ({"resume": True, "cases": ["hippocampus_001"]}, "other settings")):
+        said.clear()
+        with pytest.raises(AssertionError, match="stage 1 ran again"):
+            T.train(config(msd, tmp_path / "fresh.spd.safetensors", work_dir=work, keep_work=True, **changes),
+                    log=said.append)
+        assert any(reason in line for line in said), said
+    monkeypatch.setattr(T, "train_stage1", real_stage1)
 
 
 def test_stage2_raw_prompt_mode_and_no_stage2(msd, tmp_path):
@@ -186,6 +262,11 @@ def test_stage2_raw_prompt_mode_and_no_stage2(msd, tmp_path):
     assert raw.header["prompt_mode"] == "raw" and raw.header["decoder_tuned"]
     head_only = spd_model.load(T.train(config(msd, tmp_path / "head.spd.safetensors", stage2_steps=0)))
     assert head_only.header["decoder_tuned"] is False and head_only.header["losses"]["stage2"] is None
+
+
+def test_first_design_head_still_trains_and_loads(msd, tmp_path):
+    model = spd_model.load(T.train(config(msd, tmp_path / "conv2.spd.safetensors", head="conv2", stage2_steps=1)))
+    assert model.header["head"] == {"type": "conv2", "hidden": 8} and model.head.context == 0
 
 
 def test_stage2_without_any_consensus_prompt_fails_instead_of_hanging(msd, tmp_path):
@@ -244,6 +325,15 @@ def test_unknown_case_names_and_mode_are_input_errors(msd, tmp_path):
         T.train(config(msd, tmp_path / "m.spd.safetensors", mode="everything"))
 
 
+@pytest.mark.parametrize("change, words", [({"tau": 1.5}, "tau"), ({"neighbours": -1}, "neighbours"),
+                                           ({"batch_size": 0}, "batch_size"), ({"axes": (3,)}, "axes"),
+                                           ({"head": "huge"}, "head")])
+def test_bad_settings_are_refused_before_any_work(msd, tmp_path, change, words):
+    with pytest.raises(InputError, match=words):
+        T.train(config(msd, tmp_path / "m.spd.safetensors", **change))
+    assert not (tmp_path / "features").exists()  # nothing encoded
+
+
 # ---------------------------------------------------------------- DDP
 
 DDP_SCRIPT = """
@@ -255,7 +345,8 @@ from SPDSegmentLib.research import train as T
 
 config = T.TrainConfig(data=sys.argv[1], out=sys.argv[2], backbone="tiny_sam_test", device="cpu",
                        stage1_epochs=1, stage2_steps=2, prompt_seeds=1, noise_levels=("moderate",),
-                       batch_size=4, head_hidden=8)
+                       batch_size=2, head_hidden=8, head_blocks=1, axes=(1,),
+                       cache_dir=sys.argv[2] + ".features")
 out = T.train(config)
 assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2
 # one marker file per rank (the ranks' stdout interleaves)

@@ -281,14 +281,15 @@ def weights_tag(owner, *modules) -> str:
 
 
 def slice_pixels(backbone, array: np.ndarray, axis: int, slices, intensity: Tuple[float, float]) -> Dict[int, "object"]:
-    """Each slice's pixels in the model frame ((S, S), channel 0 of ``Backbone.prepare``): what a saliency
-    head that refines with pixels reads. Training and inference both call this."""
+    """Each slice's pixels in the model frame ((S, S) float16, channel 0 of ``Backbone.prepare``): what a
+    saliency head that refines with pixels reads. Training and inference both call this (float16 halves
+    what training keeps in memory; the pixels are in [0, 1])."""
     import torch
 
     out = {}
     with torch.inference_mode():
         for t in slices:
-            out[t] = backbone.prepare([apply_range(get_slice(array, axis, t), *intensity)])[0, 0].cpu()
+            out[t] = backbone.prepare([apply_range(get_slice(array, axis, t), *intensity)])[0, 0].cpu().half()
     return out
 
 

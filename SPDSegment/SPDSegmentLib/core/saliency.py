@@ -159,7 +159,7 @@ def head_input(head: nn.Module, ts: Sequence[int], embedding_of: Callable[[int],
                                   for t in ts])
     else:
         embeddings = torch.stack([embedding_of(t) for t in ts])
-    image = torch.stack([image_of(t) for t in ts]) if getattr(head, "uses_image", False) else None
+    image = torch.stack([image_of(t) for t in ts]).float() if getattr(head, "uses_image", False) else None
     return embeddings, image
 
 

@@ -196,8 +196,7 @@ def prepare(config: TrainConfig, backbone, progress: Progress, head=None, scanne
             for t in slices:
                 item.targets[t] = model_frame_mask(get_slice(label, axis, t), transform)
             if uses_pixels:
-                item.pixels = {t: v.half() for t, v in
-                               pipeline.slice_pixels(backbone, volume.array, axis, slices, intensity).items()}
+                item.pixels = pipeline.slice_pixels(backbone, volume.array, axis, slices, intensity)
             if config.mode == "lora":
                 item.images = {t: apply_range(get_slice(volume.array, axis, t), *intensity) for t in slices}
             for level in config.noise_levels:
@@ -265,7 +264,7 @@ def estimate(config: TrainConfig, backbone, head, scanned: Scan) -> Dict[str, fl
 
 
 def _pixels_of(item: TrainingCase):
-    return (lambda t: item.pixels[t].float()) if item.pixels else None
+    return item.pixels.__getitem__ if item.pixels else None
 
 
 def head_batch(head, items: List[TrainingCase], batch, backbone=None, mode: str = "frozen"):
@@ -340,7 +339,7 @@ def compute_saliency(model, items: List[TrainingCase]) -> None:
     for item in items:
         dense = {}
         item.saliency = pipeline.saliency_maps(model, item.embeddings, item.slices, item.shape_hw,
-                                               pixels={t: v.float() for t, v in item.pixels.items()} or None,
+                                               pixels=item.pixels or None,
                                                dense=dense)
         item.dense = dense
 
@@ -478,6 +477,8 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"Unknown training mode {config.mode!r}: use frozen (CPU) or lora (GPU).")
     if config.prompt_mode not in ("spd", "raw"):
         raise InputError(f"Unknown prompt mode {config.prompt_mode!r}: use spd or raw.")
+    if config.head not in ("context", "conv2"):
+        raise InputError(f"Unknown saliency head {config.head!r}: use context or conv2.")
     if not config.axes or any(a not in (0, 1, 2) for a in config.axes):
         raise InputError(f"Training axes must be array axes 0, 1, 2; got {list(config.axes)}.")
     if not 0.0 < config.tau < 1.0:
