@@ -66,7 +66,7 @@ def msd(tmp_path_factory):
 
 
 def config(data, out, **changes) -> T.TrainConfig:
-    settings = dict(data=str(data), out=str(out), backbone="tiny_sam_test", device="cpu", stage1_epochs=2,
+    settings = dict(data=str(data), out=str(out), backbone="tiny_sam_test", device="cpu", stage1_epochs=8, stage1_lr=1e-2,
                     stage2_steps=3, prompt_seeds=1, noise_levels=("moderate",), batch_size=2, head_hidden=8,
                     head_blocks=1, axes=(1,), cache_dir=str(Path(out).parent / "features"))
     settings.update(changes)
@@ -202,7 +202,7 @@ def test_train_end_to_end_writes_a_loadable_model(trained, sample_paths):
     assert header["training"]["cases"] == ["ellipsoid_001", "hippocampus_001"]
     assert header["training"]["stage2_steps"] == 3 and header["training"]["mode"] == "frozen"
     assert header["axes"] == [1] and header["views"] == ["coronal"]
-    assert header["head"] == {"type": "context", "hidden": 8, "blocks": 1, "context": 1, "image": True}
+    assert header["head"] == {"type": "context", "hidden": 8, "blocks": 1, "context": 1, "image": True, "upsample": 1}
     assert math.isfinite(header["losses"]["stage1"]) and math.isfinite(header["losses"]["stage2"])
     # the model segments
     from SPDSegmentLib.core import prompts as P

@@ -246,20 +246,78 @@ def cmd_simulate(args) -> int:
 def cmd_train(args) -> int:
     from .research.train import TrainConfig, train
 
-    axis = args.axis
-    if axis is None and args.dataset:
-        axis = int(load_split(args.dataset)["axis"])
-    config = TrainConfig(data=args.data, out=args.out, dataset=args.dataset, cases=args.cases, axis=axis or 0,
-                         modality=args.modality, backbone=args.backbone, mode=args.mode, lora_rank=args.lora_rank,
-                         stage1_epochs=args.stage1_epochs, stage2_steps=args.stage2_steps,
-                         psc_weight=args.psc_weight, prompt_mode=args.prompt_mode, local_only=args.local_only,
-                         dense_prior=args.dense_prior,
-                         seed=args.seed, device=args.device, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                         tau=args.tau, neighbours=args.neighbours)
+    settings = {name: getattr(args, name) for name in TRAIN_OPTIONS if hasattr(args, name)}
+    if settings.get("axes") == ["all"]:
+        settings["axes"] = (0, 1, 2)
+    elif "axes" in settings:
+        settings["axes"] = tuple(int(a) for a in settings["axes"])
+    config = TrainConfig(data=args.data, out=args.out, dataset=args.dataset, cases=args.cases, **settings)
     t0 = time.perf_counter()
     out = train(config, progress=tqdm_progress())
     print(f"trained in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0
+
+
+# ``spd train`` options: the TrainConfig field, its help; defaults come from TrainConfig (their one home).
+TRAIN_OPTIONS = {
+    "axes": "slicing axes to train on: array axes 0 1 2, or all (every view a reader may click in)",
+    "modality": "intensity scaling: auto, mr or ct",
+    "backbone": "catalogue backbone to train on",
+    "mode": "frozen: encoder features computed once into the feature store (CPU); lora: adapters in the encoder (GPU)",
+    "lora_rank": "rank of the LoRA adapters (--mode lora)",
+    "head": "saliency head: context (2.5D, upsampling, pixel refinement) or conv2 (the first design)",
+    "head_hidden": "channels of the saliency head",
+    "head_blocks": "residual blocks of the context head",
+    "head_context": "neighbour slices on each side the context head reads",
+    "head_image": "the context head refines with the slice's pixels",
+    "head_upsample": "2x steps of the context head's output above the embedding's resolution",
+    "stage1_epochs": "passes over the training slices in stage 1 (saliency head)",
+    "stage1_max_steps": "at most this many stage-1 steps",
+    "stage1_batch": "slices per stage-1 step",
+    "stage1_lr": "stage-1 learning rate (AdamW, warm-up then cosine)",
+    "stage2_steps": "steps of stage 2 (decoder tuning); 0 keeps the backbone's decoder",
+    "stage2_lr": "stage-2 learning rate (AdamW)",
+    "batch_size": "stage 2: pairs of adjacent slices per step",
+    "psc_weight": "weight of the Pairwise Slice Consistency loss",
+    "prompt_mode": "stage-2 prompts: spd (consensus prompts) or raw (the noisy clicks; the SAM-Tuning baseline)",
+    "local_only": "ablation: no borrowing from neighbour slices",
+    "dense_prior": "also feed the saliency logits to the decoder as SAM's dense mask prompt",
+    "tau": "saliency threshold recorded in the model",
+    "neighbours": "neighbour slices n recorded in the model",
+    "prompt_seeds": "simulated readers per case, axis and noise level",
+    "seed": "random seed (training is deterministic given it)",
+    "device": "auto, cpu or cuda",
+    "cache_dir": "feature store folder (frozen mode; None: SPDSEGMENT_CACHE or ~/.cache/spdsegment, /features)",
+    "work_dir": "stage checkpoints (None: OUT.work)",
+    "resume": "continue a stopped run with the same settings and cases from its stage-1 checkpoint",
+    "keep_work": "keep the work folder after success",
+}
+
+
+def add_train_options(parser) -> None:
+    """One option per TRAIN_OPTIONS entry, typed and defaulted from TrainConfig (an option not given is
+    absent from the parsed arguments, so TrainConfig's default applies)."""
+    import argparse
+    import dataclasses
+
+    from .research.train import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    choices = {"modality": ["auto", "mr", "ct"], "mode": ["frozen", "lora"], "head": ["context", "conv2"],
+               "prompt_mode": ["spd", "raw"]}
+    for name, text in TRAIN_OPTIONS.items():
+        default = fields[name].default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        common = dict(default=argparse.SUPPRESS, help=f"{text} (default: {shown})")
+        flag = "--" + name.replace("_", "-")
+        if name == "axes":
+            parser.add_argument(flag, nargs="+", **common)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif name in choices:
+            parser.add_argument(flag, choices=choices[name], **common)
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else str, **common)
 
 
 def cmd_evaluate(args) -> int:
@@ -354,28 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .spd.safetensors")
     p.add_argument("--dataset", help="use the fixed split of a benchmark dataset (hippocampus, left_atrium)")
     p.add_argument("--cases", nargs="*", help="case names (None: the split's train cases, else all)")
-    p.add_argument("--axis", type=int, default=None,
-                   help="slicing axis as an array axis 0, 1, 2 (None: the split's axis, else 0)")
-    p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"], help="intensity scaling")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="catalogue backbone to train on")
-    p.add_argument("--mode", default="frozen", choices=["frozen", "lora"],
-                   help="frozen: cached encoder features (CPU-friendly); lora: adapters in the encoder (GPU)")
-    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (--mode lora)")
-    p.add_argument("--stage1-epochs", type=int, default=8, help="epochs of stage 1 (saliency head)")
-    p.add_argument("--stage2-steps", type=int, default=150, help="steps of stage 2 (decoder tuning)")
-    p.add_argument("--psc-weight", type=float, default=0.5, help="weight of the Pairwise Slice Consistency loss")
-    p.add_argument("--prompt-mode", default="spd", choices=["spd", "raw"],
-                   help="stage 2 prompts: SPD consensus prompts, or the raw clicks (ablation)")
-    p.add_argument("--local-only", action="store_true", help="ablation: no borrowing from neighbour slices")
-    p.add_argument("--dense-prior", action="store_true",
-                   help="also feed the saliency logits to the decoder as SAM's dense mask prompt")
-    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="saliency threshold recorded in the model")
-    p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
-                   help="neighbour slices n recorded in the model")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per training step")
-    p.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic given it)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--cache-dir", help="keep encoder embeddings on disk here (frozen mode)")
+    add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="the benchmark: SPD against SAM baselines on the fixed splits",

@@ -23,7 +23,7 @@ from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import CheckpointError, InputError
 from .models.registry import DEFAULT_MODEL, load_backbone, resolve_device
 from .progress import Progress
-from .prompts import axis_from_name, axis_note
+from .prompts import axis_from_name, axis_name, axis_note
 from .volume import (CT_WINDOWS, Volume, apply_range, fingerprint_key, get_slice, intensity_range, put_slice,
                      validate_array)
 
@@ -34,6 +34,8 @@ from .volume import (CT_WINDOWS, Volume, apply_range, fingerprint_key, get_slice
 MODES = ("auto", "spd", "raw")
 MODALITIES = ("auto", "mr", "ct")
 EMPTY_SLICE_CHOICES = ("skip", "saliency")
+DECODER_PROMPTS = ("points+box", "box")
+COMPONENTS = ("all", "clicked")
 
 
 @dataclass
@@ -58,6 +60,13 @@ class SegmentOptions:
       window: CT (level, width) in HU, or a preset name of :data:`volume.CT_WINDOWS`.
       batch_size: slices per encoder and decoder call; None: :func:`default_batch_size` of the device.
       return_saliency: also return the saliency volume (SPD mode).
+      decoder_prompt: SPD mode: what the decoder is given, "points+box" (the consensus points and the box
+        of the saliency component holding them) or "box" (that box alone: the points choose the component
+        and the slices); None uses the SPD model's own ("points+box" unless it was trained otherwise).
+      fusion: SPD mode: the weight of the saliency probability averaged with the decoder's (0: the
+        decoder alone, 1: the saliency map alone); None uses the SPD model's own (0 unless set).
+      components: SPD mode: "all" keeps every part of the mask, "clicked" keeps the 3D connected parts
+        that hold a kept or borrowed click; None uses the SPD model's own ("all" unless set).
     """
 
     mode: str = "auto"
@@ -72,6 +81,9 @@ class SegmentOptions:
     window: object = None
     batch_size: Optional[int] = None
     return_saliency: bool = False
+    decoder_prompt: Optional[str] = None
+    fusion: Optional[float] = None
+    components: Optional[str] = None
 
     def validate(self) -> "SegmentOptions":
         """Check every option before any work; a checked copy (a window "LEVEL,WIDTH" becomes a tuple).
@@ -86,6 +98,12 @@ class SegmentOptions:
             value = getattr(self, setting)
             if value not in allowed:
                 refuse(setting, f"The {setting.replace('_', ' ')} {value!r} is not one of {', '.join(allowed)}.")
+        for setting, allowed in (("decoder_prompt", DECODER_PROMPTS), ("components", COMPONENTS)):
+            value = getattr(self, setting)
+            if value is not None and value not in allowed:
+                refuse(setting, f"The {setting.replace('_', ' ')} {value!r} is not one of {', '.join(allowed)}.")
+        if self.fusion is not None and (not _is_number(self.fusion) or not 0.0 <= float(self.fusion) <= 1.0):
+            refuse("fusion", f"fusion is {self.fusion!r}; it is the weight of the saliency map, from 0 to 1.")
         if self.tau is not None and (not _is_number(self.tau) or not 0.0 < float(self.tau) < 1.0):
             refuse("tau", f"tau is {self.tau!r}; it is a saliency probability threshold strictly between 0 and 1 "
                           f"(usually {DEFAULT_TAU}).")
@@ -355,14 +373,15 @@ def box_margin_px(spacing_kji, axis: int, margin_mm: float) -> float:
 
 
 def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transform, tau: float, neighbours: int,
-             empty_slice: str = "saliency", local_only: bool = False):
+             empty_slice: str = "saliency", local_only: bool = False, decoder_prompt: str = "points+box"):
     """SPD's decoder prompts: (jobs, DistillResult). The one place that turns clicks and saliency maps into
     what the decoder sees, for inference (:func:`segment`) and for stage-2 training alike.
 
     Each job is (t, points_xy (n, 2) in the model frame, labels (n,), box (4,) in the model frame): the
     consensus points of slice t plus the box of the saliency component holding them; a target slice
     between the first and last prompted slice that is left without points gets the box of its own
-    saliency map when ``empty_slice`` is "saliency".
+    saliency map when ``empty_slice`` is "saliency". With ``decoder_prompt`` "box" the points choose the
+    component and the slices, and the decoder is given the box alone.
     """
     distilled = distill.distill(by_slice, maps, tau=tau, neighbours=neighbours, targets=targets,
                                 local_only=local_only)
@@ -372,7 +391,11 @@ def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transfor
         consensus = distilled.consensus.get(t)
         if consensus is not None and len(consensus.positives):
             box = distill.saliency_box(maps[t], consensus.positives, tau=tau)
-            jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels, transform.box_rc_to_model(*box)))
+            if decoder_prompt == "box":
+                jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
+            else:
+                jobs.append((t, transform.rc_to_model_xy(consensus.rc), consensus.labels,
+                             transform.box_rc_to_model(*box)))
         elif empty_slice == "saliency" and prompted and prompted[0] <= t <= prompted[-1]:
             box = distill.saliency_box(maps[t], np.zeros((0, 2)), tau=tau)
             if box is not None:
@@ -434,8 +457,9 @@ def _decode(backbone, embeddings, jobs, shape_hw, *, batch_size, progress, dense
             key: Optional[str] = None) -> Dict[int, np.ndarray]:
     """jobs: list of (t, points_xy (n,2), labels (n,), box (4,) or None); dense: t -> mask prompt.
 
-    Returns t -> bool mask on the slice grid. With a ``cache`` and the embeddings' ``key``, a slice
-    decoded before with exactly the same prompt is recalled (re-prompting decodes only what changed).
+    Returns t -> foreground probability (float16) on the slice grid. With a ``cache`` and the embeddings'
+    ``key``, a slice decoded before with exactly the same prompt is recalled (re-prompting decodes only
+    what changed).
     """
     import torch
 
@@ -467,7 +491,7 @@ def _decode(backbone, embeddings, jobs, shape_hw, *, batch_size, progress, dense
             low_res, _ = backbone.decode(emb, points, labels, boxes, mask_input)
             logits = backbone.to_slice(low_res.float(), *shape_hw).cpu().numpy()
         for job, lg in zip(batch, logits):
-            masks[job[0]] = lg > 0
+            masks[job[0]] = (1.0 / (1.0 + np.exp(-np.clip(lg, -30, 30)))).astype(np.float16)
             if memo_keys:
                 cache.remember(memo_keys[job[0]], job[0], masks[job[0]])
     if progress is not None and jobs:
@@ -490,6 +514,9 @@ class Plan:
     neighbours: int
     batch_size: int
     key: str  # embedding-cache key of this volume, axis, model and intensity range
+    decoder_prompt: str = "points+box"  # SPD: what the decoder is given (SegmentOptions.decoder_prompt)
+    fusion: float = 0.0  # SPD: weight of the saliency map in the final probability
+    components: str = "all"  # SPD: which 3D parts of the mask are kept
 
 
 def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
@@ -540,7 +567,20 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
                 shape_hw=tuple(s for a, s in enumerate(volume.shape) if a != axis), intensity=intensity,
                 tau=tau, neighbours=n,
                 batch_size=options.batch_size or default_batch_size(backbone.device),
-                key=fingerprint_key(volume, axis, model.identity, intensity))
+                key=fingerprint_key(volume, axis, model.identity, intensity),
+                decoder_prompt=_model_setting(options, model, "decoder_prompt", "points+box"),
+                fusion=float(_model_setting(options, model, "fusion", 0.0)),
+                components=_model_setting(options, model, "components", "all"))
+
+
+def _model_setting(options: SegmentOptions, model, name: str, default):
+    """An option as given, else the SPD model's own (its header), else ``default``: one rule for tau-like
+    settings that a model is trained or tuned with."""
+    value = getattr(options, name)
+    if value is not None:
+        return value
+    header = getattr(model, "header", None) or {}
+    return header.get(name, default)
 
 
 def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = None,
@@ -587,7 +627,8 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
         maps = saliency_maps(model, embeddings, p.targets, p.shape_hw, pixels=pixels, dense=dense, cache=cache,
                              key=p.key)
         jobs, distilled = spd_jobs(p.by_slice, maps, p.targets, transform, p.tau, p.neighbours,
-                                   empty_slice=options.empty_slice, local_only=options.local_only)
+                                   empty_slice=options.empty_slice, local_only=options.local_only,
+                                   decoder_prompt=p.decoder_prompt)
         audit = distilled.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
         if options.return_saliency:
@@ -608,14 +649,39 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     progress.check()
 
     mask = np.zeros(volume.shape, np.uint8)
-    for t, m in slice_masks.items():
-        put_slice(mask, p.axis, t, m.astype(np.uint8))
+    for t, prob in slice_masks.items():
+        if p.mode == "spd" and p.fusion:
+            prob = (1.0 - p.fusion) * prob.astype(np.float32) + p.fusion * maps[t]
+        put_slice(mask, p.axis, t, (prob > 0.5).astype(np.uint8))
+    if p.mode == "spd" and p.components == "clicked":
+        mask = clicked_components(mask, distilled, p.axis)
     timings["total_s"] = time.perf_counter() - t_start
     result = Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
                     timings=timings, mode=p.mode, decoder=decoder_description(model),
                     axis_note=axis_note(prompts, volume))
     result.warnings = plausibility_warnings(volume, p, model, result)
     return result
+
+
+def clicked_components(mask: np.ndarray, distilled, axis: int) -> np.ndarray:
+    """The 3D connected parts of ``mask`` (26-connected) that hold a kept or borrowed click; the mask as it
+    is when no click falls inside it."""
+    from scipy import ndimage
+
+    parts, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask
+    hit = set()
+    for t, consensus in distilled.consensus.items():
+        for r, c in np.rint(consensus.positives).astype(int):
+            index = [0, 0, 0]
+            index[axis] = t
+            index[[a for a in range(3) if a != axis][0]] = r
+            index[[a for a in range(3) if a != axis][1]] = c
+            if all(0 <= i < n for i, n in zip(index, mask.shape)):
+                hit.add(int(parts[tuple(index)]))
+    hit.discard(0)
+    return np.isin(parts, list(hit)).astype(np.uint8) if hit else mask
 
 
 def decoder_description(model) -> str:
@@ -641,6 +707,11 @@ def plausibility_warnings(volume: Volume, p: Plan, model, result: Result) -> Lis
         warnings.append(f"Every slice to segment is blank in the intensity range {lo:g}..{hi:g}: the window hides "
                         "the image. On CT choose a window that shows the structure (window, modality); on MR "
                         "choose the mr modality.")
+    views = model.header.get("views") if result.mode == "spd" else None
+    if views and axis_name(p.axis, volume) not in views:
+        warnings.append(f"The clicks are on {axis_name(p.axis, volume)} slices, but {model.name} was trained on "
+                        f"{' and '.join(views)} slices only: expect a poorer result. Click in a view it knows, or "
+                        f"train a model on this view (spd train --axes all).")
     if result.mode == "spd" and result.audit:
         counts = result.audit_counts()
         own = counts.get("kept", 0) + counts.get("rejected", 0)

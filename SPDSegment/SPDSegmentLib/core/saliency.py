@@ -52,6 +52,9 @@ class SaliencyHead(nn.Module):
         return self.net(embeddings)
 
 
+FINE_CHANNELS = 16  # channels of the context head above embedding resolution
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
 
@@ -72,38 +75,43 @@ class ContextSaliencyHead(nn.Module):
 
     Args:
       in_channels: C, the embedding's channels.
-      hidden: channels of the residual blocks (halved at each of the two upsampling steps).
+      hidden: channels of the residual blocks (halved at each upsampling step).
       blocks: residual blocks; dilations cycle 1, 2, 4, 1 so the receptive field spans the slice.
       context: neighbour slices read on each side (0: 2D). Their embeddings share the reduction and
         are mixed by a 1x1 convolution, which gives the head the structure's 3D shape.
-      image: refine at model resolution with the slice's pixels (the padded model input, one channel).
+      upsample: 2x steps above embedding resolution (bilinear, on a few channels, then a 3x3 refinement):
+        0 gives E x E logits, 1 gives 2E x 2E.
+      image: the refinement also reads the slice's pixels (the padded model input, one channel,
+        area-averaged to the output size).
 
     Input: embeddings (B, 2 * context + 1, C, E, E), the centre slice in the middle (or (B, C, E, E)
-    when context is 0) and, with ``image``, the model input's pixels (B, S, S), brought to 4E x 4E.
-    Output: logits (B, 1, 4E, 4E) in the model frame.
+    when context is 0) and, with ``image``, the model input's pixels (B, S, S).
+    Output: logits (B, 1, 2^upsample E, 2^upsample E) in the model frame.
     """
 
-    def __init__(self, in_channels: int = 256, hidden: int = 96, blocks: int = 4, context: int = 1,
-                 image: bool = True):
+    def __init__(self, in_channels: int = 256, hidden: int = 64, blocks: int = 2, context: int = 1,
+                 image: bool = True, upsample: int = 1):
         super().__init__()
         self.in_channels, self.hidden, self.blocks = in_channels, hidden, blocks
-        self.context, self.uses_image = int(context), bool(image)
+        self.context, self.uses_image, self.upsample_steps = int(context), bool(image), int(upsample)
         k = 2 * self.context + 1
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), _norm(hidden), nn.GELU())
         self.mix = nn.Sequential(nn.Conv2d(k * hidden, hidden, 1), _norm(hidden), nn.GELU()) if k > 1 else nn.Identity()
         self.body = nn.Sequential(*[_Residual(hidden, (1, 2, 4, 1)[i % 4]) for i in range(blocks)])
-        half, quarter = hidden // 2, hidden // 4
-        self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(hidden, half, 2, stride=2), _norm(half), nn.GELU(),
-            nn.ConvTranspose2d(half, quarter, 2, stride=2), _norm(quarter), nn.GELU())
-        self.refine = nn.Sequential(nn.Conv2d(quarter + 1, quarter, 3, padding=1), _norm(quarter), nn.GELU()) \
-            if self.uses_image else nn.Identity()
-        self.out = nn.Conv2d(quarter, 1, 1)
+        # above embedding resolution only a few channels: a 3x3 convolution over 64 channels at 2E costs more
+        # than the whole head below it on a CPU
+        channels = FINE_CHANNELS
+        self.narrow = nn.Sequential(nn.Conv2d(hidden, channels, 1), _norm(channels), nn.GELU())
+        self.upsample = nn.Upsample(scale_factor=2 ** self.upsample_steps, mode="bilinear", align_corners=False) \
+            if self.upsample_steps else nn.Identity()
+        self.refine = nn.Sequential(nn.Conv2d(channels + int(self.uses_image), channels, 3, padding=1), _norm(channels),
+                                    nn.GELU())
+        self.out = nn.Conv2d(channels, 1, 1)
 
     @property
     def spec(self) -> dict:
         return {"type": "context", "hidden": self.hidden, "blocks": self.blocks, "context": self.context,
-                "image": self.uses_image}
+                "image": self.uses_image, "upsample": self.upsample_steps}
 
     def forward(self, embeddings: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         if embeddings.dim() == 4:
@@ -111,15 +119,13 @@ class ContextSaliencyHead(nn.Module):
         b, k = embeddings.shape[:2]
         x = self.reduce(embeddings.flatten(0, 1))
         x = self.mix(x.reshape(b, k * x.shape[1], *x.shape[-2:]))
-        x = self.upsample(self.body(x))
+        x = self.upsample(self.narrow(self.body(x)))
         if self.uses_image:
             if image is None:
                 raise ValueError("this saliency head refines with the slice's pixels: pass image")
-            image = image[:, None].to(x.dtype)
-            if image.shape[-2:] != x.shape[-2:]:  # SAM ViT: a 1024 input, 4E = 256
-                image = F.interpolate(image, size=x.shape[-2:], mode="area")
-            x = self.refine(torch.cat([x, image], 1))
-        return self.out(x)
+            image = F.interpolate(image[:, None].to(x.dtype), size=x.shape[-2:], mode="area")
+            x = torch.cat([x, image], 1)
+        return self.out(self.refine(x))
 
 
 def build_head(spec: Optional[Mapping], in_channels: int, legacy_hidden: int = 64) -> nn.Module:
@@ -129,7 +135,7 @@ def build_head(spec: Optional[Mapping], in_channels: int, legacy_hidden: int = 6
     if spec.get("type") != "context":
         raise ValueError(f"unknown saliency head type {spec.get('type')!r}")
     return ContextSaliencyHead(in_channels, int(spec["hidden"]), int(spec["blocks"]), int(spec["context"]),
-                               bool(spec["image"]))
+                               bool(spec["image"]), int(spec.get("upsample", 1)))
 
 
 def neighbourhood(t: int, context: int, available: Sequence[int]) -> Tuple[int, ...]:

@@ -45,7 +45,7 @@ def prefilled_cache(entry: FeatureEntry, max_bytes: int = 2 << 30) -> EmbeddingC
 def _mask_from(slice_masks: Dict[int, np.ndarray], shape, axis: int) -> np.ndarray:
     mask = np.zeros(shape, np.uint8)
     for t, m in slice_masks.items():
-        put_slice(mask, axis, t, np.asarray(m, np.uint8))
+        put_slice(mask, axis, t, (np.asarray(m, np.float32) > 0.5).astype(np.uint8))
     return mask
 
 

@@ -60,10 +60,11 @@ class TrainConfig:
     mode: str = "frozen"  # "frozen" or "lora"
     lora_rank: int = 8
     head: str = "context"  # "context" (ContextSaliencyHead) or "conv2" (the first design)
-    head_hidden: int = 96
-    head_blocks: int = 4
+    head_hidden: int = 64
+    head_blocks: int = 2
     head_context: int = 1  # neighbour slices each side the head reads (2.5D)
     head_image: bool = True  # the head refines with the slice's pixels
+    head_upsample: int = 1  # 2x steps of the head's output above embedding resolution
     tau: float = distill.DEFAULT_TAU
     neighbours: int = distill.DEFAULT_NEIGHBOURS
     stage1_epochs: float = 8.0
@@ -451,7 +452,7 @@ def _init_distributed() -> bool:
 
 # What a stage-1 checkpoint depends on: resuming with any of these changed would mix two runs.
 _STAGE1_FIELDS = ("axes", "modality", "backbone", "mode", "lora_rank", "head", "head_hidden", "head_blocks",
-                  "head_context", "head_image", "stage1_epochs", "stage1_max_steps", "stage1_batch", "stage1_lr",
+                  "head_context", "head_image", "head_upsample", "stage1_epochs", "stage1_max_steps", "stage1_batch", "stage1_lr",
                   "seed")
 
 
@@ -468,7 +469,8 @@ def _make_head(config: TrainConfig, backbone):
     if config.head != "context":
         raise InputError(f"Unknown saliency head {config.head!r}: use context or conv2.")
     return build_head({"type": "context", "hidden": config.head_hidden, "blocks": config.head_blocks,
-                       "context": config.head_context, "image": config.head_image}, backbone.embed_dim)
+                       "context": config.head_context, "image": config.head_image,
+                       "upsample": config.head_upsample}, backbone.embed_dim)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -488,7 +490,8 @@ def check_config(config: TrainConfig) -> None:
     for name in ("stage1_batch", "batch_size", "head_hidden"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be at least 1, not {getattr(config, name)}.")
-    for name in ("stage1_epochs", "stage2_steps", "stage1_max_steps", "prompt_seeds", "head_blocks", "head_context"):
+    for name in ("stage1_epochs", "stage2_steps", "stage1_max_steps", "prompt_seeds", "head_blocks", "head_context",
+                 "head_upsample"):
         if getattr(config, name) < 0:
             raise InputError(f"{name} must be 0 or more, not {getattr(config, name)}.")
 
