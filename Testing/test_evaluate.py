@@ -39,20 +39,19 @@ def test_summary_statistics_and_reports(tmp_path):
     rows = []
     for case in range(6):
         for method, base in (("spd", 0.8), ("sam_box", 0.5), ("unet", 0.6)):
-            rows.append(dict(dataset="toy", case=f"c{case}", level="moderate", method=method,
+            rows.append(dict(dataset="toy", case=f"c{case}", axis=1, view="coronal", level="moderate", method=method,
                              dice=base + rng.normal(0, 0.02), hd95=10 * (1 - base), asd=1.0, seconds=0.1))
-    summary = evaluate.summarise(rows, ["moderate"])
+    summary = evaluate.summarise(rows)
     spd = next(s for s in summary if s["method"] == "spd")
     box = next(s for s in summary if s["method"] == "sam_box")
     assert spd["n"] == 6 and spd["wilcoxon_p_vs_spd"] is None
     assert spd["dice_mean"] == pytest.approx(np.mean([r["dice"] for r in rows if r["method"] == "spd"]))
     assert box["wilcoxon_p_vs_spd"] == pytest.approx(0.03125)  # all 6 pairs favour SPD: exact two-sided p
-    evaluate.write_reports(rows, summary, ["moderate"], tmp_path, {"command": "spd evaluate", "machine": "test",
-                                                                  "date": "today"})
+    evaluate.write_reports(rows, summary, tmp_path, {"command": "spd evaluate", "machine": "test", "date": "today"})
     for name in ("per_case.csv", "summary.csv", "results.md", "dice_vs_noise.png", "meta.json"):
         assert (tmp_path / name).stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
-    assert "SPD, empty slices skipped" in table and "0.0312" in table
+    assert "SPD (as shipped)" in table and "0.031" in table
 
 
 def test_unet_baseline_trains_and_predicts(tmp_path, sample_paths, torch_one_thread):

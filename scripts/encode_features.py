@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--axes", nargs="+", type=int, default=None)
     ap.add_argument("--splits", nargs="+", default=["test_full", "train_full"])
     ap.add_argument("--plan", nargs="+", default=None, help="dataset:axis items in order, e.g. hippocampus:1")
+    ap.add_argument("--reverse", action="store_true", help="cases in reverse order (a second process fills from the end)")
     args = ap.parse_args()
     from SPDSegmentLib.core.pipeline import load_model
     from SPDSegmentLib.research.data import find_cases, load_split
@@ -37,6 +38,8 @@ def main():
         split = load_split(dataset)
         names = [n for s in args.splits for n in split[s]]
         cases = find_cases(Path(args.data) / dataset, names)
+        if args.reverse:
+            cases = cases[::-1]
         t0 = time.time()
         done = 0
         for i, case in enumerate(cases):

@@ -24,7 +24,6 @@ from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
 from .core.progress import Progress, tqdm_progress
 from .core.sample import sample_case
 from .core.volume import LABEL_SUFFIXES, SEGMENTATION_SUFFIXES, output_type_error
-from .research.data import load_split
 from .research.simulate import simulate
 
 # train, evaluate, bench-speed and the demo's metrics import their modules when they run: those import
@@ -281,6 +280,8 @@ TRAIN_OPTIONS = {
     "psc_weight": "weight of the Pairwise Slice Consistency loss",
     "prompt_mode": "stage-2 prompts: spd (consensus prompts) or raw (the noisy clicks; the SAM-Tuning baseline)",
     "local_only": "ablation: no borrowing from neighbour slices",
+    "decoder_prompt": "what the decoder is given in stage 2 and at inference: points+box, or box (the points "
+                      "choose the saliency component and the slices)",
     "dense_prior": "also feed the saliency logits to the decoder as SAM's dense mask prompt",
     "tau": "saliency threshold recorded in the model",
     "neighbours": "neighbour slices n recorded in the model",
@@ -304,7 +305,7 @@ def add_train_options(parser) -> None:
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     choices = {"modality": ["auto", "mr", "ct"], "mode": ["frozen", "lora"], "head": ["context", "conv2"],
-               "prompt_mode": ["spd", "raw"]}
+               "prompt_mode": ["spd", "raw"], "decoder_prompt": ["points+box", "box"]}
     for name, text in TRAIN_OPTIONS.items():
         default = fields[name].default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
@@ -421,11 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"], help="datasets to evaluate")
     p.add_argument("--levels", nargs="*", default=["clean", "mild", "moderate", "severe"],
                    help="click noise levels (docs/noise_model.md)")
-    p.add_argument("--models-dir", required=True, help="folder with the trained models of each dataset")
+    p.add_argument("--models-dir", required=True,
+                   help="folder with DATASET_spd.spd.safetensors, DATASET_samtune.spd.safetensors, DATASET_unet.pt "
+                        "and lever models DATASET_NAME.spd.safetensors")
+    p.add_argument("--store", help="feature store of the test cases (scripts/encode_features.py; None: the user "
+                                   "cache's)")
     p.add_argument("--out-dir", default="benchmark", help="where results.md, per_case.csv and the plot go")
-    p.add_argument("--cache-dir", help="embedding cache on disk (None: memory only)")
+    p.add_argument("--views", default="all", choices=["main", "all"],
+                   help="main: the split's slicing axis only; all: also the two other views (moderate noise)")
+    p.add_argument("--no-ladder", action="store_true", help="skip the oracle ladder")
+    p.add_argument("--max-cases", type=int, default=0, help="only the first N test cases (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the click simulator")
-    p.add_argument("--unet-epochs", type=int, default=30, help="train the U-Net baseline if it is missing")
     p.add_argument("--merge", nargs="*", default=[], help="per_case.csv files of earlier runs to report with")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_runtime_arguments(p)

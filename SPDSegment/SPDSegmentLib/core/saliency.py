@@ -18,7 +18,7 @@ untouched, so embeddings can be cached.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

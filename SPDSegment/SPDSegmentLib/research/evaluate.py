@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-import torch
 from scipy.stats import wilcoxon
 
 from ..core import spd_model
-from ..core.cache import EmbeddingCache
 from ..core.models.registry import load_backbone, resolve_device
 from ..core.pipeline import SegmentOptions, segment
 from ..core.volume import get_slice
 from . import unet
 from .data import find_cases, load_split, structure_range
+from .metrics import dice_score, score, surface_distances
 from .simulate import simulate
 
 # MONAI and matplotlib (the "train" extra) are imported where they are used: the demo's Dice needs neither.
@@ -34,37 +33,26 @@ from .simulate import simulate
 METHODS = {
     "sam_points": "SAM zero-shot, raw points",
     "sam_box": "SAM zero-shot, box around raw points",
-    "sam_tuning": "SAM-Tuning (decoder tuned on raw points)",
+    "sam_tuning": "SAM-Tuning (decoder tuned on raw clicks)",
     "unet": "Supervised 2D U-Net (no prompts)",
-    "spd_local": "SPD ablation: local validation only",
-    "spd_no_psc": "SPD ablation: CPD without PSC",
-    "spd": "SPD, empty slices skipped",
-    "spd_dense": "SPD + dense saliency prompt",
-    "spd_fill": "SPD (default: empty slices from saliency)",
+    "saliency": "ladder: saliency head alone (thresholded)",
+    "oracle_box": "ladder: decoder with the ground-truth box",
+    "oracle_clean": "ladder: decoder with clean clicks + ground-truth box",
+    "consensus": "ladder: decoder with SPD's consensus prompts",
+    "spd": "SPD (as shipped)",
 }
-REFERENCE = "spd_fill"  # what the Wilcoxon tests compare against: SPD as shipped
-
-
-def dice_score(prediction: np.ndarray, label: np.ndarray) -> float:
-    p, g = prediction > 0, label > 0
-    denominator = p.sum() + g.sum()
-    return 1.0 if denominator == 0 else float(2.0 * (p & g).sum() / denominator)
-
-
-def surface_distances(prediction: np.ndarray, label: np.ndarray, spacing_kji) -> tuple:
-    """(HD95, ASD) in mm with MONAI; the image diagonal when either mask is empty."""
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
-
-    p, g = prediction > 0, label > 0
-    if not p.any() or not g.any():
-        diagonal = float(np.linalg.norm(np.array(prediction.shape) * np.asarray(spacing_kji)))
-        return diagonal, diagonal
-    y_pred = torch.from_numpy(np.stack([~p, p])[None].astype(np.float32))
-    y = torch.from_numpy(np.stack([~g, g])[None].astype(np.float32))
-    spacing = [float(s) for s in spacing_kji]
-    hd95 = compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)
-    asd = compute_average_surface_distance(y_pred, y, include_background=False, symmetric=True, spacing=spacing)
-    return float(hd95.item()), float(asd.item())
+REFERENCE = "spd"  # what the Wilcoxon tests compare against: SPD as shipped
+# Inference-time levers: SPD as shipped with one setting changed (measured at moderate noise in the main view).
+LEVERS = {
+    "spd_points": ("decoder given consensus points + box", dict(decoder_prompt="points+box")),
+    "spd_box": ("decoder given the saliency box only", dict(decoder_prompt="box")),
+    "spd_decoder": ("decoder alone (no fusion)", dict(fusion=0.0)),
+    "spd_fuse": ("saliency and decoder averaged", dict(fusion=0.5)),
+    "spd_saliency": ("saliency alone on SPD's slices", dict(fusion=1.0)),
+    "spd_clicked": ("only the 3D parts holding a click", dict(components="clicked")),
+    "spd_local": ("local validation only (no borrowing)", dict(local_only=True)),
+    "spd_skip": ("slices CPD leaves empty stay empty", dict(empty_slice="skip")),
+}
 
 
 def overlay_png(path, volume, label, masks: Dict[str, np.ndarray], prompts, axis: int, n_slices: int = 4) -> Path:
@@ -102,133 +90,189 @@ def overlay_png(path, volume, label, masks: Dict[str, np.ndarray], prompts, axis
 
 # ---------------------------------------------------------------- the benchmark
 
-def _model_files(models_dir: Path, dataset: str) -> Dict[str, Path]:
-    return {"spd": models_dir / f"{dataset}_spd.spd.safetensors",
-            "spd_no_psc": models_dir / f"{dataset}_spd_nopsc.spd.safetensors",
-            "sam_tuning": models_dir / f"{dataset}_samtune.spd.safetensors",
-            "spd_dense": models_dir / f"{dataset}_spd_dense.spd.safetensors",
-            "unet": models_dir / f"{dataset}_unet.pt"}
+def method_title(method: str) -> str:
+    if method in METHODS:
+        return METHODS[method]
+    if method in LEVERS:
+        return "lever: " + LEVERS[method][0]
+    return "lever: model " + method  # a model file MODELS_DIR/{dataset}_{method}.spd.safetensors
 
 
-def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, levels: List[str], seed: int, cache,
-                     device: str, log, unet_epochs: int = 30, runtime: str = "torch",
-                     precision: str = "fp32") -> List[dict]:
+def _models(models_dir: Path, dataset: str, device: str, runtime: str, precision: str, log) -> Dict[str, object]:
+    """The benchmark's models of one dataset: the backbone, SPD, SAM-Tuning, and every lever model file."""
+    found = {"backbone": load_backbone("litemedsam", device=device)}
+    for path in sorted(models_dir.glob(f"{dataset}_*.spd.safetensors")):
+        name = path.name[len(dataset) + 1:-len(spd_model.SUFFIX)]
+        found["sam_tuning" if name == "samtune" else name] = spd_model.load(path, device)
+    if "spd" not in found:
+        log(f"{dataset}: no {dataset}_spd.spd.safetensors in {models_dir}: SPD is not evaluated")
+    for model in found.values():
+        getattr(model, "backbone", model).set_runtime(runtime, precision)
+    return found
+
+
+def _run(volume, label, prompts, model, options, cache, spacing_kji) -> dict:
+    t0 = time.perf_counter()
+    result = segment(volume, prompts, model, options, cache=cache)
+    seconds = time.perf_counter() - t0
+    hd95, asd = surface_distances(result.mask, label, spacing_kji)
+    return {"dice": dice_score(result.mask, label), "hd95": hd95, "asd": asd, "seconds": seconds}
+
+
+def evaluate_dataset(dataset: str, data_root: Path, models_dir: Path, store, levels: List[str], seed: int,
+                     device: str, log, views: str = "all", ladder_rungs: bool = True, max_cases: int = 0,
+                     runtime: str = "auto", precision: str = "auto") -> List[dict]:
+    """Rows (dataset, case, axis, view, level, method, dice, hd95, asd, seconds) over the full test split.
+
+    Main view (the split's axis), every level: SAM zero-shot (points; box), SAM-Tuning, SPD, the U-Net.
+    Main view, moderate: the ladder (``research/ladder.py``) and SPD's levers (:data:`LEVERS` and every
+    other model file of this dataset). Other views (``views="all"``), moderate: SPD and SAM with a box.
+    Embeddings come from the feature store (``store``), put under inference's key, so every method runs
+    the real ``pipeline.segment`` without encoding again.
+    """
+    from . import ladder
+    from ..core.prompts import axis_name
+
     split = load_split(dataset)
-    axis = int(split["axis"])
-    files = _model_files(models_dir, dataset)
-    backbone = load_backbone("litemedsam", device=device)
-    models = {"sam_points": (backbone, SegmentOptions(mode="raw", use_box=False)),
-              "sam_box": (backbone, SegmentOptions(mode="raw", use_box=True))}
-    if files["sam_tuning"].exists():
-        models["sam_tuning"] = (spd_model.load(files["sam_tuning"], device), SegmentOptions(mode="raw", use_box=True))
-    if files["spd"].exists():
-        spd = spd_model.load(files["spd"], device)
-        models["spd_local"] = (spd, SegmentOptions(mode="spd", local_only=True, empty_slice="skip"))
-        models["spd"] = (spd, SegmentOptions(mode="spd", empty_slice="skip"))
-        models["spd_fill"] = (spd, SegmentOptions(mode="spd", empty_slice="saliency"))
-    if files["spd_dense"].exists():
-        models["spd_dense"] = (spd_model.load(files["spd_dense"], device),
-                               SegmentOptions(mode="spd", empty_slice="skip"))
-    if files["spd_no_psc"].exists():
-        models["spd_no_psc"] = (spd_model.load(files["spd_no_psc"], device),
-                                SegmentOptions(mode="spd", empty_slice="skip"))
-    if not files["unet"].exists() and unet_epochs > 0:  # baseline (d) trains on the same split
-        log(f"{dataset}: training the U-Net baseline ({unet_epochs} epochs)")
-        unet.train_unet(find_cases(data_root / dataset, split["train"]), axis, files["unet"], epochs=unet_epochs,
-                        seed=seed)
-    for backbone in {id(b): b for b in (getattr(m, "backbone", m) for m, _ in models.values())}.values():
-        backbone.set_runtime(runtime, precision)
-    unet_net = unet.load(files["unet"]) if files["unet"].exists() else None
+    main_axis = int(split["axis"])
+    models = _models(models_dir, dataset, device, runtime, precision, log)
+    spd = models.get("spd")
+    unet_file = models_dir / f"{dataset}_unet.pt"
+    unet_net = unet.load(unet_file) if unet_file.exists() else None
+    axes = [main_axis] + ([a for a in range(3) if a != main_axis] if views == "all" else [])
+    names = split["test_full"][:max_cases] if max_cases else split["test_full"]
     rows = []
-    for index, case in enumerate(find_cases(data_root / dataset, split["test"])):
+    for index, case in enumerate(find_cases(data_root / dataset, names)):
         volume, label = case.load()
         spacing_kji = volume.spacing[::-1]
-        unet_scores = None
-        if unet_net is not None:
-            unet_mask = unet.predict(unet_net, volume, axis)
-            unet_scores = (dice_score(unet_mask, label), *surface_distances(unet_mask, label, spacing_kji))
-        for level in levels:
-            sim = simulate(label, axis, level, seed=10_000 + 100 * seed + index)
-            voxel_prompts = sim.voxel_prompts(volume)
-            for method, (model, options) in models.items():
-                t0 = time.perf_counter()
-                result = segment(volume, voxel_prompts, model, options, cache=cache)
-                seconds = time.perf_counter() - t0
-                hd95, asd = surface_distances(result.mask, label, spacing_kji)
-                rows.append(dict(dataset=dataset, case=case.name, level=level, method=method,
-                                 dice=dice_score(result.mask, label), hd95=hd95, asd=asd, seconds=seconds))
-            if unet_scores is not None:
-                rows.append(dict(dataset=dataset, case=case.name, level=level, method="unet", dice=unet_scores[0],
-                                 hd95=unet_scores[1], asd=unet_scores[2], seconds=0.0))
-            log(f"{dataset} {case.name} {level}: " + ", ".join(
-                f"{r['method']} {r['dice']:.3f}" for r in rows if r["case"] == case.name and r["level"] == level))
+        for axis in axes:
+            if not store.has(dataset, case.name, axis):
+                log(f"{dataset} {case.name}: no stored embeddings along axis {axis} (scripts/encode_features.py); "
+                    "skipped")
+                continue
+            entry = store.entry(dataset, case.name, axis)
+            cache = ladder.prefilled_cache(entry)
+            main = axis == main_axis
+            base = {"dataset": dataset, "case": case.name, "axis": axis, "view": axis_name(axis, volume)}
+            for level in (levels if main else ["moderate"]):
+                prompts = simulate(label, axis, level, seed=10_000 + 100 * seed + index).voxel_prompts(volume)
+                runs = {"sam_box": (models["backbone"], SegmentOptions(mode="raw", use_box=True))}
+                if main:
+                    runs["sam_points"] = (models["backbone"], SegmentOptions(mode="raw", use_box=False))
+                    if "sam_tuning" in models:
+                        runs["sam_tuning"] = (models["sam_tuning"], SegmentOptions(mode="raw", use_box=True))
+                if spd is not None:
+                    runs["spd"] = (spd, SegmentOptions())
+                    if main and level == "moderate":
+                        runs.update({name: (spd, SegmentOptions(**changes)) for name, (_, changes) in LEVERS.items()})
+                        runs.update({name: (model, SegmentOptions()) for name, model in models.items()
+                                     if name not in ("backbone", "spd", "sam_tuning")})
+                for method, (model, options) in runs.items():
+                    rows.append({**base, "level": level, "method": method,
+                                 **_run(volume, label, prompts, model, options, cache, spacing_kji)})
+                if main and level == "moderate" and spd is not None and ladder_rungs:
+                    masks = ladder.run_case(spd, volume, label, axis, level, 10_000 + 100 * seed + index, entry,
+                                            rungs=("saliency", "oracle_box", "oracle_clean", "consensus"))
+                    rows += [{**base, "level": level, "method": rung, **score(mask, label, spacing_kji),
+                              "seconds": 0.0} for rung, mask in masks.items()]
+                if main and unet_net is not None:
+                    if level == levels[0]:
+                        unet_scores = score(unet.predict(unet_net, volume, axis), label, spacing_kji)
+                    rows.append({**base, "level": level, "method": "unet", **unet_scores, "seconds": 0.0})
+            log(f"{dataset} {case.name} axis {axis}: " + ", ".join(
+                f"{r['method']} {r['dice']:.3f}" for r in rows
+                if r["case"] == case.name and r["axis"] == axis and r["level"] == "moderate"))
     return rows
 
 
-def summarise(rows: List[dict], levels: List[str], reference: str = REFERENCE) -> List[dict]:
-    if not any(r["method"] == reference for r in rows):
-        reference = "spd"
+def summarise(rows: List[dict], reference: str = REFERENCE) -> List[dict]:
+    """Mean and sd per (dataset, axis, level, method), with the paired Wilcoxon p of Dice against ``reference``."""
     summary = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        for level in levels:
-            subset = [r for r in rows if r["dataset"] == dataset and r["level"] == level]
-            spd = {r["case"]: r for r in subset if r["method"] == reference}
-            for method in METHODS:
-                mine = [r for r in subset if r["method"] == method]
-                if not mine:
-                    continue
-                entry = {"dataset": dataset, "level": level, "method": method, "n": len(mine)}
-                for metric in ("dice", "hd95", "asd"):
-                    values = np.array([r[metric] for r in mine], float)
-                    entry[f"{metric}_mean"], entry[f"{metric}_sd"] = float(values.mean()), float(values.std(ddof=1)) \
-                        if len(values) > 1 else 0.0
-                p = None
-                if method != reference and spd:
-                    pairs = [(spd[r["case"]]["dice"], r["dice"]) for r in mine if r["case"] in spd]
-                    diffs = [a - b for a, b in pairs]
-                    if len(pairs) >= 2 and any(abs(d) > 1e-12 for d in diffs):
-                        p = float(wilcoxon([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
-                entry["wilcoxon_p_vs_spd"] = p
-                entry["reference"] = reference
-                summary.append(entry)
+    groups = sorted({(r["dataset"], int(r["axis"]), r["level"]) for r in rows},
+                    key=lambda g: (g[0], g[1], LEVEL_ORDER.index(g[2]) if g[2] in LEVEL_ORDER else 9))
+    for dataset, axis, level in groups:
+        subset = [r for r in rows if r["dataset"] == dataset and int(r["axis"]) == axis and r["level"] == level]
+        ref = {r["case"]: r for r in subset if r["method"] == reference}
+        methods = list(dict.fromkeys(r["method"] for r in subset))
+        for method in methods:
+            mine = [r for r in subset if r["method"] == method]
+            entry = {"dataset": dataset, "axis": axis, "view": mine[0].get("view", ""), "level": level,
+                     "method": method, "n": len(mine)}
+            for metric in ("dice", "hd95", "asd", "seconds"):
+                values = np.array([float(r[metric]) for r in mine], float)
+                entry[f"{metric}_mean"] = float(values.mean())
+                entry[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            p = None
+            if method != reference and ref:
+                pairs = [(float(ref[r["case"]]["dice"]), float(r["dice"])) for r in mine if r["case"] in ref]
+                if len(pairs) >= 2 and any(abs(a - b) > 1e-12 for a, b in pairs):
+                    p = float(wilcoxon([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+            entry["wilcoxon_p_vs_spd"] = p
+            summary.append(entry)
     return summary
 
 
-def write_reports(rows: List[dict], summary: List[dict], levels: List[str], out_dir: Path, meta: dict) -> None:
+LEVEL_ORDER = ["clean", "mild", "moderate", "severe"]
+
+
+def _table(entries: List[dict], title: str) -> List[str]:
+    lines = [title, "", "| method | view (axis) | level | n | Dice | HD95 (mm) | ASD (mm) | s per case | "
+                        "Wilcoxon p vs SPD |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        p = "" if e["wilcoxon_p_vs_spd"] is None else f"{e['wilcoxon_p_vs_spd']:.2g}"
+        lines.append(f"| {method_title(e['method'])} | {e['view']} ({e['axis']}) | {e['level']} | {e['n']} | "
+                     f"{e['dice_mean']:.3f} ± {e['dice_sd']:.3f} | {e['hd95_mean']:.1f} ± {e['hd95_sd']:.1f} | "
+                     f"{e['asd_mean']:.2f} ± {e['asd_sd']:.2f} | {e['seconds_mean']:.1f} | {p} |")
+    return lines + [""]
+
+
+def _main_axis(entries: List[dict]) -> int:
+    """The main view of a dataset's summary: the axis evaluated at the most noise levels."""
+    levels = {}
+    for e in entries:
+        levels.setdefault(e["axis"], set()).add(e["level"])
+    return max(levels, key=lambda a: len(levels[a]))
+
+
+def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: dict) -> None:
+    """per_case.csv, summary.csv, results.md (tables per dataset: main view by level, ladder, levers,
+    views) and dice_vs_noise.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "per_case.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out_dir / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    for name, table in (("per_case.csv", rows), ("summary.csv", summary)):
+        with open(out_dir / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
     lines = [f"Benchmark ({meta['command']}; {meta['machine']}; {meta['date']})", ""]
-    for dataset in sorted({s["dataset"] for s in summary}):
-        n = max(s["n"] for s in summary if s["dataset"] == dataset)
-        lines += [f"### {dataset} ({n} test cases)", "",
-                  "| method | level | Dice | HD95 (mm) | ASD (mm) | Wilcoxon p (Dice vs SPD default) |",
-                  "|---|---|---|---|---|---|"]
-        for s in (s for s in summary if s["dataset"] == dataset):
-            p = "" if s["wilcoxon_p_vs_spd"] is None else f"{s['wilcoxon_p_vs_spd']:.3g}"
-            lines.append(f"| {METHODS[s['method']]} | {s['level']} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | "
-                         f"{s['hd95_mean']:.1f} ± {s['hd95_sd']:.1f} | {s['asd_mean']:.2f} ± {s['asd_sd']:.2f} | {p} |")
-        lines.append("")
-    (out_dir / "results.md").write_text("\n".join(lines))
     datasets = sorted({s["dataset"] for s in summary})
+    for dataset in datasets:
+        mine = [s for s in summary if s["dataset"] == dataset]
+        main_axis = _main_axis(mine)
+        main = [s for s in mine if s["axis"] == main_axis]
+        lines += _table([s for s in main if s["method"] in ("sam_points", "sam_box", "sam_tuning", "unet", "spd")],
+                        f"### {dataset}: baselines and SPD by noise level (main view)")
+        lines += _table([s for s in main if s["level"] == "moderate" and s["method"] in
+                         ("saliency", "oracle_box", "oracle_clean", "consensus", "spd", "unet")],
+                        f"### {dataset}: where the Dice goes (ladder, moderate)")
+        lines += _table([s for s in main if s["level"] == "moderate" and s["method"] not in METHODS],
+                        f"### {dataset}: levers (moderate, main view; p against SPD as shipped)")
+        lines += _table([s for s in mine if s["level"] == "moderate" and s["method"] in ("spd", "sam_box")],
+                        f"### {dataset}: every view (moderate)")
+    (out_dir / "results.md").write_text("\n".join(lines))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for method, title in METHODS.items():
+        main_axis = _main_axis([s for s in summary if s["dataset"] == dataset])
+        for method in ("sam_points", "sam_box", "sam_tuning", "unet", "spd"):
             values = [next((s["dice_mean"] for s in summary if s["dataset"] == dataset and s["level"] == lv
-                            and s["method"] == method), np.nan) for lv in levels]
+                            and s["method"] == method and s["axis"] == main_axis), np.nan) for lv in LEVEL_ORDER]
             if not np.all(np.isnan(values)):
-                ax.plot(levels, values, marker="o", label=title, linewidth=2.5 if method == REFERENCE else 1.2)
+                ax.plot(LEVEL_ORDER, values, marker="o", label=METHODS[method],
+                        linewidth=2.5 if method == REFERENCE else 1.2)
         ax.set_title(dataset)
         ax.set_xlabel("noise level")
         ax.set_ylabel("Dice")
@@ -254,16 +298,20 @@ def read_rows(paths: List[Path]) -> List[dict]:
 
 
 def run_benchmark(args) -> None:
+    from .ladder import load_store
+
     device = resolve_device(args.device)
-    cache = EmbeddingCache(max_bytes=2 << 30, directory=args.cache_dir)
+    store = load_store(args.store)
     rows = read_rows([Path(p) for p in args.merge]) if args.merge else []
+    out_dir = Path(args.out_dir)
     for dataset in args.datasets:
-        rows += evaluate_dataset(dataset, Path(args.data_root), Path(args.models_dir), args.levels, args.seed,
-                                 cache, device, log=lambda line: print(line, flush=True),
-                                 unet_epochs=args.unet_epochs, runtime=args.runtime, precision=args.precision)
-    summary = summarise(rows, args.levels)
+        rows += evaluate_dataset(dataset, Path(args.data_root), Path(args.models_dir), store, args.levels, args.seed,
+                                 device, log=lambda line: print(line, flush=True), views=args.views,
+                                 ladder_rungs=not args.no_ladder, max_cases=args.max_cases, runtime=args.runtime,
+                                 precision=args.precision)
+    summary = summarise(rows)
     meta = {"command": "spd " + " ".join(sys.argv[1:]), "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, device {device}",
             "runtime": f"{args.runtime}/{args.precision}"}
-    write_reports(rows, summary, args.levels, Path(args.out_dir), meta)
-    print((Path(args.out_dir) / "results.md").read_text())
+    write_reports(rows, summary, out_dir, meta)
+    print((out_dir / "results.md").read_text())

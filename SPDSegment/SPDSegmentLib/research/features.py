@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import numpy as np
 import torch

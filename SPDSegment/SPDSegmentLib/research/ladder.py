@@ -25,7 +25,7 @@ from ..core import pipeline
 from ..core.cache import EmbeddingCache
 from ..core.volume import get_slice, put_slice
 from .data import structure_range
-from .evaluate import dice_score, surface_distances
+from .metrics import score
 from .features import FeatureEntry
 from .simulate import simulate
 
@@ -100,11 +100,6 @@ def run_case(model, volume, label, axis: int, level: str, seed: int, entry: Feat
         clean = simulate(label, axis, "clean", seed=seed).voxel_prompts(volume).by_slice()
         out["oracle_clean"] = decode(gt_box_jobs(label, axis, transform, clean))
     return out
-
-
-def score(mask: np.ndarray, label: np.ndarray, spacing_kji) -> dict:
-    hd95, asd = surface_distances(mask, label, spacing_kji)
-    return {"dice": dice_score(mask, label), "hd95": hd95, "asd": asd}
 
 
 def ladder(model, cases, store, dataset: str, axis: int, level: str = "moderate", seed: int = 0,

@@ -78,6 +78,7 @@ class TrainConfig:
     prompt_mode: str = "spd"  # "spd" (consensus prompts) or "raw" (SAM-Tuning baseline)
     local_only: bool = False
     dense_prior: bool = False  # also give the decoder the saliency logits as SAM's dense mask prompt
+    decoder_prompt: str = "points+box"  # what stage 2 (and then inference) gives the decoder: points+box or box
     box_margin_mm: float = 5.0  # raw prompt mode: the box margin, as at inference
     noise_levels: Tuple[str, ...] = ("mild", "moderate", "severe")
     prompt_seeds: int = 2
@@ -351,7 +352,7 @@ def _jobs_for(config: TrainConfig, item: TrainingCase, prompts, ts: List[int]):
         margin = pipeline.box_margin_px(item.spacing_kji, item.axis, config.box_margin_mm)
         return pipeline.raw_jobs(prompts, ts, item.transform, item.shape_hw, margin)
     jobs, _ = pipeline.spd_jobs(prompts, item.saliency, ts, item.transform, config.tau, config.neighbours,
-                                local_only=config.local_only)
+                                local_only=config.local_only, decoder_prompt=config.decoder_prompt)
     return jobs
 
 
@@ -477,6 +478,8 @@ def check_config(config: TrainConfig) -> None:
     """Refuse settings that cannot train, before anything is loaded or encoded."""
     if config.mode not in ("frozen", "lora"):
         raise InputError(f"Unknown training mode {config.mode!r}: use frozen (CPU) or lora (GPU).")
+    if config.decoder_prompt not in pipeline.DECODER_PROMPTS:
+        raise InputError(f"Unknown decoder prompt {config.decoder_prompt!r}: use {' or '.join(pipeline.DECODER_PROMPTS)}.")
     if config.prompt_mode not in ("spd", "raw"):
         raise InputError(f"Unknown prompt mode {config.prompt_mode!r}: use spd or raw.")
     if config.head not in ("context", "conv2"):
@@ -566,7 +569,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         backbone, head, lora_rank=config.lora_rank if config.mode == "lora" else 0, tau=config.tau,
         neighbours=config.neighbours, decoder_tuned=bool(config.stage2_steps), prompt_mode=config.prompt_mode,
         axes=sorted(set(config.axes)), views=views, psc_weight=config.psc_weight, local_only=config.local_only,
-        dense_prior=bool(config.dense_prior and config.prompt_mode == "spd"),
+        dense_prior=bool(config.dense_prior and config.prompt_mode == "spd"), decoder_prompt=config.decoder_prompt,
         training={"data": Path(config.data).name, "cases": case_names, "mode": config.mode,
                   "noise_levels": list(config.noise_levels), "seed": config.seed,
                   "stage1_steps": stage1_steps(config, sum(len(i.slices) for i in items)),
