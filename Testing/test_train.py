@@ -150,7 +150,8 @@ def test_training_and_inference_share_one_forward_path(msd, tiny_backbone, tmp_p
     cfg = config(msd, tmp_path / "m.spd.safetensors", cases=["hippocampus_001"], stage1_epochs=1)
     head = T._make_head(cfg, tiny_backbone)
     (item,) = T.prepare(cfg, tiny_backbone, Progress(), head)
-    model = spd_model.SPDModel(tiny_backbone, head.eval(), {})
+    # the header settings training records (the decoder prompt decides which jobs inference builds)
+    model = spd_model.SPDModel(tiny_backbone, head.eval(), {"decoder_prompt": cfg.decoder_prompt})
     T.compute_saliency(model, [item])
 
     volume = vol.read(msd / "imagesTr" / "hippocampus_001.nii.gz")

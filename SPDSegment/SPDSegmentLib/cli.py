@@ -282,6 +282,8 @@ TRAIN_OPTIONS = {
     "local_only": "ablation: no borrowing from neighbour slices",
     "decoder_prompt": "what the decoder is given in stage 2 and at inference: points+box, or box (the points "
                       "choose the saliency component and the slices)",
+    "fusion": "weight of the saliency map averaged with the decoder's probability at inference (0 to 1)",
+    "components": "inference keeps all 3D parts of the mask, or only the clicked ones",
     "dense_prior": "also feed the saliency logits to the decoder as SAM's dense mask prompt",
     "tau": "saliency threshold recorded in the model",
     "neighbours": "neighbour slices n recorded in the model",
@@ -301,11 +303,13 @@ def add_train_options(parser) -> None:
     import argparse
     import dataclasses
 
+    from .core.pipeline import COMPONENTS, DECODER_PROMPTS
     from .research.train import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     choices = {"modality": ["auto", "mr", "ct"], "mode": ["frozen", "lora"], "head": ["context", "conv2"],
-               "prompt_mode": ["spd", "raw"], "decoder_prompt": ["points+box", "box"]}
+               "prompt_mode": ["spd", "raw"], "decoder_prompt": list(DECODER_PROMPTS),
+               "components": list(COMPONENTS)}
     for name, text in TRAIN_OPTIONS.items():
         default = fields[name].default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default

@@ -78,7 +78,9 @@ class TrainConfig:
     prompt_mode: str = "spd"  # "spd" (consensus prompts) or "raw" (SAM-Tuning baseline)
     local_only: bool = False
     dense_prior: bool = False  # also give the decoder the saliency logits as SAM's dense mask prompt
-    decoder_prompt: str = "points+box"  # what stage 2 (and then inference) gives the decoder: points+box or box
+    decoder_prompt: str = "box"  # what stage 2 (and then inference) gives the decoder: points+box or box
+    fusion: float = 0.5  # inference: weight of the saliency map averaged with the decoder (recorded in the model)
+    components: str = "all"  # inference: "all" or "clicked" 3D parts of the mask (recorded in the model)
     box_margin_mm: float = 5.0  # raw prompt mode: the box margin, as at inference
     noise_levels: Tuple[str, ...] = ("mild", "moderate", "severe")
     prompt_seeds: int = 2
@@ -480,6 +482,10 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"Unknown training mode {config.mode!r}: use frozen (CPU) or lora (GPU).")
     if config.decoder_prompt not in pipeline.DECODER_PROMPTS:
         raise InputError(f"Unknown decoder prompt {config.decoder_prompt!r}: use {' or '.join(pipeline.DECODER_PROMPTS)}.")
+    if config.components not in pipeline.COMPONENTS:
+        raise InputError(f"Unknown components setting {config.components!r}: use {' or '.join(pipeline.COMPONENTS)}.")
+    if not 0.0 <= config.fusion <= 1.0:
+        raise InputError(f"fusion is the weight of the saliency map, from 0 to 1, not {config.fusion}.")
     if config.prompt_mode not in ("spd", "raw"):
         raise InputError(f"Unknown prompt mode {config.prompt_mode!r}: use spd or raw.")
     if config.head not in ("context", "conv2"):
@@ -570,6 +576,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         neighbours=config.neighbours, decoder_tuned=bool(config.stage2_steps), prompt_mode=config.prompt_mode,
         axes=sorted(set(config.axes)), views=views, psc_weight=config.psc_weight, local_only=config.local_only,
         dense_prior=bool(config.dense_prior and config.prompt_mode == "spd"), decoder_prompt=config.decoder_prompt,
+        fusion=float(config.fusion), components=config.components,
         training={"data": Path(config.data).name, "cases": case_names, "mode": config.mode,
                   "noise_levels": list(config.noise_levels), "seed": config.seed,
                   "stage1_steps": stage1_steps(config, sum(len(i.slices) for i in items)),
