@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="MSD / nnU-Net folder with imagesTr/ and labelsTr/")
     p.add_argument("--out", required=True, help="output .spd.safetensors")
     p.add_argument("--dataset", help="use the fixed split of a benchmark dataset (hippocampus, left_atrium)")
-    p.add_argument("--cases", nargs="*", help="case names (None: the split's train cases, else all)")
+    p.add_argument("--cases", nargs="*", help="case names (default: the split's train_full cases with --dataset, else every case)")
     add_train_options(p)
     p.set_defaults(func=cmd_train)
 

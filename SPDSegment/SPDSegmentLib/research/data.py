@@ -67,7 +67,8 @@ def find_cases(data_dir: Path, names: Optional[List[str]] = None) -> List[Case]:
 
 
 def load_split(dataset: str) -> Dict[str, object]:
-    """The fixed split of a benchmark dataset: {"axis": int, "train": [...], "test": [...]}."""
+    """The fixed split of a benchmark dataset: {"axis": int, "modality": str, "train_full": [...], "test_full": [...],
+    and the small "train"/"test" subsets used by the quick benchmark}."""
     with open(SPLITS_PATH, encoding="utf-8") as handle:
         splits = json.load(handle)
     if dataset not in splits:

@@ -142,7 +142,7 @@ def default_store_root() -> Path:
 def training_cases(config: TrainConfig):
     names = config.cases
     if names is None and config.dataset:
-        names = load_split(config.dataset)["train"]
+        names = load_split(config.dataset)["train_full"]
     return find_cases(Path(config.data), names)
 
 
