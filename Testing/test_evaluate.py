@@ -63,3 +63,18 @@ def test_unet_baseline_trains_and_predicts(tmp_path, sample_paths, torch_one_thr
     volume, label = case.load()
     mask = unet.predict(unet.load(out), volume, axis=1)
     assert mask.shape == label.shape and mask.dtype == np.uint8
+
+
+def test_unet_shrunk_predicts_full_size_and_old_files_load(tmp_path, sample_paths, torch_one_thread):
+    import torch
+    from SPDSegmentLib.research import unet
+    from SPDSegmentLib.research.data import Case
+
+    case = Case("h001", sample_paths["image"], sample_paths["label"])
+    out = unet.train_unet([case], axis=1, out=tmp_path / "unet.pt", epochs=1, shrink=2)
+    volume, label = case.load()
+    net = unet.load(out)
+    assert net.shrink == 2
+    assert unet.predict(net, volume, axis=1).shape == label.shape
+    torch.save(net.state_dict(), tmp_path / "old.pt")  # the first format: a bare state dict, full size
+    assert unet.load(tmp_path / "old.pt").shrink == 1

@@ -3,7 +3,7 @@
 Usage:
   python scripts/learning_curve.py --data-root ../shared/data --store FEATURES --out docs/benchmark/learning_curve
          [--datasets hippocampus left_atrium] [--counts 1 3 5 10 30 all] [--final hippocampus=MODEL ...]
-         [--set stage2_steps=100 ...]
+         [--set stage2_steps=100 ...] [--test-cases N]
 
 For each dataset and count n, trains `spd train`'s default recipe on the first n cases of the fixed
 `train_full` split (every view), then runs SPD as shipped on the whole `test_full` split, main view,
@@ -13,6 +13,7 @@ header: stage 1 and stage 2, embeddings read from the feature store) and of enco
 "`all`" may reuse a finished model (`--final DATASET=PATH`).
 """
 import argparse
+import ast
 import csv
 import sys
 import time
@@ -42,11 +43,12 @@ def encoder_seconds_per_slice(backbone) -> float:
     return (time.perf_counter() - t0) / 5
 
 
-def evaluate(model, dataset, data_root, store, level="moderate"):
+def evaluate(model, dataset, data_root, store, level="moderate", max_cases=0):
     split = load_split(dataset)
     axis = int(split["axis"])
+    names = split["test_full"][:max_cases] if max_cases else split["test_full"]
     rows = []
-    for index, case in enumerate(find_cases(data_root / dataset, split["test_full"])):
+    for index, case in enumerate(find_cases(data_root / dataset, names)):
         volume, label = case.load()
         cache = ladder.prefilled_cache(store.entry(dataset, case.name, axis))
         prompts = simulate(label, axis, level, seed=10_000 + index).voxel_prompts(volume)
@@ -64,13 +66,14 @@ def main():
     ap.add_argument("--counts", nargs="+", default=["1", "3", "5", "10", "30", "all"])
     ap.add_argument("--final", nargs="*", default=[], help="DATASET=MODEL: use this model for 'all'")
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig field=value (a Python literal)")
+    ap.add_argument("--test-cases", type=int, default=0, help="only the first N test cases (0: all)")
     args = ap.parse_args()
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data_root)
     store = FeatureStore(args.store)
     finals = dict(item.split("=", 1) for item in args.final)
-    settings = {k: eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    settings = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     backbone = pipeline.load_model("litemedsam", device="cpu")
     per_slice = encoder_seconds_per_slice(backbone)
     table = []
@@ -89,7 +92,7 @@ def main():
             header = model.header
             slices = sum(len(training_slices(c.load()[1], a, MARGIN)) for c in find_cases(data_root / dataset, cases)
                          for a in header.get("axes", [0, 1, 2]))
-            rows = evaluate(model, dataset, data_root, store)
+            rows = evaluate(model, dataset, data_root, store, max_cases=args.test_cases)
             dice = np.array([r["dice"] for r in rows])
             hd95 = np.array([r["hd95"] for r in rows])
             entry = {"dataset": dataset, "cases": n, "test_cases": len(rows), "dice_mean": dice.mean(),

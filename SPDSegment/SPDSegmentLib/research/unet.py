@@ -1,6 +1,7 @@
 """Baseline (d): a supervised 2D U-Net without prompts (MONAI), trained on the same split.
 
-Slices along the benchmark axis, intensities scaled as for SAM, zero-padded to a multiple of 16.
+Slices along the benchmark axis, intensities scaled as for SAM, optionally shrunk in-plane by ``shrink``
+(the left atrium's 576-640 px slices cost too much CPU time at full size), zero-padded to a multiple of 16.
 """
 from __future__ import annotations
 
@@ -30,8 +31,17 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, (-w) % 16, 0, (-h) % 16))
 
 
+def _shrunk(image: np.ndarray, shrink: int) -> torch.Tensor:
+    """(H, W) -> (1, H', W') tensor, H' = H / shrink (area average); shrink 1 leaves it as it is."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    if shrink == 1:
+        return x
+    size = (max(1, round(x.shape[-2] / shrink)), max(1, round(x.shape[-1] / shrink)))
+    return F.interpolate(x[None], size=size, mode="area")[0]
+
+
 def train_unet(cases: List[Case], axis: int, out: Path, epochs: int = 20, seed: int = 0,
-               progress: Progress | None = None, margin: int = 3) -> Path:
+               progress: Progress | None = None, margin: int = 3, shrink: int = 1) -> Path:
     torch.manual_seed(seed)
     progress = progress or Progress()
     slices = []
@@ -40,7 +50,8 @@ def train_unet(cases: List[Case], axis: int, out: Path, epochs: int = 20, seed: 
         lo, hi = intensity_range(volume.array, "auto")
         for t in training_slices(label, axis, margin):
             image = apply_range(get_slice(volume.array, axis, t), lo, hi)
-            slices.append((torch.from_numpy(image)[None], torch.from_numpy(get_slice(label, axis, t).astype(np.float32))[None]))
+            target = (_shrunk(get_slice(label, axis, t), shrink) > 0.5).float()
+            slices.append((_shrunk(image, shrink), target))
     net = build()
     optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     generator = random.Random(seed)
@@ -62,7 +73,7 @@ def train_unet(cases: List[Case], axis: int, out: Path, epochs: int = 20, seed: 
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    torch.save(net.state_dict(), out)
+    torch.save({"state_dict": net.state_dict(), "shrink": shrink}, out)
     return out
 
 
@@ -72,9 +83,13 @@ def predict(net, volume, axis: int) -> np.ndarray:
     lo, hi = intensity_range(volume.array, "auto")
     mask = np.zeros(volume.shape, np.uint8)
     for t in range(volume.shape[axis]):
-        image = torch.from_numpy(apply_range(get_slice(volume.array, axis, t), lo, hi))[None, None]
+        plane = apply_range(get_slice(volume.array, axis, t), lo, hi)
+        image = _shrunk(plane, getattr(net, "shrink", 1))[None]
         h, w = image.shape[-2:]
-        logits = net(_pad16(image))[0, 0, :h, :w]
+        logits = net(_pad16(image))[:, :, :h, :w]
+        if logits.shape[-2:] != plane.shape:
+            logits = F.interpolate(logits, size=plane.shape, mode="bilinear", align_corners=False)
+        logits = logits[0, 0]
         index = [slice(None)] * 3
         index[axis] = t
         mask[tuple(index)] = (logits > 0).numpy()
@@ -83,5 +98,9 @@ def predict(net, volume, axis: int) -> np.ndarray:
 
 def load(path: Path):
     net = build()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in saved:  # the first format: the state dict alone, full-size slices
+        saved = {"state_dict": saved, "shrink": 1}
+    net.load_state_dict(saved["state_dict"])
+    net.shrink = int(saved["shrink"])
     return net.eval()
