@@ -15,7 +15,8 @@ M="$OUT/models"
 mkdir -p "$M"
 declare -A AXES=([hippocampus]="0 1 2" [left_atrium]="0 1")
 declare -A STEPS=([hippocampus]=900 [left_atrium]=700)
-declare -A UNET_EPOCHS=([hippocampus]=30 [left_atrium]=5)
+declare -A UNET_EPOCHS=([hippocampus]=30 [left_atrium]=15)
+declare -A UNET_SHRINK=([hippocampus]=1 [left_atrium]=3)
 $PY scripts/encode_features.py --data "$DATA" --store "$STORE" --plan hippocampus:1 hippocampus:0 hippocampus:2 \
   left_atrium:0 left_atrium:1
 for ds in hippocampus left_atrium; do
@@ -28,6 +29,7 @@ for ds in hippocampus left_atrium; do
   done
   $SPD train "${common[@]}" --resume --out "$M/${ds}_spd_nopsc.spd.safetensors" --psc-weight 0
   $SPD train "${common[@]}" --resume --out "$M/${ds}_samtune.spd.safetensors" --prompt-mode raw --psc-weight 0
-  $PY scripts/train_unet.py --data-root "$DATA" --dataset "$ds" --epochs "${UNET_EPOCHS[$ds]}" --out "$M/${ds}_unet.pt"
+  $PY scripts/train_unet.py --data-root "$DATA" --dataset "$ds" --epochs "${UNET_EPOCHS[$ds]}" \
+    --shrink "${UNET_SHRINK[$ds]}" --out "$M/${ds}_unet.pt"
 done
 $SPD evaluate --data-root "$DATA" --models-dir "$M" --store "$STORE" --out-dir "$OUT" --levels clean moderate severe
