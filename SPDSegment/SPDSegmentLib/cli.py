@@ -139,12 +139,25 @@ def write_audit(path, result, vol) -> Path:
     return prompts.write_markups(path, lps, names=names, descriptions=descriptions, node_name="SPD prompt audit")
 
 
+def spd_model_title(path) -> str:
+    """What a bundled SPD model is, from its header: backbone, training data and views, measured Dice."""
+    from .core import spd_model
+
+    if not path.exists():
+        return "SPD model (file missing: reinstall SPDSegment)"
+    header = spd_model.read_header(path)
+    training = header.get("training", {})
+    title = (f"SPD model on {header.get('backbone')}, trained on {training.get('data', '?')} "
+             f"({len(training.get('cases', []))} cases; views: {', '.join(header.get('views', [])) or '?'})")
+    dice = header.get("evaluation", {}).get("dice", {}).get("moderate")
+    return title + (f"; test Dice {dice:.2f} at moderate noise" if dice is not None else "")
+
+
 def cmd_models(args) -> int:
     print(f"{'name':16} {'available':10} {'input':6} title")
     for name, path in BUNDLED_SPD_MODELS.items():  # the SPD models first: the default is one of them
         default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} SPD model (saliency head + tuned "
-              f"decoder) on litemedsam, trained on hippocampus MRI{default}")
+        print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} {spd_model_title(path)}{default}")
     for name, entry in catalogue().items():
         state = "yes" if is_available(name) else "download"
         print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']} (raw mode)")
