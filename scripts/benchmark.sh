@@ -15,8 +15,8 @@ M="$OUT/models"
 mkdir -p "$M"
 declare -A AXES=([hippocampus]="0 1 2" [left_atrium]="0 1")
 declare -A STEPS=([hippocampus]=900 [left_atrium]=700)
-declare -A UNET_EPOCHS=([hippocampus]=30 [left_atrium]=15)
-declare -A UNET_SHRINK=([hippocampus]=1 [left_atrium]=3)
+declare -A UNET_EPOCHS=([hippocampus]=30 [left_atrium]=30)
+declare -A UNET_SHRINK=([hippocampus]=1 [left_atrium]=2)
 $PY scripts/encode_features.py --data "$DATA" --store "$STORE" --plan hippocampus:1 hippocampus:0 hippocampus:2 \
   left_atrium:0 left_atrium:1
 for ds in hippocampus left_atrium; do
