@@ -261,7 +261,7 @@ def estimate(config: TrainConfig, backbone, head, scanned: Scan) -> Dict[str, fl
                               None).mean().backward()
             backbone.mask_decoder.zero_grad()
 
-        seconds["stage 2"] = config.stage2_steps * timed(decoder_step, repeat=1)
+        seconds["stage 2"] = config.stage2_steps * timed(decoder_step)
         backbone.runtime = was_runtime
     seconds["store_gb"] = scanned.to_encode * backbone.embed_dim * e * e / 1e9
     return seconds
