@@ -52,6 +52,7 @@ def test_the_wheel_carries_its_data(installed_wheel):
     _, purelib = installed_wheel
     package = purelib / "SPDSegmentLib"
     for relative in ("core/models/catalogue.json", "core/models/spd_hippocampus.spd.safetensors",
+                     "core/models/spd_left_atrium.spd.safetensors",
                      "core/sample/hippocampus_001_image.nii.gz", "core/sample/hippocampus_001_label.nii.gz",
                      "core/sample/hippocampus_001_centerline.mrk.json", "core/sample/README.md",
                      "research/splits.json"):

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -338,14 +339,41 @@ def stage1_steps(config: TrainConfig, n_samples: int) -> int:
     return max(1, min(config.stage1_max_steps, int(round(config.stage1_epochs * n_samples / config.stage1_batch))))
 
 
-def compute_saliency(model, items: List[TrainingCase]) -> None:
-    """Each training slice's saliency map with ``pipeline.saliency_maps``, the function inference uses."""
+class LazySaliency(Mapping):
+    """One training case's saliency maps, each computed on first use with ``pipeline.saliency_maps`` (the
+    function inference uses) together with its neighbours. Stage 2 reads the maps of a few hundred slice
+    windows; computing every map up front took longer than stage 2 itself. Dense logits go to ``item.dense``."""
+
+    def __init__(self, model, item: TrainingCase, neighbours: int):
+        self.model, self.item, self.neighbours = model, item, neighbours
+        self.slices = set(item.slices)
+        self.maps: Dict[int, np.ndarray] = {}
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        if t not in self.maps:
+            if t not in self.slices:
+                raise KeyError(t)
+            batch = [s for s in range(t - self.neighbours, t + self.neighbours + 1)
+                     if s in self.slices and s not in self.maps]
+            self.maps.update(pipeline.saliency_maps(self.model, self.item.embeddings, batch, self.item.shape_hw,
+                                                    pixels=self.item.pixels or None, dense=self.item.dense))
+        return self.maps[t]
+
+    def __contains__(self, t) -> bool:
+        return t in self.slices
+
+    def __iter__(self):
+        return iter(self.item.slices)
+
+    def __len__(self) -> int:
+        return len(self.item.slices)
+
+
+def compute_saliency(model, items: List[TrainingCase], neighbours: int = distill.DEFAULT_NEIGHBOURS) -> None:
+    """Give each training case its saliency maps (computed when stage 2 first reads them)."""
     for item in items:
-        dense = {}
-        item.saliency = pipeline.saliency_maps(model, item.embeddings, item.slices, item.shape_hw,
-                                               pixels=item.pixels or None,
-                                               dense=dense)
-        item.dense = dense
+        item.dense = {}
+        item.saliency = LazySaliency(model, item, neighbours)
 
 
 def _jobs_for(config: TrainConfig, item: TrainingCase, prompts, ts: List[int]):
@@ -353,6 +381,11 @@ def _jobs_for(config: TrainConfig, item: TrainingCase, prompts, ts: List[int]):
     if config.prompt_mode == "raw":
         margin = pipeline.box_margin_px(item.spacing_kji, item.axis, config.box_margin_mm)
         return pipeline.raw_jobs(prompts, ts, item.transform, item.shape_hw, margin)
+    # only the clicks that can reach ts (and the first and last clicked slices, which bound the slices
+    # decoded from their own saliency box): distill then reads no other slice's saliency map
+    n = config.neighbours
+    ends = (min(prompts), max(prompts)) if prompts else ()
+    prompts = {s: v for s, v in prompts.items() if min(ts) - n <= s <= max(ts) + n or s in ends}
     jobs, _ = pipeline.spd_jobs(prompts, item.saliency, ts, item.transform, config.tau, config.neighbours,
                                 local_only=config.local_only, decoder_prompt=config.decoder_prompt)
     return jobs
@@ -568,7 +601,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
                 item.embeddings = {t: backbone.encode(backbone.prepare([item.images[t]]))[0].cpu()
                                    for t in item.slices}
     model = spd_model.SPDModel(backbone, head.eval(), {})
-    compute_saliency(model, items)
+    compute_saliency(model, items, config.neighbours)
     stage2_loss = train_stage2(config, backbone, items, progress, device, distributed) if config.stage2_steps else None
     views = sorted({item.view for item in items})
     header = spd_model.make_header(

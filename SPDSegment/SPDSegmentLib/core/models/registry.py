@@ -21,7 +21,8 @@ from .compat import bundled_litemedsam_checkpoint, medsam_lite_modules, segment_
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
 DEFAULT_MODEL = "spd-hippocampus"  # the default model of every front end (`spd`, the module, the effect)
 DEFAULT_BACKBONE = "litemedsam"  # the default backbone (raw mode, and what SPD models are trained on)
-BUNDLED_SPD_MODELS = {DEFAULT_MODEL: Path(__file__).parent / "spd_hippocampus.spd.safetensors"}
+BUNDLED_SPD_MODELS = {DEFAULT_MODEL: Path(__file__).parent / "spd_hippocampus.spd.safetensors",
+                      "spd-left-atrium": Path(__file__).parent / "spd_left_atrium.spd.safetensors"}
 VIT_ARCHITECTURES = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
 
 
