@@ -226,9 +226,11 @@ def test_backbone_shape_mismatch_is_refused(tmp_path):
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):
-    path = saved(tmp_path, head_hidden=HIDDEN * 2)
+    path = saved(tmp_path, head={"type": "conv2", "hidden": HIDDEN * 2})  # the header's head, not the weights'
     with pytest.raises(CheckpointError, match="do not fit"):
         spd_model.load(path)
+    # head_hidden is kept for format-1 readers only: the head spec decides
+    spd_model.load(saved(tmp_path, "legacy.spd.safetensors", head_hidden=HIDDEN * 2))
 
 
 def test_unexpected_weight_group_is_refused(tmp_path):
