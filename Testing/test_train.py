@@ -247,6 +247,8 @@ def test_resume_continues_only_the_same_run(msd, trained, tmp_path, monkeypatch)
     for key in a:  # the head comes from stage1.pt, and stage 2 repeats exactly
         assert torch.equal(a[key], b[key]), key
     assert spd_model.read_header(resumed)["losses"]["stage1"] == spd_model.read_header(trained)["losses"]["stage1"]
+    stage1_seconds = torch.load(Path(work) / "stage1.pt", weights_only=True)["seconds"]
+    assert spd_model.read_header(resumed)["training"]["seconds"] >= round(stage1_seconds, 1)  # the stopped run counts
     # without resume, or with other settings or cases, stage 1 runs again and says why
     for changes, reason in (({}, "use resume"), ({"resume": True, "stage1_epochs": 3}, "other settings"),
                             ({"resume": True, "cases": ["hippocampus_001"]}, "other settings")):

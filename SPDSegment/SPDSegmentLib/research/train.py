@@ -587,14 +587,17 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         head.load_state_dict(state["head"])
         backbone.image_encoder.load_state_dict(state.get("lora", {}), strict=False)
         stage1_loss = float(state["loss"])
+        earlier_seconds = float(state.get("seconds", 0.0))  # the stopped run's time, counted in the header
     else:
+        earlier_seconds = 0.0
         stage1_loss = train_stage1(config, backbone, head, items, progress, device)
         lora = {k: v for k, v in backbone.image_encoder.state_dict().items() if ".lora_" in k}
         if _rank_world(distributed)[0] == 0:
             from ..core.files import atomic_write
 
             with atomic_write(stage1_file) as tmp:  # a crash leaves no half file
-                torch.save({"head": head.state_dict(), "lora": lora, "loss": stage1_loss, "digest": digest}, tmp)
+                torch.save({"head": head.state_dict(), "lora": lora, "loss": stage1_loss, "digest": digest,
+                            "seconds": time.perf_counter() - started}, tmp)
     if config.mode == "lora":  # stage 2 runs on frozen encoder features: encode once with the adapters
         with torch.no_grad():
             for item in items:
@@ -615,7 +618,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
                   "stage1_steps": stage1_steps(config, sum(len(i.slices) for i in items)),
                   "stage2_steps": config.stage2_steps, "slices": sum(len(i.slices) for i in items),
                   "embeddings": embeddings_identity,
-                  "seconds": round(time.perf_counter() - started, 1)},
+                  "seconds": round(earlier_seconds + time.perf_counter() - started, 1)},
         losses={"stage1": stage1_loss, "stage2": stage2_loss},
     )
     out = Path(config.out)
