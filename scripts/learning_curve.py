@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--final", nargs="*", default=[], help="DATASET=MODEL: use this model for 'all'")
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig field=value (a Python literal)")
     ap.add_argument("--test-cases", type=int, default=0, help="only the first N test cases (0: all)")
+    ap.add_argument("--previous", nargs="*", default=[], help="learning_curve.csv files of earlier runs to report with")
     args = ap.parse_args()
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,9 @@ def main():
     backbone = pipeline.load_model("litemedsam", device="cpu")
     per_slice = encoder_seconds_per_slice(backbone)
     table = []
+    for path in args.previous:  # earlier runs (other datasets or counts), reported together
+        with open(path, newline="") as handle:
+            table += [{k: (v if k == "dataset" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
     for dataset in args.datasets:
         names = load_split(dataset)["train_full"]
         for count in args.counts:
@@ -101,14 +105,16 @@ def main():
             table.append(entry)
             print(f"{dataset} {n} cases: Dice {entry['dice_mean']:.3f} ± {entry['dice_sd']:.3f}, training "
                   f"{entry['train_s'] / 60:.1f} min + encoding {entry['encode_s'] / 60:.1f} min", flush=True)
+    table.sort(key=lambda e: (e["dataset"], e["cases"]))
     with open(out / "learning_curve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    lines = ["| dataset | training cases | Dice (moderate) | HD95 (mm) | training (min) | encoding (min) | total (min) |",
+    lines = ["| dataset | training cases (test cases) | Dice (moderate) | HD95 (mm) | training (min) | encoding (min) | total (min) |",
              "|---|---|---|---|---|---|---|"]
     for e in table:
-        lines.append(f"| {e['dataset']} | {e['cases']} | {e['dice_mean']:.3f} ± {e['dice_sd']:.3f} | "
+        lines.append(f"| {e['dataset']} | {e['cases']:.0f} ({e['test_cases']:.0f}) | "
+                     f"{e['dice_mean']:.3f} ± {e['dice_sd']:.3f} | "
                      f"{e['hd95_mean']:.1f} | {e['train_s'] / 60:.1f} | {e['encode_s'] / 60:.1f} | "
                      f"{(e['train_s'] + e['encode_s']) / 60:.1f} |")
     (out / "learning_curve.md").write_text("\n".join(lines) + "\n")
@@ -118,8 +124,8 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for dataset in args.datasets:
-        mine = [e for e in table if e["dataset"] == dataset]
+    for dataset in sorted({e["dataset"] for e in table}):
+        mine = sorted((e for e in table if e["dataset"] == dataset), key=lambda e: e["cases"])
         ax.errorbar([e["cases"] for e in mine], [e["dice_mean"] for e in mine], [e["dice_sd"] for e in mine],
                     marker="o", capsize=3, label=dataset)
         for e in mine:
