@@ -324,5 +324,7 @@ def test_trained_axes_from_the_model(case, tiny_backbone, oblique_volume, tmp_pa
     assert trained_axes(SPDModel(tiny_backbone, None, {"views": ["sagittal"]}), volume) == (2,)
     assert trained_axes(tiny_backbone, volume) == ()  # a plain backbone: no preference
     assert trained_axes("tiny_sam_test", volume) == trained_axes("litemedsam", volume) == ()
-    assert trained_axes("spd-hippocampus", volume) == trained_axes(None, volume) == (1,)  # the bundled header
+    # the bundled headers: spd-hippocampus knows every view, spd-left-atrium two
+    assert sorted(trained_axes("spd-hippocampus", volume)) == sorted(trained_axes(None, volume)) == [0, 1, 2]
+    assert len(trained_axes("spd-left-atrium", volume)) == 2
     assert trained_axes(str(tmp_path / "missing.spd.safetensors"), volume) == ()  # loading it says what is wrong
