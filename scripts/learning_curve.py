@@ -62,7 +62,8 @@ def main():
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--store", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--datasets", nargs="+", default=["hippocampus", "left_atrium"])
+    ap.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"],
+                    help="datasets to train and evaluate (none: only report --previous runs)")
     ap.add_argument("--counts", nargs="+", default=["1", "3", "5", "10", "30", "all"])
     ap.add_argument("--final", nargs="*", default=[], help="DATASET=MODEL: use this model for 'all'")
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig field=value (a Python literal)")
