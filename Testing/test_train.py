@@ -330,7 +330,9 @@ def test_unknown_case_names_and_mode_are_input_errors(msd, tmp_path):
 
 @pytest.mark.parametrize("change, words", [({"tau": 1.5}, "tau"), ({"neighbours": -1}, "neighbours"),
                                            ({"batch_size": 0}, "batch_size"), ({"axes": (3,)}, "axes"),
-                                           ({"head": "huge"}, "head")])
+                                           ({"head": "huge"}, "head"), ({"fusion": 1.5}, "fusion"),
+                                           ({"components": "biggest"}, "components"),
+                                           ({"decoder_prompt": "points"}, "decoder prompt")])
 def test_bad_settings_are_refused_before_any_work(msd, tmp_path, change, words):
     with pytest.raises(InputError, match=words):
         T.train(config(msd, tmp_path / "m.spd.safetensors", **change))
