@@ -264,6 +264,16 @@ def test_good_windows_are_accepted():
     assert pipeline.SegmentOptions(window=(-600, 1500)).validate().window == (-600.0, 1500.0)
 
 
+@pytest.mark.parametrize("change, setting", [({"fusion": 1.5}, "fusion"), ({"fusion": "half"}, "fusion"),
+                                             ({"components": "biggest"}, "components"),
+                                             ({"decoder_prompt": "points"}, "decoder_prompt")])
+def test_bad_spd_settings_are_refused_naming_the_setting(change, setting):
+    with pytest.raises(InputError) as caught:
+        pipeline.SegmentOptions(**change).validate()
+    assert caught.value.setting == setting
+    assert pipeline.SegmentOptions(fusion=1, components="clicked", decoder_prompt="box").validate().fusion == 1
+
+
 def unwritable_targets(root):
     blocker = root / "a_file"
     blocker.write_text("not a folder")
