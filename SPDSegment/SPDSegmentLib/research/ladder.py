@@ -25,7 +25,6 @@ from ..core import pipeline
 from ..core.cache import EmbeddingCache
 from ..core.volume import get_slice, put_slice
 from .data import structure_range
-from .metrics import score
 from .features import FeatureEntry
 from .simulate import simulate
 
@@ -78,6 +77,8 @@ def run_case(model, volume, label, axis: int, level: str, seed: int, entry: Feat
     out: Dict[str, np.ndarray] = {}
     if "spd" in rungs:
         out["spd"] = pipeline.segment(volume, prompts, model, options, cache=cache).mask
+        if set(rungs) == {"spd"}:
+            return out
     embeddings = pipeline.encode_slices(plan.backbone, volume, axis, sorted(entry.slices), plan.intensity,
                                         cache=cache, key=plan.key)
     transform = plan.backbone.transform(*plan.shape_hw)
@@ -100,31 +101,6 @@ def run_case(model, volume, label, axis: int, level: str, seed: int, entry: Feat
         clean = simulate(label, axis, "clean", seed=seed).voxel_prompts(volume).by_slice()
         out["oracle_clean"] = decode(gt_box_jobs(label, axis, transform, clean))
     return out
-
-
-def ladder(model, cases, store, dataset: str, axis: int, level: str = "moderate", seed: int = 0,
-           rungs=RUNGS, unet_net=None, log=print) -> List[dict]:
-    """Rows (case, rung, dice, hd95, asd) over ``cases`` (``data.Case``), as the benchmark's per-case CSV."""
-    from . import unet
-
-    rows = []
-    for index, case in enumerate(cases):
-        volume, label = case.load()
-        entry = store.entry(dataset, case.name, axis)
-        masks = run_case(model, volume, label, axis, level, 10_000 + 100 * seed + index, entry, rungs)
-        if unet_net is not None:
-            masks["unet"] = unet.predict(unet_net, volume, axis)
-        for rung, mask in masks.items():
-            rows.append({"dataset": dataset, "case": case.name, "axis": axis, "level": level, "method": rung,
-                         **score(mask, label, volume.spacing[::-1])})
-        log(f"{dataset} {case.name} axis {axis}: " + ", ".join(
-            f"{r['method']} {r['dice']:.3f}" for r in rows if r["case"] == case.name and r["axis"] == axis))
-    return rows
-
-
-def mean_table(rows: List[dict], key: str = "dice") -> Dict[str, float]:
-    methods = sorted({r["method"] for r in rows})
-    return {m: float(np.mean([r[key] for r in rows if r["method"] == m])) for m in methods}
 
 
 def load_store(root: Optional[str]):
