@@ -446,15 +446,17 @@ def test_preview_is_not_slowed_by_a_main_thread_that_holds_the_gil(gui, engine):
         counts[starve] = count[0]
     assert counts[True] < 0.5 * counts[False], counts
 
-    # the Preview runs in the engine process: the same time either way (rounds interleaved, best of two)
+    # the Preview runs in the engine process: the same time either way (rounds interleaved, best of three).
+    # The bound is loose on purpose: a job that shares the CPU can double one round (seen in CI on a busy
+    # machine), while a worker thread in this process ran 5.9x slower under the same starvation (issue 11).
     times = {False: [], True: []}
-    for round_ in range(2):
+    for round_ in range(3):
         for starve in (False, True):
             volume_node, points_node = long_case(gui, 1 + 2 * round_ + starve)
             times[starve].append(preview_seconds(effect, gui, volume_node, points_node, starve))
     unstarved, starved = min(times[False]), min(times[True])
     print(f"Preview on 153 slices: unstarved {times[False]} s, main thread holding the GIL {times[True]} s")
-    assert starved <= 1.5 * unstarved, times
+    assert starved <= 2.5 * unstarved, times
     effect.deactivate()
 
 
