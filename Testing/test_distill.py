@@ -153,10 +153,11 @@ def test_background_points_pass_through_on_their_own_slice_only():
     saliency[2][:] = 0.9
     prompts = {1: pts([5, 5], [10, 10], [15, 15], labels=[1, 0, 0]), 0: pts([3, 3], labels=[0])}
     result = distill.distill(prompts, saliency, tau=TAU, neighbours=1, targets=[0, 1, 2])
-    # background clicks are kept whatever the saliency there: (15, 15) on 1 and (3, 3) on 0 lie at S = 0
+    # background clicks are corrections, kept whatever the saliency there: (15, 15) on 1 and (3, 3) on 0 lie at S = 0
     own = {(e.source_slice, tuple(e.rc)): (e.status, e.label) for e in result.audit if e.status != "borrowed"}
-    assert own == {(1, (5.0, 5.0)): ("kept", 1), (1, (10.0, 10.0)): ("kept", 0), (1, (15.0, 15.0)): ("kept", 0),
-                   (0, (3.0, 3.0)): ("kept", 0)}
+    assert own == {(1, (5.0, 5.0)): ("kept", 1), (1, (10.0, 10.0)): ("correction", 0),
+                   (1, (15.0, 15.0)): ("correction", 0), (0, (3.0, 3.0)): ("correction", 0)}
+    assert result.counts() == {"kept": 1, "rejected": 0, "borrowed": 2, "correction": 3}
     c1 = result.consensus[1]
     assert sorted(zip(map(tuple, c1.rc.tolist()), c1.labels.tolist(), c1.sources.tolist())) == [
         ((5.0, 5.0), 1, 1), ((10.0, 10.0), 0, 1), ((15.0, 15.0), 0, 1)]
@@ -172,14 +173,15 @@ def test_background_points_pass_through_on_their_own_slice_only():
 
 # ---------------------------------------------------------------- invariants on random cases
 
-def brute_force_borrowings(prompts, saliency, tau, n, targets):
+def brute_force_borrowings(prompts, saliency, tau, n, targets, trusted):
     expected = set()
     for t in targets:
         for j, (rc, labels) in prompts.items():
             if j == t or abs(j - t) > n or t not in saliency:
                 continue
-            for p, label in zip(rc, labels):
-                if label > 0 and distill.sample(saliency[j], p)[0] > tau and distill.sample(saliency[t], p)[0] > tau:
+            for p, label, sure in zip(rc, labels, trusted[j]):
+                own_ok = sure or distill.sample(saliency[j], p)[0] > tau
+                if label > 0 and own_ok and distill.sample(saliency[t], p)[0] > tau:
                     expected.add((t, j, tuple(p)))
     return expected
 
@@ -194,24 +196,30 @@ def test_every_point_reported_once_and_borrowing_matches_the_definition(seed):
     for t in prompted:
         k = int(rng.integers(1, 5))
         prompts[t] = (rng.uniform(0, SHAPE[0] - 1, size=(k, 2)), rng.integers(0, 2, size=k))
+    # trusted foreground corrections: a random subset of the foreground points
+    trusted = {t: (labels > 0) & (rng.random(len(labels)) < 0.3) for t, (_, labels) in prompts.items()}
     targets = distill.target_slices(prompts, n, n_slices)
-    result = distill.distill(prompts, saliency, tau=TAU, neighbours=n, targets=targets)
+    result = distill.distill(prompts, saliency, tau=TAU, neighbours=n, targets=targets, trusted=trusted)
 
     own = [e for e in result.audit if e.status != "borrowed"]
-    assert {e.status for e in own} <= {"kept", "rejected"}
+    assert {e.status for e in own} <= {"kept", "rejected", "correction"}
     assert len(own) == sum(len(rc) for rc, _ in prompts.values())
     keys = [(e.source_slice, tuple(e.rc)) for e in own]
     assert len(set(keys)) == len(keys)  # each input point exactly once
     assert set(keys) == {(t, tuple(p)) for t, (rc, _) in prompts.items() for p in rc}
+    sure = {(t, tuple(p)) for t, (rc, _) in prompts.items() for p, s in zip(rc, trusted[t]) if s}
     for e in own:
         assert e.slice == e.source_slice
-        expected = "kept" if (e.label == 0 or distill.sample(saliency[e.slice], e.rc)[0] > TAU) else "rejected"
+        if e.label == 0 or (e.slice, tuple(e.rc)) in sure:
+            expected = "correction"
+        else:
+            expected = "kept" if distill.sample(saliency[e.slice], e.rc)[0] > TAU else "rejected"
         assert e.status == expected
     borrowed = {(e.slice, e.source_slice, tuple(e.rc)) for e in entries(result, "borrowed")}
-    assert borrowed == brute_force_borrowings(prompts, saliency, TAU, n, targets)
-    # consensus = kept on t (incl. background) + borrowed into t
+    assert borrowed == brute_force_borrowings(prompts, saliency, TAU, n, targets, trusted)
+    # consensus = kept and corrections on t (incl. background) + borrowed into t
     for t in targets:
-        size = sum(1 for e in own if e.slice == t and e.status == "kept") + \
+        size = sum(1 for e in own if e.slice == t and e.status in ("kept", "correction")) + \
             sum(1 for b in borrowed if b[0] == t)
         assert (len(result.consensus[t]) if t in result.consensus else 0) == size
     assert set(result.consensus) <= set(targets)

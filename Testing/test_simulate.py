@@ -16,7 +16,7 @@ from SPDSegmentLib.research import simulate as sim
 from SPDSegmentLib.research.data import structure_range, structure_slices, training_slices
 
 SEEDS = range(30)
-ORDER = ("clean", "mild", "moderate", "severe")
+ORDER = ("clean", "mild", "moderate", "severe", "harsh")
 
 
 def ellipsoid(shape=(24, 60, 28), centre=(12.0, 30.0, 14.0), semi=(7.0, 24.0, 9.0)) -> np.ndarray:
@@ -77,14 +77,17 @@ def test_level_table_is_fixed():
     assert all(level.every_kth == 1 for level in sim.LEVELS.values())
     for field in ("displacement", "drift_fraction", "missing_fraction", "spurious_per_slice"):
         values = [getattr(sim.LEVELS[name], field) for name in ORDER]
-        assert values == sorted(values) and len(set(values)) == 4, field
+        assert values == sorted(values) and len(set(values)) == 5, field
+    # only harsh drifts further and skips runs of slices
+    assert [(sim.LEVELS[n].drift_max, sim.LEVELS[n].missing_run) for n in ORDER] == [(3.0, 1)] * 4 + [(5.0, 4)]
     for name in ORDER:  # the docstring table is the table in code
         level = sim.LEVELS[name]
         row = f"| `{name}`"
         line = next(line for line in sim.__doc__.splitlines() if line.startswith(row))
         cells = [c.strip() for c in line.strip("|").split("|")][1:]
         assert [float(c) for c in cells] == [level.every_kth, level.displacement, level.drift_fraction,
-                                             level.missing_fraction, level.spurious_per_slice]
+                                             level.missing_fraction, level.spurious_per_slice, level.drift_max,
+                                             level.missing_run]
 
 
 def test_bad_levels_rejected():
@@ -196,8 +199,8 @@ def test_drift_fraction_and_drift_lies_outside(runs):
                 distance = ndimage.distance_transform_edt(~slice2d)
                 radius = centre[int(t)][1]
                 d = distance[tuple(np.rint(point).astype(int))]
-                if runs["name"] == "ellipsoid":  # room around it: the ring of 1..3 radii always fits
-                    assert radius - 0.5 <= d <= 3 * radius + 0.5
+                if runs["name"] == "ellipsoid":  # room around it: the ring of 1..drift_max radii always fits
+                    assert radius - 0.5 <= d <= sim.LEVELS[level].drift_max * radius + 0.5
                 else:
                     assert d >= 1.0
         assert abs(np.mean(fractions) - sim.LEVELS[level].drift_fraction) <= 0.03, level
@@ -218,7 +221,7 @@ def test_displacement_grows_with_level(runs):
         expected = sim.LEVELS[level].displacement * math.sqrt(math.pi / 2)
         assert means[-1] <= expected * 1.1 + 1e-9 and means[-1] >= expected * 0.8, (level, means[-1], expected)
     assert means[0] == 0.0
-    assert means == sorted(means) and len(set(means)) == 4, means
+    assert means == sorted(means) and len(set(means)) == len(ORDER), means
 
 
 def test_spurious_rate_and_box(runs):

@@ -202,9 +202,11 @@ def test_curve_points_and_background_descriptions(app):
     for p in ([1.0, 2.0, 3.0], [2.0, 3.0, 3.0], [4.0, 3.0, 3.0]):
         curve.AddControlPoint(p)
     curve.SetNthControlPointDescription(2, "Background")
+    curve.SetNthControlPointDescription(1, " Correction ")  # a trusted foreground correction
     got = sa.points_from_markups(curve)
     np.testing.assert_allclose(got.lps[0], [-1.0, -2.0, 3.0])
     np.testing.assert_array_equal(got.labels, [1, 1, 0])
+    assert got.kinds == ["click", "correction", "background"]
     empty = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
     with pytest.raises(InputError, match="no placed points"):
         sa.points_from_markups(empty)
@@ -475,8 +477,8 @@ def test_saliency_and_audit_nodes(app, loaded, sample):
     np.testing.assert_allclose(sa.volume_from_node(node).array, label * 0.8, atol=1e-6)
     np.testing.assert_allclose(sa.volume_from_node(node).ijk_to_lps, volume.ijk_to_lps, atol=1e-6)
     nodes = sa.audit_to_markups_nodes(result, volume, app.scene)
-    assert set(nodes) == {"kept", "rejected", "borrowed"}
-    assert [nodes[s].GetNumberOfControlPoints() for s in ("kept", "rejected", "borrowed")] == [1, 1, 1]
+    assert set(nodes) == {"kept", "rejected", "borrowed", "correction"}
+    assert [nodes[s].GetNumberOfControlPoints() for s in ("kept", "rejected", "borrowed", "correction")] == [1, 1, 1, 0]
     kept = sa.points_from_markups(nodes["kept"])
     np.testing.assert_allclose(kept.lps[0], (volume.ijk_to_lps @ [5.0, 6.0, 7.0, 1.0])[:3], atol=1e-6)
     assert nodes["rejected"].GetDisplayNode().GetSelectedColor() == pytest.approx(sa.AUDIT_COLOURS["rejected"])
@@ -492,8 +494,11 @@ def test_audit_entries_in_slice_coordinates(app, sample):
 
     volume, _ = sample
     entries = [AuditEntry(rc=np.array([6.0, 5.0]), slice=7, status="kept", source_slice=7, score=0.9),
-               AuditEntry(rc=np.array([12.0, 10.0]), slice=9, status="borrowed", source_slice=8, score=0.7)]
+               AuditEntry(rc=np.array([12.0, 10.0]), slice=9, status="borrowed", source_slice=8, score=0.7),
+               AuditEntry(rc=np.array([3.0, 4.0]), slice=7, status="correction", source_slice=7, score=0.9, label=0)]
     nodes = sa.audit_to_markups_nodes(entries, volume, app.scene, axis=0)
+    assert nodes["correction"].GetNthControlPointDescription(0) == "background"  # a kind of its own, in blue
+    assert nodes["correction"].GetDisplayNode().GetSelectedColor() == pytest.approx(sa.AUDIT_COLOURS["correction"])
     kept = sa.points_from_markups(nodes["kept"])
     np.testing.assert_allclose(kept.lps[0], (volume.ijk_to_lps @ [5.0, 6.0, 7.0, 1.0])[:3], atol=1e-6)
     assert nodes["borrowed"].GetNthControlPointDescription(0) == "from slice 8"

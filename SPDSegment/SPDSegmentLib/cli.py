@@ -24,7 +24,7 @@ from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
 from .core.progress import Progress, tqdm_progress
 from .core.sample import sample_case
 from .core.volume import LABEL_SUFFIXES, SEGMENTATION_SUFFIXES, output_type_error
-from .research.simulate import simulate
+from .research.simulate import LEVELS, simulate
 
 # train, evaluate, bench-speed and the demo's metrics import their modules when they run: those import
 # torch (and MONAI, matplotlib), so `spd --help` and the argument check of every command stay quick.
@@ -132,10 +132,13 @@ def cmd_segment(args) -> int:
 
 
 def write_audit(path, result, vol) -> Path:
-    """The prompt audit as one Slicer point list; each point's description says kept/rejected/borrowed."""
+    """The prompt audit as one Slicer point list; each point's description says kept/rejected/borrowed, or
+    correction (foreground or background) for the user's corrections."""
     lps = volume.ijk_to_physical(np.array([e.ijk(result.axis) for e in result.audit]), vol.ijk_to_lps)
     names = [f"{e.status[0].upper()}{i}" for i, e in enumerate(result.audit)]
-    descriptions = [f"{e.status} (clicked on slice {e.source_slice}, saliency {e.score:.2f})" for e in result.audit]
+    status = {"correction": lambda e: f"correction, {'foreground' if e.label else 'background'}"}
+    descriptions = [f"{status.get(e.status, lambda e: e.status)(e)} (clicked on slice {e.source_slice}, saliency "
+                    f"{e.score:.2f})" for e in result.audit]
     return prompts.write_markups(path, lps, names=names, descriptions=descriptions, node_name="SPD prompt audit")
 
 
@@ -246,12 +249,69 @@ def encoding_progress(stream=None):
     return Progress(callback)
 
 
+def _check_simulate(args) -> None:
+    """The simulate options, checked before anything is read."""
+    if not str(args.out).lower().endswith((".mrk.json", ".csv")):
+        raise InputError(f"--out {args.out}: write the clicks to a .mrk.json point list or a .csv table.")
+    check_writable(args.out, what="--out file")
+    if args.result and args.corrections:
+        raise InputError("--result adds one correction against a result you made; --corrections N makes the results "
+                         "itself (with --image and --model). Give one of them.")
+    if args.corrections < 0:
+        raise InputError(f"--corrections is {args.corrections}; give how many correction clicks to add, e.g. 5.")
+    if args.corrections and not args.image:
+        raise InputError("--corrections N segments the image after each click: give the image with --image.")
+    if args.axis is not None and args.axis not in (0, 1, 2):
+        raise InputError(f"--axis {args.axis} is not an array axis; use 0 (k), 1 (j) or 2 (i).")
+
+
 def cmd_simulate(args) -> int:
-    vol = volume.read(args.label)
-    mask = (vol.array > 0).astype("uint8")
-    sim = simulate(mask, args.axis, args.level, seed=args.seed)
-    sim.to_markups(args.out, vol.ijk_to_lps)
-    print(f"{args.level}: {len(sim.ijk)} clicks ({int(sim.inside.sum())} inside the label) -> {args.out}")
+    """Sloppy clicks from a label, and optionally the correction clicks of the CVPR 2025 interactive
+    challenge's rule against a result (``--result``) or against SPD's results one at a time (``--corrections``)."""
+    from .research.metrics import dice_score
+    from .research.simulate import next_correction, with_correction
+
+    _check_simulate(args)
+    grid = volume.read(args.image) if args.image else volume.read(args.label)
+    mask = volume.read_label(args.label, like=grid) if args.image else (grid.array > 0).astype("uint8")
+    descriptions = None
+    if args.points:
+        clicks = prompts.to_voxels(prompts.read(args.points), grid, axis=args.axis)
+        what = f"{len(clicks)} clicks from {Path(args.points).name}"
+    else:
+        sim = simulate(mask, args.axis or 0, args.level, seed=args.seed)
+        clicks = sim.voxel_prompts(grid)
+        descriptions = [str(k) for k in sim.kind]  # centerline, drift, spurious: clicks when read back
+        what = f"{args.level}: {len(sim.ijk)} clicks ({int(sim.inside.sum())} inside the label)"
+    added = []
+    if args.result:
+        click = next_correction(mask, volume.read_label(args.result, like=grid), clicks.axis)
+        if click is not None:
+            clicks = with_correction(clicks, click)
+            added.append(click)
+    if args.corrections:
+        model = load_model(args.model, device=args.device)
+        scores = []
+        for step in range(args.corrections + 1):
+            result = segment(grid, clicks, model).mask
+            scores.append(dice_score(result, mask))
+            click = next_correction(mask, result, clicks.axis) if step < args.corrections else None
+            if click is not None:
+                clicks = with_correction(clicks, click)
+                added.append(click)
+        print("Dice after 0.." + f"{args.corrections} corrections: " + " ".join(f"{d:.3f}" for d in scores))
+    if descriptions is not None:
+        descriptions += [c.kind for c in added]
+    lps = volume.ijk_to_physical(clicks.ijk, grid.ijk_to_lps)
+    points = prompts.from_lps(lps, labels=clicks.labels, names=clicks.names, source=args.out, kinds=clicks.kinds)
+    if descriptions is not None and str(args.out).lower().endswith(".mrk.json"):
+        prompts.write_markups(args.out, lps, names=points.names, descriptions=descriptions, color=(0.4, 1.0, 1.0),
+                              node_name="simulated clicks", locked=False)
+    else:
+        prompts.write_points(args.out, points, node_name="simulated clicks")
+    corrections = ", ".join(f"{'foreground' if c.label else 'background'} on slice {c.slice}" for c in added)
+    print(f"{what}" + (f" + {len(added)} correction{'s' if len(added) > 1 else ''} ({corrections})" if added else "")
+          + f" -> {args.out}")
     return 0
 
 
@@ -339,8 +399,27 @@ def add_train_options(parser) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    if args.corrections < 0:
+        raise InputError(f"--corrections is {args.corrections}; give the number of correction clicks per case (for "
+                         "example 5), or 0 for the usual benchmark.")
+    levels = args.levels or []
+    unknown = [level for level in levels if level not in LEVELS]
+    if unknown:
+        raise InputError(f"Unknown noise level {unknown[0]!r} (option --levels); choose from {', '.join(LEVELS)}.")
+    if args.cache_dir:
+        check_writable(Path(args.cache_dir) / "probe", what="--cache-dir folder")
+    if args.corrections:
+        from .research.evaluate import run_correction_benchmark
+
+        run_correction_benchmark(args)
+        return 0
+    if not args.models_dir:
+        raise InputError("--models-dir is needed for the benchmark (it holds DATASET_spd.spd.safetensors and the "
+                         "baselines' models); the correction benchmark (--corrections N) uses the bundled models "
+                         "without it.")
     from .research.evaluate import run_benchmark
 
+    args.levels = levels or ["clean", "mild", "moderate", "severe"]
     run_benchmark(args)
     return 0
 
@@ -415,12 +494,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("simulate", help="sloppy centerline clicks from a label (.mrk.json)")
+    p = sub.add_parser("simulate", help="sloppy centerline clicks from a label, and correction clicks (.mrk.json, "
+                                        ".csv)")
     p.add_argument("label")
-    p.add_argument("--axis", type=int, default=0, help="array axis (0 = k, 1 = j, 2 = i)")
-    p.add_argument("--level", default="moderate", choices=["clean", "mild", "moderate", "severe"])
+    p.add_argument("--axis", type=int, default=None,
+                   help="array axis (0 = k, 1 = j, 2 = i); default 0 for simulated clicks, from the clicks with --points")
+    p.add_argument("--level", default="moderate", choices=list(LEVELS), help="noise level (docs/noise_model.md)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the clicks: .mrk.json (kinds in the descriptions) or .csv")
+    p.add_argument("--points", help="start from these clicks (.mrk.json or .csv, corrections included) instead of "
+                                    "simulating sloppy ones")
+    p.add_argument("--result", help="add the next correction click against this result (segmentation or label map "
+                                    "on the label's grid): the CVPR 2025 interactive challenge's rule")
+    p.add_argument("--corrections", type=int, default=0,
+                   help="segment --image with --model and add this many correction clicks, one against each result")
+    p.add_argument("--image", help="the image of the label (needed with --corrections)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model that segments with --corrections")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_simulate)
 
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
@@ -437,11 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=defaults)
     p.add_argument("--data-root", default="../shared/data", help="folder holding one folder per dataset")
     p.add_argument("--datasets", nargs="*", default=["hippocampus", "left_atrium"], help="datasets to evaluate")
-    p.add_argument("--levels", nargs="*", default=["clean", "mild", "moderate", "severe"],
-                   help="click noise levels (docs/noise_model.md)")
-    p.add_argument("--models-dir", required=True,
+    p.add_argument("--levels", nargs="*", default=None,
+                   help="click noise levels (docs/noise_model.md; default: clean mild moderate severe, with "
+                        "--corrections: moderate severe harsh)")
+    p.add_argument("--models-dir",
                    help="folder with DATASET_spd.spd.safetensors, DATASET_samtune.spd.safetensors, DATASET_unet.pt "
-                        "and lever models DATASET_NAME.spd.safetensors")
+                        "and lever models DATASET_NAME.spd.safetensors (needed but with --corrections, which uses the "
+                        "bundled SPD model when the folder has none)")
+    p.add_argument("--corrections", type=int, default=0,
+                   help="the correction benchmark instead: N correction clicks per case by the CVPR 2025 interactive "
+                        "challenge's rule after the sloppy clicks, SPD and raw LiteMedSAM (docs/benchmarks.md)")
+    p.add_argument("--cache-dir", help="--corrections: keep the encoded slices in this folder too, so a second run "
+                                       "encodes nothing (about 2 MB per slice)")
     p.add_argument("--store", help="feature store of the test cases (scripts/encode_features.py; None: the user "
                                    "cache's)")
     p.add_argument("--out-dir", default="benchmark", help="where results.md, per_case.csv and the plot go")

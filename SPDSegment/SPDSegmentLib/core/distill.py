@@ -4,10 +4,11 @@ For a target slice t with saliency map S_t, threshold tau and neighbourhood n:
   kept_t     = { p in P_t : S_t(p) > tau }                        (local validation)
   borrowed_t = { q in P_j, 0 < |j - t| <= n : S_j(q) > tau and S_t(q) > tau }
   consensus  = kept_t  U  borrowed_t
-A borrowed point keeps its in-plane (row, col) and is placed on slice t. Background points
-(label 0) are explicit user intent and pass through on their own slice without validation.
-Every input point is reported once as kept or rejected on its own slice; every borrowing is
-reported as an extra "borrowed" record naming the target and source slices.
+A borrowed point keeps its in-plane (row, col) and is placed on slice t. Corrections are explicit
+user intent and pass through on their own slice without validation: background points (label 0)
+and trusted foreground corrections (``trusted``); a trusted correction is borrowed like a kept click.
+Every input point is reported once as kept, rejected or correction on its own slice; every
+borrowing is reported as an extra "borrowed" record naming the target and source slices.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ DEFAULT_NEIGHBOURS = 2
 class AuditEntry:
     rc: np.ndarray  # (2,) in-plane position
     slice: int  # the slice the record is about (target slice for "borrowed")
-    status: str  # "kept" | "rejected" | "borrowed"
+    status: str  # "kept" | "rejected" | "borrowed" | "correction" (a user correction on its own slice)
     source_slice: int  # where the point was clicked
     score: float  # saliency at the point on `slice`
     label: int = 1
@@ -59,9 +60,10 @@ class DistillResult:
     audit: List[AuditEntry] = field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
+        """{"kept", "rejected", "borrowed"} counts, and "correction" when there are corrections."""
         out = {"kept": 0, "rejected": 0, "borrowed": 0}
         for entry in self.audit:
-            out[entry.status] += 1
+            out[entry.status] = out.get(entry.status, 0) + 1
         return out
 
 
@@ -83,12 +85,14 @@ def target_slices(prompted: Iterable[int], neighbours: int, n_slices: int) -> Li
 
 def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: float = DEFAULT_TAU,
             neighbours: int = DEFAULT_NEIGHBOURS, targets: Iterable[int] | None = None,
-            local_only: bool = False) -> DistillResult:
+            local_only: bool = False, trusted: Mapping[int, np.ndarray] | None = None) -> DistillResult:
     """Consensus prompts for each target slice (see module docstring).
 
     ``saliency`` must hold a probability map for every target slice and every prompted slice
     within reach. ``local_only`` switches borrowing off (the ablation "local validation only").
+    ``trusted``: slice -> (n,) bool beside ``prompts[t]``, the user's corrections (never rejected).
     """
+    trusted = trusted or {}
     result = DistillResult()
     if targets is None:
         targets = sorted(set(prompts) & set(saliency))
@@ -97,9 +101,10 @@ def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: fl
         if t not in saliency:
             continue
         scores = sample(saliency[t], rc)
-        passes_own[t] = scores > tau
-        for p, label, score, ok in zip(rc, labels, scores, passes_own[t]):
-            status = "kept" if (ok or label == 0) else "rejected"
+        correction = np.asarray(trusted.get(t, np.zeros(len(labels), bool)), bool) | (np.asarray(labels) == 0)
+        passes_own[t] = (scores > tau) | correction
+        for p, label, score, ok, corrected in zip(rc, labels, scores, passes_own[t], correction):
+            status = "correction" if corrected else ("kept" if ok else "rejected")
             result.audit.append(AuditEntry(np.array(p, float), t, status, t, float(score), int(label)))  # a copy
 
     for t in targets:
@@ -108,7 +113,7 @@ def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: fl
         rcs, labs, srcs = [], [], []
         if t in prompts and t in passes_own:
             rc, labels = prompts[t]
-            keep = passes_own[t] | (np.asarray(labels) == 0)
+            keep = passes_own[t]
             rcs.append(np.asarray(rc, float)[keep])
             labs.append(np.asarray(labels)[keep])
             srcs.append(np.full(int(keep.sum()), t))

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import corrections as corrections_
 from . import distill
 from .cache import default_cache
 from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
@@ -373,7 +374,8 @@ def box_margin_px(spacing_kji, axis: int, margin_mm: float) -> float:
 
 
 def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transform, tau: float, neighbours: int,
-             empty_slice: str = "saliency", local_only: bool = False, decoder_prompt: str = "points+box"):
+             empty_slice: str = "saliency", local_only: bool = False, decoder_prompt: str = "points+box",
+             trusted=None, margin_px: float = 5.0):
     """SPD's decoder prompts: (jobs, DistillResult). The one place that turns clicks and saliency maps into
     what the decoder sees, for inference (:func:`segment`) and for stage-2 training alike.
 
@@ -381,16 +383,18 @@ def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transfor
     consensus points of slice t plus the box of the saliency component holding them; a target slice
     between the first and last prompted slice that is left without points gets the box of its own
     saliency map when ``empty_slice`` is "saliency". With ``decoder_prompt`` "box" the points choose the
-    component and the slices, and the decoder is given the box alone.
+    component and the slices, and the decoder is given the box alone. ``trusted`` (slice -> bool beside
+    ``by_slice``'s points) marks the user's corrections: never rejected; a trusted foreground point where
+    the saliency map has nothing above tau gets a box around the consensus points grown by ``margin_px``.
     """
     distilled = distill.distill(by_slice, maps, tau=tau, neighbours=neighbours, targets=targets,
-                                local_only=local_only)
+                                local_only=local_only, trusted=trusted)
     prompted = sorted(by_slice)
     jobs = []
     for t in targets:
         consensus = distilled.consensus.get(t)
         if consensus is not None and len(consensus.positives):
-            box = distill.saliency_box(maps[t], consensus.positives, tau=tau)
+            box = _consensus_box(maps[t], consensus.positives, tau, margin_px)
             if decoder_prompt == "box":
                 jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
             else:
@@ -401,6 +405,18 @@ def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transfor
             if box is not None:
                 jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
     return jobs, distilled
+
+
+def _consensus_box(saliency: np.ndarray, positives: np.ndarray, tau: float, margin_px: float):
+    """The box of the saliency components holding the consensus points, stretched to hold every one of them (a
+    trusted correction may lie where the map is below tau); a box around them grown by ``margin_px`` when the
+    map has nothing above tau."""
+    box = distill.saliency_box(saliency, positives, tau=tau)
+    if box is None:
+        return distill.points_box(positives, margin_px, saliency.shape)
+    upper = np.array(saliency.shape) - 1
+    pixels = np.clip(np.rint(positives).astype(int), 0, upper)  # the pixels distillation sampled
+    return np.minimum(box[0], pixels.min(axis=0)), np.maximum(box[1], pixels.max(axis=0))
 
 
 def raw_jobs(by_slice, targets: List[int], transform, shape_hw: Tuple[int, int], margin_px: float,
@@ -517,6 +533,8 @@ class Plan:
     decoder_prompt: str = "points+box"  # SPD: what the decoder is given (SegmentOptions.decoder_prompt)
     fusion: float = 0.0  # SPD: weight of the saliency map in the final probability
     components: str = "all"  # SPD: which 3D parts of the mask are kept
+    trusted: dict = field(default_factory=dict)  # slice -> bool beside by_slice's points: the user's corrections
+    corrections: list = field(default_factory=list)  # SPD: corrections.Correction of each correction click
 
 
 def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
@@ -547,10 +565,12 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
                          "with a plain backbone use raw mode.")
     backbone = model.backbone if is_spd else model
     axis = int(prompts.axis)
-    by_slice = prompts.by_slice()
+    by_slice, trusted = prompts.by_slice(), prompts.corrections_by_slice()
+    corrections = corrections_.corrections_of(prompts) if mode == "spd" else []
     if options.slice_range is not None:
         lo, hi = options.slice_range
         by_slice = {t: v for t, v in by_slice.items() if lo <= t <= hi}
+        corrections = [c for c in corrections if lo <= c.slice <= hi]
     if not by_slice:
         raise InputError("No prompts to segment from (none inside the volume or the chosen slice range). "
                          "Place at least one point on the structure.")
@@ -570,7 +590,8 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
                 key=fingerprint_key(volume, axis, model.identity, intensity),
                 decoder_prompt=_model_setting(options, model, "decoder_prompt", "points+box"),
                 fusion=float(_model_setting(options, model, "fusion", 0.0)),
-                components=_model_setting(options, model, "components", "all"))
+                components=_model_setting(options, model, "components", "all"),
+                trusted={t: trusted[t] for t in by_slice}, corrections=corrections)
 
 
 def _model_setting(options: SegmentOptions, model, name: str, default):
@@ -628,7 +649,8 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
                              key=p.key)
         jobs, distilled = spd_jobs(p.by_slice, maps, p.targets, transform, p.tau, p.neighbours,
                                    empty_slice=options.empty_slice, local_only=options.local_only,
-                                   decoder_prompt=p.decoder_prompt)
+                                   decoder_prompt=p.decoder_prompt, trusted=p.trusted,
+                                   margin_px=box_margin_px(volume.spacing[::-1], p.axis, options.box_margin_mm))
         audit = distilled.audit
         timings["saliency_distill_s"] = time.perf_counter() - t0
         if options.return_saliency:
@@ -648,11 +670,14 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     timings["decode_s"] = time.perf_counter() - t0
     progress.check()
 
+    probabilities = {t: (1.0 - p.fusion) * prob.astype(np.float32) + p.fusion * maps[t]
+                     if p.mode == "spd" and p.fusion else prob for t, prob in slice_masks.items()}
+    t0 = time.perf_counter()
+    thresholds = corrections_.threshold_field(probabilities, p.corrections, *correction_spacing(volume, p.axis))
+    timings["correct_s"] = time.perf_counter() - t0
     mask = np.zeros(volume.shape, np.uint8)
-    for t, prob in slice_masks.items():
-        if p.mode == "spd" and p.fusion:
-            prob = (1.0 - p.fusion) * prob.astype(np.float32) + p.fusion * maps[t]
-        put_slice(mask, p.axis, t, (prob > 0.5).astype(np.uint8))
+    for t, prob in probabilities.items():
+        put_slice(mask, p.axis, t, (prob > thresholds[t]).astype(np.uint8))
     if p.mode == "spd" and p.components == "clicked":
         mask = clicked_components(mask, distilled, p.axis)
     timings["total_s"] = time.perf_counter() - t_start
@@ -661,6 +686,13 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
                     axis_note=axis_note(prompts, volume))
     result.warnings = plausibility_warnings(volume, p, model, result)
     return result
+
+
+def correction_spacing(volume: Volume, axis: int) -> Tuple[Tuple[float, float], float]:
+    """((row, col) pixel size, slice spacing) in mm of slices along ``axis``: what corrections are measured in."""
+    spacing_kji = [float(v) for v in volume.spacing[::-1]]
+    row_axis, col_axis = (a for a in range(3) if a != axis)
+    return (spacing_kji[row_axis], spacing_kji[col_axis]), spacing_kji[axis]
 
 
 def clicked_components(mask: np.ndarray, distilled, axis: int) -> np.ndarray:

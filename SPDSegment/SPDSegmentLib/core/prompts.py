@@ -6,6 +6,7 @@ Frames are named in every variable: ``lps``/``ras`` millimetres, ``ijk`` continu
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -37,6 +38,42 @@ EDGE_TOLERANCE = 1e-6  # voxels: a point on the image's outer face still counts 
 CSV_COLUMNS = {("r", "a", "s"): "ras", ("l", "p", "s"): "lps", ("i", "j", "k"): "ijk", ("x", "y", "z"): None}
 SLICE_VIEW_NAMES = {"axial": "axial", "red": "axial", "coronal": "coronal", "green": "coronal",
                     "sagittal": "sagittal", "yellow": "sagittal"}
+# What each point is (PointSet.kinds, VoxelPrompts.kinds):
+#   "click": a sloppy foreground click (label 1): distillation keeps it only where the saliency map agrees;
+#   "correction": a foreground correction (label 1): trusted, never rejected; it adds the structure under it;
+#   "background": a background click (label 0), always a correction: it removes the wrong region it sits in.
+# Markups carry the kind in a point's description ("correction", "background"; anything else is a click);
+# CSV files in the label column (1/fg/foreground/positive, correction, 0/bg/background/negative) or in a
+# Slicer table's description column.
+POINT_KINDS = ("click", "correction", "background")
+CORRECTION_KINDS = ("correction", "background")
+KIND_OF_WORD = {"fg": "click", "foreground": "click", "positive": "click", "click": "click", "1": "click",
+                "correction": "correction", "bg": "background", "background": "background",
+                "negative": "background", "0": "background"}
+CSV_LABEL_OF_KIND = {"click": "fg", "correction": "correction", "background": "bg"}  # what write_points writes
+
+
+def kinds_from_labels(labels) -> List[str]:
+    """The kinds of points known only by their labels: 1 a click, 0 a background click."""
+    return ["click" if int(label) else "background" for label in np.asarray(labels).reshape(-1)]
+
+
+def _checked_kinds(kinds, labels: np.ndarray, what: str) -> List[str]:
+    """``kinds`` as a list (derived from ``labels`` when None), each one of POINT_KINDS and agreeing with its
+    label (a background point has label 0, any other label 1). InputError naming ``what`` otherwise."""
+    if kinds is None:
+        return kinds_from_labels(labels)
+    kinds = [str(k) for k in kinds]
+    if len(kinds) != len(labels):
+        raise InputError(f"{what}: {len(labels)} points but {len(kinds)} kinds; give one per point.")
+    unknown = sorted(set(kinds) - set(POINT_KINDS))
+    if unknown:
+        raise InputError(f"{what}: unknown point kind {unknown[0]!r}; each point is one of {', '.join(POINT_KINDS)}.")
+    clash = [i for i, (k, lab) in enumerate(zip(kinds, labels)) if (k == "background") != (int(lab) == 0)]
+    if clash:
+        raise InputError(f"{what}: point {clash[0] + 1} is a {kinds[clash[0]]} with label {int(labels[clash[0]])}; a "
+                         "background point has label 0, a click or a correction label 1.")
+    return kinds
 
 
 @dataclass
@@ -47,14 +84,20 @@ class PointSet:
     names: List[str]
     source: str = ""
     ijk: Optional[np.ndarray] = None  # (N, 3) continuous voxel coordinates, when the file gave those
+    kinds: Optional[List[str]] = None  # (N,) one of POINT_KINDS per point; None: from the labels
+
+    def __post_init__(self):
+        self.kinds = _checked_kinds(self.kinds, np.asarray(self.labels), self.source or "Prompts")
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def _point_set(coords, frame: str, labels=None, names=None, source: str = "") -> PointSet:
+def _point_set(coords, frame: str, labels=None, names=None, source: str = "", kinds=None) -> PointSet:
     coords = np.array(coords, dtype=float).reshape(-1, 3)  # a copy: the caller's array stays theirs
     n = len(coords)
+    if labels is None and kinds is not None:
+        labels = [0 if k == "background" else 1 for k in kinds]
     labels = np.ones(n, dtype=int) if labels is None else np.asarray(labels, dtype=int).reshape(-1)
     names = [""] * n if names is None else [str(s) for s in names]
     if len(labels) != n or len(names) != n:
@@ -67,20 +110,28 @@ def _point_set(coords, frame: str, labels=None, names=None, source: str = "") ->
         raise InputError(f"{source or 'Prompts'}: point labels must be 1 (foreground) or 0 (background), "
                          f"not {sorted(set(labels.tolist()))}.")
     if frame == "ijk":
-        return PointSet(None, labels, names, source, ijk=coords)
-    return PointSet(ras_to_lps(coords) if frame == "ras" else coords, labels, names, source)
+        return PointSet(None, labels, names, source, ijk=coords, kinds=kinds)
+    return PointSet(ras_to_lps(coords) if frame == "ras" else coords, labels, names, source, kinds=kinds)
 
 
-def from_ras(ras, labels=None, names=None, source: str = "") -> PointSet:
-    return _point_set(ras, "ras", labels, names, source)
+def from_ras(ras, labels=None, names=None, source: str = "", kinds=None) -> PointSet:
+    """Points in RAS mm; ``labels`` (1 foreground, 0 background) and/or ``kinds`` (POINT_KINDS) per point."""
+    return _point_set(ras, "ras", labels, names, source, kinds)
 
 
-def from_lps(lps, labels=None, names=None, source: str = "") -> PointSet:
-    return _point_set(lps, "lps", labels, names, source)
+def from_lps(lps, labels=None, names=None, source: str = "", kinds=None) -> PointSet:
+    return _point_set(lps, "lps", labels, names, source, kinds)
 
 
-def from_ijk(ijk, labels=None, names=None, source: str = "") -> PointSet:
-    return _point_set(ijk, "ijk", labels, names, source)
+def from_ijk(ijk, labels=None, names=None, source: str = "", kinds=None) -> PointSet:
+    return _point_set(ijk, "ijk", labels, names, source, kinds)
+
+
+def kind_of_description(description) -> str:
+    """A markups control point's kind from its description: "background", "correction" (either case, spaces
+    around ignored) or, for anything else, "click". One rule for .mrk.json files and Slicer's point lists."""
+    word = str(description or "").strip().lower()
+    return word if word in CORRECTION_KINDS else "click"
 
 
 # ---------------------------------------------------------------- reading files
@@ -111,7 +162,7 @@ def _read_markups(path: Path) -> PointSet:
     if not isinstance(data, dict) or not isinstance(data.get("markups"), list):
         raise InputError(f"{path.name} has no 'markups' list; it is not a Slicer markups file. "
                          "Save the point list from Slicer (File > Save Data) as .mrk.json.")
-    lps, labels, names, skipped_types = [], [], [], []
+    lps, kinds, names, skipped_types = [], [], [], []
     for m, markup in enumerate(data["markups"]):
         kind = markup.get("type") if isinstance(markup, dict) else None
         if kind not in POINT_TYPES:
@@ -134,14 +185,14 @@ def _read_markups(path: Path) -> PointSet:
                 raise InputError(f"{path.name}: control point {c} of markup {m} has position {position!r}; "
                                  "expected three finite numbers.")
             lps.append(ras_to_lps(xyz)[0] if frame == "RAS" else xyz)
-            background = str(point.get("description", "")).strip().lower() == "background"
-            labels.append(0 if background else 1)
+            kinds.append(kind_of_description(point.get("description")))
             names.append(str(point.get("label", "")))
     if not lps:
         kinds = f" (found only: {', '.join(skipped_types)})" if skipped_types else ""
         raise InputError(f"{path.name} contains no placed points in a point list or curve{kinds}. "
                          "Place points with the Markups point list tool and save again.")
-    return PointSet(np.array(lps, float), np.array(labels, int), names, path.name)
+    return PointSet(np.array(lps, float), np.array([0 if k == "background" else 1 for k in kinds], int), names,
+                    path.name, kinds=kinds)
 
 
 def _table_frame(comment: str) -> Optional[str]:
@@ -209,17 +260,21 @@ def _read_table(path: Path) -> PointSet:
         names.append(cell(row, header.index("name")) if "name" in header else "")
         description = next((header.index(c) for c in ("description", "desc") if c in header), None)  # .fcsv: desc
         descriptions.append(cell(row, description).lower() if description is not None else "")
-    words = {"fg": 1, "bg": 0, "foreground": 1, "background": 0, "positive": 1, "negative": 0}
-    values = [words.get(s.lower(), _number(s)) for s in raw_labels]
-    if all(v is not None for v in values):
-        if not set(values) <= {0, 1}:
-            raise InputError(f"{path.name}: the label column has {sorted(set(values) - {0, 1})}; "
-                             "use 1 for foreground points and 0 for background points.")
-        labels = [int(v) for v in values]
-    else:  # Slicer's own CSV uses 'label' for the point's name; the description marks background
+    def kind_of_label(text: str) -> Optional[str]:
+        number = _number(text)
+        return KIND_OF_WORD.get(str(int(number)) if number is not None and number == int(number) else text.lower(),
+                                None if number is None else "")
+
+    kinds = [kind_of_label(s) for s in raw_labels]
+    if all(k is not None for k in kinds):
+        if "" in kinds:
+            wrong = sorted({s for s, k in zip(raw_labels, kinds) if k == ""})
+            raise InputError(f"{path.name}: the label column has {wrong}; use 1 (or fg) for clicks, 0 (or bg) for "
+                             "background points and 'correction' for foreground corrections.")
+    else:  # Slicer's own CSV uses 'label' for the point's name; the description gives the kind
         names = raw_labels
-        labels = [0 if d == "background" else 1 for d in descriptions]
-    return _point_set(np.array(coords, float).reshape(-1, 3), frame, labels, names, path.name)
+        kinds = [kind_of_description(d) for d in descriptions]
+    return _point_set(np.array(coords, float).reshape(-1, 3), frame, names=names, source=path.name, kinds=kinds)
 
 
 # ---------------------------------------------------------------- to voxels
@@ -252,9 +307,25 @@ class VoxelPrompts:
     shape: Optional[Tuple[int, int, int]] = None  # Volume.array shape (k, j, i)
     axis_source: str = "given"  # where the axis came from: one of AXIS_SOURCES
     axis_why: str = ""  # the numbers behind an automatic choice (axis_note says it in words)
+    kinds: List[str] = field(default_factory=list)  # (N,) one of POINT_KINDS per point; empty: from the labels
+
+    def __post_init__(self):
+        self.kinds = _checked_kinds(self.kinds if len(self.kinds) or not len(self.labels) else None,
+                                    np.asarray(self.labels), "Prompts")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def is_correction(self) -> np.ndarray:
+        """(N,) bool: the point is a correction (a foreground correction or a background click)."""
+        return np.array([k in CORRECTION_KINDS for k in self.kinds], bool)
+
+    def select(self, keep) -> "VoxelPrompts":
+        """These prompts with only the points where ``keep`` (a boolean mask or indices) holds, in order."""
+        keep = np.arange(len(self))[keep]
+        return dataclasses.replace(self, ijk=self.ijk[keep], labels=self.labels[keep],
+                                   names=[self.names[i] for i in keep] if len(self.names) == len(self) else [],
+                                   kinds=[self.kinds[i] for i in keep])
 
     def slice_index(self) -> np.ndarray:
         t = np.floor(self.ijk[:, 2 - self.axis] + 0.5).astype(int)
@@ -267,8 +338,14 @@ class VoxelPrompts:
         return self.ijk[:, [2 - row_axis, 2 - col_axis]]
 
     def by_slice(self) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
+        """slice -> (rc (n, 2), labels (n,)) of every point on it, in their order."""
         t, rc = self.slice_index(), self.rc()
         return {int(s): (rc[t == s], self.labels[t == s]) for s in np.unique(t)}
+
+    def corrections_by_slice(self) -> Dict[int, np.ndarray]:
+        """slice -> (n,) bool beside :meth:`by_slice`'s points: which of them are corrections."""
+        t, correction = self.slice_index(), self.is_correction()
+        return {int(s): correction[t == s] for s in np.unique(t)}
 
 
 def _physical_bounds(volume: Volume) -> np.ndarray:
@@ -330,7 +407,8 @@ def to_voxels(points: PointSet, volume: Volume, axis=None, preferred_axes: Seque
         axis = AxisChoice(value, getattr(axis, "source", "given"), getattr(axis, "why", ""))
     return VoxelPrompts(ijk=inside_ijk, labels=np.asarray(points.labels, int)[inside], axis=int(axis),
                         outside_lps=lps[~inside], names=[n for n, keep in zip(names, inside) if keep],
-                        shape=tuple(volume.shape), axis_source=axis.source, axis_why=axis.why)
+                        shape=tuple(volume.shape), axis_source=axis.source, axis_why=axis.why,
+                        kinds=[k for k, keep in zip(points.kinds, inside) if keep])
 
 
 def choose_axis(ijk: np.ndarray, volume: Volume, preferred_axes: Sequence[int] = ()) -> AxisChoice:
@@ -443,8 +521,13 @@ def axis_from_name(name, volume: Volume) -> int:
 
 def write_markups(path, lps: np.ndarray, names: Optional[Sequence[str]] = None,
                   descriptions: Optional[Sequence[str]] = None, color=(1.0, 0.5, 0.0),
-                  node_name: str = "SPD prompts", locked: bool = True, labels=None) -> Path:
-    """Write a Slicer point list (``.mrk.json``, LPS). ``labels`` 0 become description 'background'."""
+                  node_name: str = "SPD prompts", locked: bool = True, labels=None, kinds=None) -> Path:
+    """Write a Slicer point list (``.mrk.json``, LPS).
+
+    Without ``descriptions``, a point's description is its kind: "correction" or "background" for those
+    ``kinds`` (labels 0 are "background" when no kinds are given), empty for a click, so the file reads back
+    with the same kinds.
+    """
     path = Path(path)
     lps = np.asarray(lps, float).reshape(-1, 3)
     if not np.isfinite(lps).all():
@@ -452,7 +535,9 @@ def write_markups(path, lps: np.ndarray, names: Optional[Sequence[str]] = None,
     n = len(lps)
     names = [f"P-{i + 1}" for i in range(n)] if names is None else [str(s) for s in names]
     if descriptions is None:
-        descriptions = ["" if labels is None or labels[i] else "background" for i in range(n)]
+        if kinds is None:
+            kinds = ["click"] * n if labels is None else kinds_from_labels(labels)
+        descriptions = [k if k in CORRECTION_KINDS else "" for k in kinds]
     if len(names) != n or len(descriptions) != n:
         raise InputError(f"Cannot write markups: {n} points, {len(names)} names, {len(descriptions)} descriptions.")
     color = [float(c) for c in color]
@@ -470,4 +555,25 @@ def write_markups(path, lps: np.ndarray, names: Optional[Sequence[str]] = None,
                     "glyphType": "Sphere3D", "glyphScale": 3.0, "glyphSize": 5.0, "useGlyphScale": True}}]}
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    return path
+
+
+def write_points(path, points: PointSet, node_name: str = "SPD prompts") -> Path:
+    """Write ``points`` with their kinds: a ``.mrk.json`` point list (:func:`write_markups`) or a ``.csv``
+    table ``l,p,s,label,name`` (LPS mm; label fg, correction or bg). Both read back with :func:`read`."""
+    path = Path(path)
+    if points.lps is None:
+        raise InputError("Cannot write points given in voxel coordinates; convert them to LPS first.")
+    name = path.name.lower()
+    if name.endswith(".json"):
+        return write_markups(path, points.lps, names=points.names or None, kinds=points.kinds, node_name=node_name,
+                             locked=False)
+    if not name.endswith(".csv"):
+        raise InputError(f"Cannot write points to {path.name}: use a .mrk.json or .csv file.")
+    lines = ["# coordinates: lps", "l,p,s,label,name"]
+    names = points.names if len(points.names) == len(points) else [""] * len(points)
+    for xyz, kind, point_name in zip(np.asarray(points.lps, float), points.kinds, names):
+        lines.append(",".join([*(f"{v:.6g}" for v in xyz), CSV_LABEL_OF_KIND[kind], str(point_name).replace(",", " ")]))
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -20,13 +20,14 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from ..core import spd_model
+from ..core.errors import InputError
 from ..core.models.registry import load_backbone, resolve_device
-from ..core.pipeline import SegmentOptions, segment
+from ..core.pipeline import SegmentOptions, load_model, segment
 from ..core.volume import get_slice
 from . import unet
 from .data import find_cases, load_split, structure_range
 from .metrics import dice_score, score, surface_distances
-from .simulate import simulate
+from .simulate import next_correction, simulate, with_correction
 
 # MONAI and matplotlib (the "train" extra) are imported where they are used: the demo's Dice needs neither.
 
@@ -315,3 +316,204 @@ def run_benchmark(args) -> None:
             "runtime": f"{args.runtime}/{args.precision}"}
     write_reports(rows, summary, out_dir, meta)
     print((out_dir / "results.md").read_text())
+
+
+# ---------------------------------------------------------------- the correction benchmark
+
+CORRECTION_METHODS = {
+    "spd": "SPD (as shipped)",
+    "sam_box": "LiteMedSAM raw (box around the positive clicks, negatives as negative points)",
+    "oracle_5mm": "oracle: every error within 5 mm of each click fixed",
+    "oracle_10mm": "oracle: every error within 10 mm of each click fixed",
+}
+CORRECTION_LEVELS = ["moderate", "severe", "harsh"]  # the starts of `spd evaluate --corrections`
+
+
+def bundled_model_for(dataset: str):
+    """The bundled SPD model of a benchmark dataset (spd-hippocampus, spd-left-atrium), or None."""
+    from ..core.models.registry import BUNDLED_SPD_MODELS
+
+    name = "spd-" + dataset.replace("_", "-")
+    return name if name in BUNDLED_SPD_MODELS and BUNDLED_SPD_MODELS[name].exists() else None
+
+
+def correction_run(volume, label, prompts, model, options, axis: int, clicks: int, cache) -> List[dict]:
+    """One start and ``clicks`` corrections by the challenge's rule (``simulate.next_correction``), each
+    placed on the newest result and added to the click list (clicks accumulate), the whole list segmented
+    again. One row per step (0: the start): dice, the click's kind, seconds of that run; HD95 at the start
+    and the end."""
+    spacing_kji = volume.spacing[::-1]
+    rows, mask = [], None
+    for step in range(clicks + 1):
+        kind = ""
+        if step:
+            click = next_correction(label, mask, axis)
+            if click is not None:  # a perfect result: the same again
+                prompts = with_correction(prompts, click)
+                kind = "fg" if click.label else "bg"
+        t0 = time.perf_counter()
+        mask = segment(volume, prompts, model, options, cache=cache).mask
+        row = {"step": step, "click": kind, "dice": dice_score(mask, label), "seconds": time.perf_counter() - t0,
+               "hd95": ""}
+        if step in (0, clicks):
+            row["hd95"] = surface_distances(mask, label, spacing_kji)[0]
+        rows.append(row)
+    return rows
+
+
+def evaluate_corrections(dataset: str, data_root: Path, models_dir, levels: List[str], clicks: int, seed: int,
+                         device: str, log, cache=None, max_cases: int = 0, runtime: str = "auto",
+                         precision: str = "auto") -> List[dict]:
+    """Per-step rows (dataset, case, level, method, step, click, dice, hd95, seconds) of the correction benchmark
+    on the dataset's full test split, main view: SPD (``models_dir/DATASET_spd.spd.safetensors``, else the
+    bundled model), raw LiteMedSAM with the same click rule, and the oracle rungs (what a perfect correction
+    within 5 or 10 mm of each click would give, from SPD's start). ``cache``: an ``EmbeddingCache`` (give it a
+    disk folder to encode each slice once across runs); None: one in memory."""
+    from ..core.cache import EmbeddingCache
+    from . import ladder
+
+    split = load_split(dataset)
+    axis = int(split["axis"])
+    spd_path = Path(models_dir) / f"{dataset}_spd.spd.safetensors" if models_dir else None
+    spd_name = str(spd_path) if spd_path is not None and spd_path.exists() else bundled_model_for(dataset)
+    if spd_name is None:
+        raise InputError(f"No SPD model for {dataset}: put {dataset}_spd.spd.safetensors in --models-dir.",
+                         setting="models_dir")
+    spd = load_model(spd_name, device=device, runtime=runtime, precision=precision)
+    backbone = load_backbone("litemedsam", device=device)
+    backbone.set_runtime(runtime, precision)
+    cache = cache if cache is not None else EmbeddingCache(max_bytes=4 << 30)
+    runs = {"spd": (spd, SegmentOptions()), "sam_box": (backbone, SegmentOptions(mode="raw", use_box=True))}
+    names = split["test_full"][:max_cases] if max_cases else split["test_full"]
+    rows = []
+    for index, case in enumerate(find_cases(Path(data_root) / dataset, names)):
+        volume, label = case.load()
+        spacing_kji = volume.spacing[::-1]
+        for level in levels:
+            prompts = simulate(label, axis, level, seed=10_000 + 100 * seed + index).voxel_prompts(volume)
+            base = {"dataset": dataset, "case": case.name, "level": level}
+            start = None
+            for method, (model, options) in runs.items():
+                steps = correction_run(volume, label, prompts, model, options, axis, clicks, cache)
+                rows += [{**base, "method": method, **row} for row in steps]
+                if method == "spd":
+                    start = segment(volume, prompts, model, options, cache=cache).mask  # recalled: cheap
+            for method, radius in (("oracle_5mm", 5.0), ("oracle_10mm", 10.0)):
+                masks = [start] + ladder.oracle_corrections(label, start, axis, spacing_kji, radius, clicks)
+                for step, mask in enumerate(masks):
+                    hd95 = surface_distances(mask, label, spacing_kji)[0] if step in (0, clicks) else ""
+                    rows.append({**base, "method": method, "step": step, "click": "", "dice": dice_score(mask, label),
+                                 "seconds": 0.0, "hd95": hd95})
+            log(f"{dataset} {case.name} {level}: " + "; ".join(
+                f"{m} " + " ".join(f"{r['dice']:.3f}" for r in rows if r["case"] == case.name and r["level"] == level
+                                   and r["method"] == m) for m in CORRECTION_METHODS))
+    return rows
+
+
+def summarise_corrections(rows: List[dict]) -> List[dict]:
+    """Per (dataset, level, method): mean Dice at every step, Dice AUC (the challenge's: trapezoid over the
+    correction steps 1..N, unit spacing), final Dice (mean and sd), HD95 at the start and the end, how often
+    the mean Dice fell from one click to the next, and how many cases ever fell."""
+    from scipy import integrate
+
+    summary = []
+    groups = list(dict.fromkeys((r["dataset"], r["level"], r["method"]) for r in rows))
+    for dataset, level, method in groups:
+        mine = [r for r in rows if (r["dataset"], r["level"], r["method"]) == (dataset, level, method)]
+        cases = list(dict.fromkeys(r["case"] for r in mine))
+        steps = max(int(r["step"]) for r in mine)
+        dice = np.array([[float(next(r["dice"] for r in mine if r["case"] == c and int(r["step"]) == s))
+                          for s in range(steps + 1)] for c in cases])
+        hd95 = {s: np.array([float(r["hd95"]) for r in mine if int(r["step"]) == s and r["hd95"] != ""])
+                for s in (0, steps)}
+        auc = np.array([integrate.trapezoid(d[1:], dx=1.0) for d in dice]) if steps > 1 else np.zeros(len(cases))
+        means = dice.mean(axis=0)
+        seconds = [float(r["seconds"]) for r in mine if int(r["step"]) > 0]
+        summary.append({"dataset": dataset, "level": level, "method": method, "n": len(cases),
+                        **{f"dice_{s}": float(means[s]) for s in range(steps + 1)},
+                        "final_sd": float(dice[:, -1].std(ddof=1)) if len(cases) > 1 else 0.0,
+                        "auc": float(auc.mean()), "hd95_start": float(hd95[0].mean()),
+                        "hd95_end": float(hd95[steps].mean()),
+                        "mean_falls": int(np.sum(np.diff(means) < -1e-9)),
+                        "cases_falling": int(np.sum((np.diff(dice, axis=1) < -1e-9).any(axis=1))),
+                        "seconds_per_click": float(np.mean(seconds)) if seconds else 0.0})
+    return summary
+
+
+def write_correction_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: dict) -> None:
+    """corrections_per_step.csv, corrections_summary.csv, corrections.md (one table per dataset) and
+    dice_vs_clicks.png (mean Dice against the number of corrections, per dataset, method and start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in (("corrections_per_step.csv", rows), ("corrections_summary.csv", summary)):
+        with open(out_dir / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    steps = max(int(k.split("_")[1]) for k in summary[0] if k.startswith("dice_"))
+    lines = [f"Correction benchmark ({meta['command']}; {meta['machine']}; {meta['date']})", ""]
+    datasets = list(dict.fromkeys(s["dataset"] for s in summary))
+    for dataset in datasets:
+        lines += [f"### {dataset}: Dice after each correction (challenge click rule)", "",
+                  "| start | method | n | " + " | ".join(f"Dice {s}" for s in range(steps + 1)) +
+                  " | Dice AUC (1..{0}) | final Dice | HD95 start (mm) | HD95 end (mm) | mean falls | cases falling "
+                  "| s per click |".format(steps),
+                  "|---|---|---|" + "---|" * (steps + 1) + "---|---|---|---|---|---|---|"]
+        for s in summary:
+            if s["dataset"] != dataset:
+                continue
+            lines.append(f"| {s['level']} | {CORRECTION_METHODS.get(s['method'], s['method'])} | {s['n']} | " +
+                         " | ".join(f"{s[f'dice_{k}']:.3f}" for k in range(steps + 1)) +
+                         f" | {s['auc']:.3f} | {s[f'dice_{steps}']:.3f} ± {s['final_sd']:.3f} | "
+                         f"{s['hd95_start']:.1f} | {s['hd95_end']:.1f} | {s['mean_falls']} | {s['cases_falling']} | "
+                         f"{s['seconds_per_click']:.2f} |")
+        lines.append("")
+    (out_dir / "corrections.md").write_text("\n".join(lines))
+    levels = list(dict.fromkeys(s["level"] for s in summary))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    styles = {"spd": "-", "sam_box": ":", "oracle_5mm": "--", "oracle_10mm": "-."}
+    for ax, dataset in zip(axes[0], datasets):
+        for s in summary:
+            if s["dataset"] != dataset:
+                continue
+            colour = f"C{levels.index(s['level'])}"
+            ax.plot(range(steps + 1), [s[f"dice_{k}"] for k in range(steps + 1)], styles.get(s["method"], "-"),
+                    color=colour, marker="o" if s["method"] == "spd" else None, markersize=3,
+                    label=f"{s['method']} ({s['level']})")
+        ax.set_title(dataset)
+        ax.set_xlabel("corrections (clicks)")
+        ax.set_ylabel("mean Dice")
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=6, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "dice_vs_clicks.png", dpi=100)
+    plt.close(fig)
+    (out_dir / "corrections_meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def run_correction_benchmark(args) -> None:
+    """``spd evaluate --corrections N``."""
+    from ..core.cache import EmbeddingCache
+
+    device = resolve_device(args.device)
+    cache = EmbeddingCache(max_bytes=4 << 30, directory=args.cache_dir) if args.cache_dir else None
+    levels = args.levels or CORRECTION_LEVELS
+    rows = []
+    for path in args.merge:
+        with open(path, newline="") as handle:
+            rows += list(csv.DictReader(handle))
+    for dataset in args.datasets:
+        rows += evaluate_corrections(dataset, Path(args.data_root), args.models_dir, levels, args.corrections,
+                                     args.seed, device, log=lambda line: print(line, flush=True), cache=cache,
+                                     max_cases=args.max_cases, runtime=args.runtime, precision=args.precision)
+    summary = summarise_corrections(rows)
+    meta = {"command": "spd " + " ".join(sys.argv[1:]), "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, device {device}",
+            "runtime": f"{args.runtime}/{args.precision}"}
+    out_dir = Path(args.out_dir)
+    write_correction_reports(rows, summary, out_dir, meta)
+    print((out_dir / "corrections.md").read_text())

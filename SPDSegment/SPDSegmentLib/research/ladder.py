@@ -26,7 +26,7 @@ from ..core.cache import EmbeddingCache
 from ..core.volume import get_slice, put_slice
 from .data import structure_range
 from .features import FeatureEntry
-from .simulate import simulate
+from .simulate import next_correction, simulate
 
 RUNGS = ("saliency", "oracle_box", "oracle_clean", "consensus", "spd")
 
@@ -108,3 +108,31 @@ def load_store(root: Optional[str]):
     from .train import default_store_root
 
     return FeatureStore(Path(root) if root else default_store_root())
+
+
+def oracle_corrections(label: np.ndarray, mask: np.ndarray, axis: int, spacing_kji, radius_mm: float,
+                       clicks: int) -> List[np.ndarray]:
+    """The correction ladder's top rung: what a perfect correction near each click would give.
+
+    Starting from ``mask``, ``clicks`` times: the challenge's next click (``simulate.next_correction``) on the
+    current mask, then every voxel within ``radius_mm`` of it (Euclidean, in mm) set to the label. Returns
+    the mask after each click (a method that changes the result only near its clicks cannot do better with
+    the same click rule, unless it also mends errors farther away).
+    """
+    gt = np.asarray(label) > 0
+    current = np.asarray(mask) > 0
+    spacing = np.asarray(spacing_kji, float)
+    reach = np.ceil(radius_mm / spacing).astype(int)
+    out = []
+    for _ in range(clicks):
+        click = next_correction(label, current, axis)
+        if click is not None:
+            centre = np.rint(click.ijk[::-1]).astype(int)
+            lo, hi = np.maximum(centre - reach, 0), np.minimum(centre + reach + 1, gt.shape)
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            offsets = np.ogrid[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, centre))]
+            ball = sum((o * s) ** 2 for o, s in zip(offsets, spacing)) <= radius_mm ** 2
+            current = current.copy()
+            current[box][ball] = gt[box][ball]
+        out.append(current.astype(np.uint8))
+    return out

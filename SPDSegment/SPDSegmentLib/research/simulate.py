@@ -10,14 +10,20 @@ slicing axis and drops one point per slice "roughly in the middle" of it. A hurr
 - leaves a few stray clicks around (``spurious_per_slice``),
 - may click only every k-th slice (``every_kth``).
 
-The four levels are fixed here so that every benchmark, test and demo uses the same noise:
+The levels are fixed here so that every benchmark, test and demo uses the same noise:
 
-| level      | every_kth | displacement (x local radius) | drift_fraction | missing_fraction | spurious_per_slice |
-|------------|-----------|-------------------------------|----------------|------------------|--------------------|
-| `clean`    | 1         | 0.00                          | 0.00           | 0.00             | 0.00               |
-| `mild`     | 1         | 0.25                          | 0.05           | 0.10             | 0.05               |
-| `moderate` | 1         | 0.50                          | 0.15           | 0.25             | 0.10               |
-| `severe`   | 1         | 0.80                          | 0.30           | 0.40             | 0.20               |
+| level      | every_kth | displacement (x local radius) | drift_fraction | missing_fraction | spurious_per_slice | drift_max | missing_run |
+|------------|-----------|-------------------------------|----------------|------------------|--------------------|-----------|-------------|
+| `clean`    | 1         | 0.00                          | 0.00           | 0.00             | 0.00               | 3         | 1           |
+| `mild`     | 1         | 0.25                          | 0.05           | 0.10             | 0.05               | 3         | 1           |
+| `moderate` | 1         | 0.50                          | 0.15           | 0.25             | 0.10               | 3         | 1           |
+| `severe`   | 1         | 0.80                          | 0.30           | 0.40             | 0.20               | 3         | 1           |
+| `harsh`    | 1         | 1.00                          | 0.40           | 0.50             | 0.30               | 5         | 4           |
+
+The first four are the benchmark's levels. ``harsh`` (added for the correction benchmark) drifts
+further (up to ``drift_max`` = 5 local radii outside instead of 3) and skips runs of ``missing_run``
+= 4 consecutive slices instead of single slices: a start as bad as an independent noise model's
+severe level, to see what corrections recover.
 
 ``every_kth`` is 1 at every level so that the levels differ only in noise; pass ``every_kth=``
 to :func:`simulate` to study sparser clicking. See ``docs/noise_model.md`` for the rationale.
@@ -32,13 +38,16 @@ from a voxel of the slice's largest connected component to the background, in vo
 2. **Missing slices.** Exactly ``round(missing_fraction * n_scheduled)`` scheduled slices get no
    click at all. The first and last scheduled slices are never dropped (the reader always marks the
    ends, so the extent of the structure stays defined); the count is capped at ``n_scheduled - 2``.
+   They come in runs of ``missing_run`` consecutive scheduled slices (1 but at ``harsh``), each run
+   starting at the next slice of one fixed random order.
 3. **Drift.** On the remaining (*prompted*) slices, exactly ``round(drift_fraction * n_prompted)``
    of the reader's clicks drift: the click is placed outside the mask, in the same slice, at a
-   distance ``d ~ Uniform(r, 3 r)`` from the mask (distance from a background voxel to the nearest
+   distance ``d ~ Uniform(r, drift_max r)`` (3 r but at ``harsh``) from the mask (distance from a
+   background voxel to the nearest
    foreground voxel of the whole slice, so ``d >= 1`` voxel and the rounded voxel is always
    background), in a uniformly random direction around the medial point. If the slice has no
    background voxel at that distance (image too small) the nearest available distance in
-   ``[r, 3 r]`` is used, then any background voxel; a slice that is all foreground keeps a
+   ``[r, drift_max r]`` is used, then any background voxel; a slice that is all foreground keeps a
    centerline click.
 4. **Displacement.** Every other click is the medial point plus an isotropic in-plane Gaussian
    offset with standard deviation ``displacement * r`` voxels per in-plane axis. Such a click may
@@ -63,6 +72,7 @@ remaining array axes in order. Output points are (i, j, k) voxel coordinates.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +98,8 @@ class NoiseLevel:
     drift_fraction: float  # fraction of the reader's clicks placed 1..3 local radii outside the mask
     missing_fraction: float  # fraction of the scheduled slices left without any click (never first/last)
     spurious_per_slice: float  # expected extra random clicks per prompted slice (Poisson)
+    drift_max: float = 3.0  # a drift click lands 1..drift_max local radii outside the mask
+    missing_run: int = 1  # missing slices come in runs of this many consecutive scheduled slices
 
     def __post_init__(self):
         if int(self.every_kth) != self.every_kth or self.every_kth < 1:
@@ -98,6 +110,10 @@ class NoiseLevel:
         for name in ("drift_fraction", "missing_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be between 0 and 1, not {getattr(self, name)!r}.")
+        if not np.isfinite(self.drift_max) or self.drift_max < 1.0:
+            raise InputError(f"drift_max must be >= 1 (local radii), not {self.drift_max!r}.")
+        if int(self.missing_run) != self.missing_run or self.missing_run < 1:
+            raise InputError(f"missing_run must be a positive integer, not {self.missing_run!r}.")
 
 
 LEVELS: Dict[str, NoiseLevel] = {
@@ -109,6 +125,9 @@ LEVELS: Dict[str, NoiseLevel] = {
                            spurious_per_slice=0.10),
     "severe": NoiseLevel(every_kth=1, displacement=0.8, drift_fraction=0.30, missing_fraction=0.40,
                          spurious_per_slice=0.20),
+    # beyond the four benchmark levels: clicks that drift further and skip runs of slices (docs/noise_model.md)
+    "harsh": NoiseLevel(every_kth=1, displacement=1.0, drift_fraction=0.40, missing_fraction=0.50,
+                        spurious_per_slice=0.30, drift_max=5.0, missing_run=4),
 }
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -201,24 +220,23 @@ def _resolve_level(level: Union[str, NoiseLevel], every_kth: Optional[int]) -> T
             raise InputError(f"Unknown noise level {level!r}; choose one of {', '.join(LEVELS)}.")
         name, spec = str(level), LEVELS[level]
     if every_kth is not None:
-        spec = NoiseLevel(every_kth=every_kth, displacement=spec.displacement, drift_fraction=spec.drift_fraction,
-                          missing_fraction=spec.missing_fraction, spurious_per_slice=spec.spurious_per_slice)
+        spec = dataclasses.replace(spec, every_kth=every_kth)
     return name, spec
 
 
-def _drift_point(slice2d: np.ndarray, medial_rc: np.ndarray, radius: float, rng: np.random.Generator
-                 ) -> Optional[np.ndarray]:
-    """A background pixel at distance ~U(r, 3r) from the slice's foreground, in a random direction."""
+def _drift_point(slice2d: np.ndarray, medial_rc: np.ndarray, radius: float, rng: np.random.Generator,
+                 drift_max: float = 3.0) -> Optional[np.ndarray]:
+    """A background pixel at distance ~U(r, drift_max r) from the slice's foreground, in a random direction."""
     background = ~slice2d
     if not background.any():
         return None
     distance = ndimage.distance_transform_edt(background)  # 0 on foreground, >= 1 on background
-    target = rng.uniform(radius, 3.0 * radius)
+    target = rng.uniform(radius, drift_max * radius)
     angle = rng.uniform(0.0, 2.0 * np.pi)
     jitter = rng.uniform(-0.49, 0.49, size=2)  # continuous coordinates; rounds back to the same pixel
     candidates = background & (np.abs(distance - target) <= 0.5)
     if not candidates.any():
-        ring = background & (distance >= radius) & (distance <= 3.0 * radius)
+        ring = background & (distance >= radius) & (distance <= drift_max * radius)
         if ring.any():
             nearest = np.min(np.abs(distance[ring] - target))
             candidates = ring & (np.abs(np.abs(distance - target) - nearest) <= 1e-9)
@@ -231,6 +249,20 @@ def _drift_point(slice2d: np.ndarray, medial_rc: np.ndarray, radius: float, rng:
     cosine = (offsets @ direction) / np.maximum(norms, 1e-9)
     best = int(np.argmax(cosine))  # the candidate closest in angle to the drawn direction
     return np.array([rows[best], cols[best]], dtype=float) + jitter
+
+
+def _missing_runs(order: np.ndarray, count: int, run: int, n_scheduled: int) -> set:
+    """``count`` interior scheduled slices to skip: runs of ``run`` consecutive ones starting at the slices of
+    ``order`` in turn (a run stops at the last scheduled slice, which is never skipped). With ``run`` 1 these
+    are the first ``count`` of ``order``."""
+    missing: set = set()
+    for start in order:
+        for index in range(int(start), min(int(start) + run, n_scheduled - 1)):
+            if len(missing) < count:
+                missing.add(index)
+        if len(missing) >= count:
+            break
+    return missing
 
 
 def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: int,
@@ -262,7 +294,7 @@ def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: i
     interior = np.arange(1, n_sched - 1)
     missing_order = interior[s_missing.permutation(len(interior))] if len(interior) else interior
     n_missing = min(int(round(spec.missing_fraction * n_sched)), len(interior))
-    missing = set(int(i) for i in missing_order[:n_missing])
+    missing = _missing_runs(missing_order, n_missing, spec.missing_run, n_sched)
     prompted = [i for i in range(n_sched) if i not in missing]
 
     drift_priority = s_drift.permutation(n_sched)
@@ -285,7 +317,7 @@ def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: i
         medial_rc, radius = _medial(slice2d)
         point = None
         if index in drifting:
-            point = _drift_point(slice2d, medial_rc, radius, place_rngs[index])
+            point = _drift_point(slice2d, medial_rc, radius, place_rngs[index], spec.drift_max)
         if point is not None:
             kinds.append("drift")
         else:
@@ -321,4 +353,78 @@ def simulate(mask: np.ndarray, axis: int, level: Union[str, NoiseLevel], seed: i
     )
 
 
-__all__ = ["LEVELS", "NoiseLevel", "SimulatedPrompts", "centerline", "simulate"]
+# ---------------------------------------------------------------- correction clicks
+
+@dataclass(frozen=True)
+class CorrectionClick:
+    """One simulated correction: where, which kind, and the error it answers."""
+
+    ijk: np.ndarray  # (3,) voxel centre (i, j, k) of the click
+    label: int  # 1: a foreground click on a miss; 0: a background click on a false positive
+    slice: int  # the slice along the run's axis the click lies on
+    error_voxels: int  # size of the 3D error component it was placed in
+    depth: float  # in-plane distance from the click to the component's edge, voxels
+
+    @property
+    def kind(self) -> str:
+        """The point kind of ``prompts.POINT_KINDS``: "correction" (foreground) or "background"."""
+        return "correction" if self.label else "background"
+
+
+def next_correction(label: np.ndarray, mask: np.ndarray, axis: int) -> Optional[CorrectionClick]:
+    """The next correction click on ``mask`` against ``label``, by the CVPR 2025 interactive 3D challenge's rule.
+
+    The error is every voxel where ``mask`` and ``label`` (both > 0 as foreground) disagree. Its largest
+    26-connected 3D component is the one to correct (ties: the first found in C order). The challenge then
+    clicks at the maximum of that component's Euclidean distance transform; a reader clicks in slices, so
+    here the transform is taken in the slice planes of ``axis``: on every slice through the component, the
+    2D transform of the component's section (the section's edge and the image border count as outside), and
+    the click goes where it is largest over all those slices, i.e. at the deepest point of the component's
+    thickest section (ties: the lowest slice, then the first pixel in C order). The click is a foreground
+    click (label 1) where ``label`` is foreground (a miss), else a background click (a false positive).
+    Returns None when ``mask`` equals ``label``.
+    """
+    label = _check_mask(label, axis)
+    mask = np.asarray(mask)
+    if mask.shape != label.shape:
+        raise InputError(f"The result has shape {mask.shape}, the label {label.shape}: they must be on one grid.")
+    error = label != (mask > 0)
+    if not error.any():
+        return None
+    components, _ = ndimage.label(error, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    chosen = int(np.argmax(sizes))
+    box = ndimage.find_objects((components == chosen).astype(np.int8))[0]
+    component = components[box] == chosen
+    best = (-1.0, 0, (0, 0))  # (depth, slice within the box, (row, col))
+    for offset in range(component.shape[axis]):
+        section = np.take(component, offset, axis=axis)
+        if not section.any():
+            continue
+        depth = ndimage.distance_transform_edt(np.pad(section, 1))[1:-1, 1:-1]
+        flat = int(np.argmax(depth))
+        if depth.flat[flat] > best[0]:
+            best = (float(depth.flat[flat]), offset, np.unravel_index(flat, depth.shape))
+    depth, offset, (row, col) = best
+    index = [0, 0, 0]
+    index[axis] = box[axis].start + offset
+    row_axis, col_axis = (a for a in range(3) if a != axis)
+    index[row_axis] = box[row_axis].start + int(row)
+    index[col_axis] = box[col_axis].start + int(col)
+    return CorrectionClick(ijk=np.array(index[::-1], dtype=float), label=int(label[tuple(index)]),
+                           slice=int(index[axis]), error_voxels=int(sizes[chosen]), depth=depth)
+
+
+def with_correction(prompts, click: CorrectionClick):
+    """``prompts`` (``prompts.VoxelPrompts``) with ``click`` appended as the newest point, of its kind
+    ("correction" or "background"), named ``C-<n>``: clicks accumulate."""
+    names = list(prompts.names) if len(prompts.names) == len(prompts) else [""] * len(prompts)
+    count = sum(kind != "click" for kind in prompts.kinds) + 1
+    return dataclasses.replace(prompts, ijk=np.vstack([prompts.ijk, np.asarray(click.ijk, float)[None]]),
+                               labels=np.append(prompts.labels, click.label), names=names + [f"C-{count}"],
+                               kinds=list(prompts.kinds) + [click.kind])
+
+
+__all__ = ["LEVELS", "CorrectionClick", "NoiseLevel", "SimulatedPrompts", "centerline", "next_correction",
+           "simulate", "with_correction"]

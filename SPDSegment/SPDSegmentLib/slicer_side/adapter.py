@@ -26,7 +26,8 @@ from ..core.errors import InputError
 from ..core.volume import LPS_TO_RAS, Volume, ijk_to_physical, validate_array
 
 SPD_EDITOR_NODE_TAG = "SPDSegment"
-AUDIT_COLOURS = {"kept": (0.1, 0.8, 0.2), "rejected": (0.9, 0.1, 0.1), "borrowed": (0.95, 0.85, 0.1)}
+AUDIT_COLOURS = {"kept": (0.1, 0.8, 0.2), "rejected": (0.9, 0.1, 0.1), "borrowed": (0.95, 0.85, 0.1),
+                 "correction": (0.2, 0.55, 1.0)}
 SALIENCY_COLOUR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
                             "vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
 MODES = ("set", "add", "remove")
@@ -99,30 +100,30 @@ def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
 def points_from_markups(markups_node):
     """Defined control points of a point list or curve, in world LPS, as a ``prompts.PointSet``.
 
-    A point whose description is "background" is a background prompt (label 0), as in .mrk.json files.
-    Undefined, preview and missing points are skipped.
+    A point's description gives its kind, as in .mrk.json files (``prompts.kind_of_description``):
+    "background" a background click (label 0), "correction" a trusted foreground correction, anything else
+    a click. Undefined, preview and missing points are skipped.
     """
-    from ..core.prompts import from_ras
+    from ..core.prompts import from_ras, kind_of_description
 
     if markups_node is None:
         raise InputError("Choose a point list (or curve) with clicks on the structure.")
     if not markups_node.IsA("vtkMRMLMarkupsNode"):
         raise InputError(f"{markups_node.GetName()!r} is a {markups_node.GetClassName()}, not a markups point list "
                          "or curve.")
-    ras, labels, names = [], [], []
+    ras, kinds, names = [], [], []
     for index in range(markups_node.GetNumberOfControlPoints()):
         if markups_node.GetNthControlPointPositionStatus(index) != markups_node.PositionDefined:
             continue
         position = [0.0, 0.0, 0.0]
         markups_node.GetNthControlPointPositionWorld(index, position)
         ras.append(position)
-        background = (markups_node.GetNthControlPointDescription(index) or "").strip().lower() == "background"
-        labels.append(0 if background else 1)
+        kinds.append(kind_of_description(markups_node.GetNthControlPointDescription(index)))
         names.append(markups_node.GetNthControlPointLabel(index) or "")
     source = markups_node.GetName()
     if not ras:
         raise InputError(f"Point list {source!r} has no placed points. Place at least one point on the structure.")
-    return from_ras(np.array(ras, float), labels=labels, names=names, source=source)
+    return from_ras(np.array(ras, float), names=names, source=source, kinds=kinds)
 
 
 def _geometry(geometry) -> np.ndarray:
@@ -449,7 +450,8 @@ def saliency_to_volume_node(saliency, geometry, scene, name: str = "SPD saliency
 
 
 def audit_to_markups_nodes(audit, geometry, scene, nodes=None, axis: Optional[int] = None) -> Dict[str, Any]:
-    """Three locked point lists: kept (green), rejected (red), borrowed (yellow) consensus prompts.
+    """Locked point lists: kept (green), rejected (red), borrowed (yellow) consensus prompts, and the user's
+    corrections (blue; described "background" or "foreground correction").
 
     ``audit`` is a Result (its axis is used) or a list of AuditEntry; ``nodes`` (from an earlier call) are
     refilled instead of adding new ones.
@@ -480,6 +482,8 @@ def audit_to_markups_nodes(audit, geometry, scene, nodes=None, axis: Optional[in
                 index = node.AddControlPoint([float(v) for v in point], f"{status[0]}{entry.slice}")
                 if entry.source_slice != entry.slice:
                     node.SetNthControlPointDescription(index, f"from slice {entry.source_slice}")
+                elif status == "correction":
+                    node.SetNthControlPointDescription(index, "foreground correction" if entry.label else "background")
         node.SetLocked(True)
         node.EndModify(was_modifying)
     return nodes
