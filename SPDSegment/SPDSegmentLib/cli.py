@@ -561,6 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the effect's Preview, through the engine process and in-process")
     p.add_argument("--seconds-per-click", type=float, default=1.0,
                    help="the pace of the simulated clicks in the Preview columns (slower on a busy machine)")
+    p.add_argument("--corrections-only", action="store_true",
+                   help="only the correction latency: a correction click to the updated Preview, through the engine")
+    p.add_argument("--correction-clicks", type=int, default=3, help="correction clicks timed per case")
+    p.add_argument("--busy", type=int, default=0,
+                   help="keep this many other processes spinning on the CPU while timing (2: both cores of this "
+                        "machine busy, as Slicer's rendering or another job would)")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser

@@ -346,7 +346,7 @@ def saliency_maps(model, embeddings: Dict[int, "object"], targets: List[int], sh
     maps = {}
     memo_key = None
     if cache is not None and key is not None and dense is None:
-        memo_key = f"{key}|saliency|{weights_tag(model, model.head)}"
+        memo_key = _saliency_memo_key(model, key)
         for t in targets:
             hit = cache.recall(memo_key, t)
             if hit is not None:
@@ -365,6 +365,19 @@ def saliency_maps(model, embeddings: Dict[int, "object"], targets: List[int], sh
                 for t, low in zip(batch, model.backbone.mask_prompt(logits_model)):
                     dense[t] = low
     return maps
+
+
+def _saliency_memo_key(model, key: str) -> str:
+    return f"{key}|saliency|{weights_tag(model, model.head)}"
+
+
+def unmapped_slices(model, targets: List[int], cache=None, key: Optional[str] = None, dense=None) -> List[int]:
+    """The targets whose saliency map :func:`saliency_maps` will compute (not remembered from an earlier run):
+    the only slices whose pixels a head that refines with them needs (a correction reads none)."""
+    if cache is None or key is None or dense is not None:
+        return list(targets)
+    memo_key = _saliency_memo_key(model, key)
+    return [t for t in targets if cache.recall(memo_key, t) is None]
 
 
 def box_margin_px(spacing_kji, axis: int, margin_mm: float) -> float:
@@ -643,8 +656,8 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     if p.mode == "spd":
         t0 = time.perf_counter()
         dense = {} if model.header.get("dense_prior") else None
-        pixels = slice_pixels(p.backbone, volume.array, p.axis, p.targets, p.intensity) \
-            if getattr(model.head, "uses_image", False) else None
+        pixels = slice_pixels(p.backbone, volume.array, p.axis, unmapped_slices(model, p.targets, cache, p.key, dense),
+                              p.intensity) if getattr(model.head, "uses_image", False) else None
         maps = saliency_maps(model, embeddings, p.targets, p.shape_hw, pixels=pixels, dense=dense, cache=cache,
                              key=p.key)
         jobs, distilled = spd_jobs(p.by_slice, maps, p.targets, transform, p.tau, p.neighbours,

@@ -34,6 +34,9 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 TOKEN_ENV = "SPDSEGMENT_ENGINE_TOKEN"  # the parent's secret; the engine removes it from its environment
+# The progress stage of a Segment (Preview) that must first encode slices the work ahead had not reached (a
+# busy machine, or a click far from the others): the GUIs show it, e.g. "catching up (encoding): 40%".
+CATCHING_UP_STAGE = "catching up (encoding)"
 SHARE_ENV = "SPDSEGMENT_ENGINE_SHARE"  # the parent's private folder for arrays
 INLINE_BYTES = 1 << 14  # arrays up to this size (click coordinates) travel inside the JSON
 

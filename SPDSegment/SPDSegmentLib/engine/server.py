@@ -87,11 +87,21 @@ class Engine:
         raise InputError(f"Unknown request {type(request).__name__}.")
 
     def _segment(self, request: protocol.Segment, progress: Progress):
+        """Run ``pipeline.segment``. Slices the work ahead had not encoded yet are encoded first, under the stage
+        name ``protocol.CATCHING_UP_STAGE``, so the GUI can say that the engine is catching up."""
         from ..core import pipeline
 
         model = self.model(request.model, request.device, request.allow_download, progress)
-        result = pipeline.segment(request.volume, request.prompts, model, request.options, progress=progress,
-                                  cache=self.cache)
+        plan = pipeline.plan(request.volume, request.prompts, model, request.options or pipeline.SegmentOptions())
+        reports = progress.callback
+        if reports is not None and not all(self.cache.contains(plan.key, t) for t in plan.encode):
+            progress.callback = lambda stage, done, total: reports(
+                protocol.CATCHING_UP_STAGE if stage == "encode" else stage, done, total)
+        try:
+            result = pipeline.segment(request.volume, request.prompts, model, request.options, progress=progress,
+                                      cache=self.cache)
+        finally:
+            progress.callback = reports
         progress.check()  # a cancel that arrives after the last slice still returns nothing
         return result
 

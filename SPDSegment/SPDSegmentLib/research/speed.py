@@ -9,7 +9,11 @@ works ahead, Preview is pressed at once after the last click or a second later, 
 timed from the request to the mask back in this process, then shown as the effect shows it: at the
 next tick of its QTimer. The same path in-process (the engine's work ahead in a thread of this process, as the effect
 did before the engine) is timed alongside, so the two are compared on the same machine at the same
-time. Both on the sample case and on a left-atrium case.
+time. Then corrections: after a first Preview, correction clicks by the CVPR 2025 interactive challenge's rule
+(``simulate.next_correction``), each sent as the effect sends it (work ahead, then Preview at once: auto-update)
+and timed from the click to the updated mask back here. Both on the sample case and on a left-atrium case.
+``--busy N`` keeps N other processes spinning on the CPU meanwhile (2 on this 2-core machine: Slicer's
+rendering, or another job), to see how the Preview holds up when the machine is loaded.
 """
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ import math
 import os
 import platform
 import resource
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -37,7 +44,7 @@ from ..engine.client import EngineClient
 from ..engine.protocol import EncodeAhead, Segment
 from ..engine.server import Engine
 from .data import find_cases, load_split
-from .simulate import simulate
+from .simulate import next_correction, simulate, with_correction
 
 POLL_SECONDS = 0.05  # the effect's and the module's QTimer interval (SegmentEditorEffect.py, SPDSegment.py)
 
@@ -108,9 +115,7 @@ def _click_by_click(prompts):
     """The clicks so far after each click, in slice order (as a reader scrolls)."""
     order = np.argsort(prompts.slice_index(), kind="stable")
     for count in range(1, len(order) + 1):
-        keep = order[:count]
-        names = [prompts.names[i] for i in keep] if prompts.names else []
-        yield dataclasses.replace(prompts, ijk=prompts.ijk[keep], labels=prompts.labels[keep], names=names)
+        yield prompts.select(order[:count])
 
 
 def _wait_polling(seconds: float, client) -> None:
@@ -215,6 +220,55 @@ def _clicked_in_process(volume, prompts, model, preview_after: float, seconds_pe
     return time.perf_counter() - t0, _median_of(preview)
 
 
+def _corrected_preview(volume, label, prompts, model_name, clicks: int = 3, device: str = "auto", client=None):
+    """The effect's correction path through a fresh SPD engine process: the first Preview of ``prompts`` (after
+    its work ahead), then ``clicks`` correction clicks by the challenge's rule against the newest Preview, each
+    sent as work ahead and followed at once by a Preview (auto-update). The clicks correct the part of the
+    structure the reader clicked (the label outside the clicked slices is left out), so a correction needs no
+    slice encoded that the first Preview did not. Returns the seconds from each correction click to its mask
+    back in this process."""
+    clicked = prompts.slice_index()
+    label = label.copy()
+    outside = [t for t in range(label.shape[prompts.axis]) if not clicked.min() <= t <= clicked.max()]
+    label[(slice(None),) * prompts.axis + (outside,)] = 0
+    client = client or EngineClient()
+    try:
+        client.load_model(model_name, device).wait()
+        client.encode_ahead(volume, prompts, model_name, SegmentOptions(), device)
+        handle = client.segment(volume, prompts, model_name, SegmentOptions(), device)
+        handle.wait(interval=0.001)
+        mask = handle.result().mask
+        seconds = []
+        for _ in range(clicks):
+            click = next_correction(label, mask, prompts.axis)
+            if click is None:
+                break
+            prompts = with_correction(prompts, click)
+            t0 = time.perf_counter()
+            client.encode_ahead(volume, prompts, model_name, SegmentOptions(), device)
+            handle = client.segment(volume, prompts, model_name, SegmentOptions(), device)
+            handle.wait(interval=0.001)
+            mask = handle.result().mask
+            seconds.append(time.perf_counter() - t0)
+        return seconds
+    finally:
+        client.stop()
+
+
+@contextmanager
+def busy_processes(count: int):
+    """``count`` processes spinning on the CPU at normal priority while the block runs (then stopped)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, int(count)))]
+    try:
+        time.sleep(0.5 if spinners else 0.0)  # let them take the cores
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
+        for spinner in spinners:
+            spinner.wait()
+
+
 def _timed(function, *args, **kwargs):
     t0 = time.perf_counter()
     result = function(*args, **kwargs)
@@ -246,8 +300,29 @@ def _previews(volume, prompts, model, args):
     return at_once, later, f"{preview[1.0][0][1]:.3f} ({preview[1.0][1][1]:.3f})"
 
 
+def _correction_rows(cases, args) -> None:
+    """The correction latency table: click to updated Preview through the engine (median and worst of the
+    clicks), as the effect shows it (at its next QTimer tick)."""
+    print(f"Correction: from a correction click (work ahead, then Preview at once) to the updated mask in this "
+          f"process, through the engine; as the effect shows it (next {POLL_SECONDS * 1000:.0f} ms tick); "
+          f"{getattr(args, 'busy', 0)} busy processes")
+    print(f"{'case':28} {'clicks':>6} {'median s':>9} {'worst s':>8}  per click s")
+    for name, volume, axis, label in cases:
+        seconds = [_at_next_tick(v) for v in _corrected_preview(
+            volume, label, _case(volume, label, axis), args.model, clicks=getattr(args, "correction_clicks", 3),
+            device=args.device, client=EngineClient(env=_engine_environment(args)))]
+        print(f"{name:28} {len(seconds):>6} {np.median(seconds):>9.2f} {max(seconds):>8.2f}  " +
+              " ".join(f"{v:.2f}" for v in seconds))
+
+
 def run_speed_benchmark(args) -> None:
+    with busy_processes(getattr(args, "busy", 0)):
+        _run_speed_benchmark(args)
+
+
+def _run_speed_benchmark(args) -> None:
     preview_only = getattr(args, "preview_only", False)  # only the effect's Preview columns
+    corrections_only = getattr(args, "corrections_only", False)  # only the correction latency
     model, load_s = _timed(load_model, args.model, device=args.device, runtime=args.runtime, precision=args.precision)
     backbone = model.backbone if hasattr(model, "head") else model
     sample = sample_case()
@@ -263,6 +338,10 @@ def run_speed_benchmark(args) -> None:
           f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {date.today()}")
     print(f"(b) SPD: {backbone.runtime_name}, batch {batch}, model load {load_s:.1f} s (includes the one-time "
           "OpenVINO conversion when not cached)")
+    if corrections_only:
+        _correction_rows(cases, args)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        return
     previews = f"{'Preview at once s':>17} {'Preview 1 s later s':>19} {'Preview again s':>15}"
     preview_title = (f"Preview: through the engine process (in this process for comparison), seconds; a click "
                      f"every {getattr(args, 'seconds_per_click', 1.0):g} s; at once and 1 s later as the effect "
@@ -273,6 +352,8 @@ def run_speed_benchmark(args) -> None:
         for name, volume, axis, label in cases:
             print(f"{name:28} " + " ".join(f"{v:>{w}}" for v, w in zip(
                 _previews(volume, _case(volume, label, axis), model, args), (17, 19, 15))))
+        _correction_rows(cases, args)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
         return
     # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
     naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")
@@ -299,4 +380,5 @@ def run_speed_benchmark(args) -> None:
         print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {naive / ours:>9.2f} {moved:>15.2f} "
               f"{new:>16.2f} {at_once:>17} {later:>19} {again:>15}")
         print("    SPD first run: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
-    print(f"peak resident memory {_peak_rss_mb():.0f} MB")
+    _correction_rows(cases, args)
+    print(f"peak resident memory {_peak_rss_mb():.0f} MB; load average at the end {os.getloadavg()[0]:.1f}")
