@@ -332,3 +332,37 @@ def test_evaluate_corrections_parses_with_the_harsh_level():
     assert args.corrections == 5 and args.levels == ["moderate", "harsh"] and args.models_dir is None
     args = cli.build_parser().parse_args(["simulate", "l.nii.gz", "--level", "harsh", "--out", "o.csv"])
     assert args.level == "harsh" and args.axis is None
+
+
+# ---------------------------------------------------------------- the engine: catching up, the correction latency
+
+def test_a_preview_that_must_encode_says_it_is_catching_up(case, tiny_backbone):
+    from SPDSegmentLib.core.progress import Progress
+    from SPDSegmentLib.engine import protocol
+    from SPDSegmentLib.engine.server import Engine
+
+    volume, _, clicks = case
+    engine = Engine(cache=EmbeddingCache())
+    request = protocol.Segment(volume, clicks, tiny_backbone, SegmentOptions(mode="raw"))
+    stages = []
+    engine.handle(request, Progress(lambda stage, done, total: stages.append(stage)))
+    assert protocol.CATCHING_UP_STAGE in stages and "encode" not in stages
+    stages.clear()
+    engine.handle(request, Progress(lambda stage, done, total: stages.append(stage)))
+    assert protocol.CATCHING_UP_STAGE not in stages  # nothing left to encode: nothing to catch up
+
+
+def test_bench_speed_times_corrections_through_the_engine(case, tmp_path):
+    import os
+
+    from SPDSegmentLib.engine.client import EngineClient
+    from SPDSegmentLib.research import speed
+
+    volume, label, clicks = case
+    client = EngineClient(env=dict(os.environ, OMP_NUM_THREADS="1"), log_folder=tmp_path)
+    seconds = speed._corrected_preview(volume, label, clicks, "tiny_sam_test", clicks=2, device="cpu", client=client)
+    assert len(seconds) == 2 and all(0.0 < s < 60.0 for s in seconds)
+    assert not client.alive  # stopped after timing
+    with speed.busy_processes(1) as spinners:  # the --busy option
+        assert len(spinners) == 1 and spinners[0].poll() is None  # spinning while the block runs
+    assert spinners[0].poll() is not None  # and stopped after it

@@ -49,13 +49,14 @@ def corrections_of(prompts) -> List[Correction]:
     return [Correction(int(t[i]), np.asarray(rc[i], float), int(prompts.labels[i])) for i in chosen]
 
 
-def reach(spacing_across: float) -> int:
+def reach(spacing_across: float, sigma_across_mm: float = SIGMA_ACROSS_MM) -> int:
     """How many slices on each side a correction can change (the field's truncation across slices)."""
-    return int(np.ceil(TRUNCATE * SIGMA_ACROSS_MM / max(float(spacing_across), 1e-6)))
+    return int(np.ceil(TRUNCATE * sigma_across_mm / max(float(spacing_across), 1e-6)))
 
 
 def threshold_field(probabilities: Dict[int, np.ndarray], corrections: Sequence[Correction],
-                    spacing_rc: Tuple[float, float], spacing_across: float) -> Dict[int, np.ndarray]:
+                    spacing_rc: Tuple[float, float], spacing_across: float, sigma_mm: float = SIGMA_MM,
+                    sigma_across_mm: float = SIGMA_ACROSS_MM) -> Dict[int, np.ndarray]:
     """Per slice of ``probabilities`` (t -> P on the slice grid): the threshold the corrections set (module
     docstring); 0.5 where no correction reaches. Only slices that have a probability are changed.
 
@@ -63,6 +64,7 @@ def threshold_field(probabilities: Dict[int, np.ndarray], corrections: Sequence[
       probabilities: slice -> foreground probability (h, w) of the run before corrections.
       corrections: the corrections, in click order (a later one wins a tie).
       spacing_rc: in-plane voxel size in mm (rows, columns); spacing_across: the slice spacing in mm.
+      sigma_mm, sigma_across_mm: the field's widths (the defaults ship; scripts/correction_variants.py tries others).
     """
     thresholds = {t: np.full(np.shape(p), 0.5, np.float32) for t, p in probabilities.items()}
     if not corrections or not probabilities:
@@ -70,7 +72,7 @@ def threshold_field(probabilities: Dict[int, np.ndarray], corrections: Sequence[
     shape = np.shape(next(iter(probabilities.values())))
     rows, cols = (np.arange(n, dtype=np.float32) for n in shape)
     weights = {t: np.zeros(shape, np.float32) for t in probabilities}
-    slices = reach(spacing_across)
+    slices = reach(spacing_across, sigma_across_mm)
     for correction in corrections:
         own = probabilities.get(correction.slice)
         if own is None:
@@ -80,12 +82,12 @@ def threshold_field(probabilities: Dict[int, np.ndarray], corrections: Sequence[
         target = clicked + MARGIN if correction.label == 0 else clicked - MARGIN
         d2 = (((rows - correction.rc[0]) * spacing_rc[0]) ** 2)[:, None] + \
             (((cols - correction.rc[1]) * spacing_rc[1]) ** 2)[None, :]
-        inside = d2 <= (TRUNCATE * SIGMA_MM) ** 2
-        plane = np.where(inside, np.exp(-d2 / (2 * SIGMA_MM ** 2)), 0.0).astype(np.float32)
+        inside = d2 <= (TRUNCATE * sigma_mm) ** 2
+        plane = np.where(inside, np.exp(-d2 / (2 * sigma_mm ** 2)), 0.0).astype(np.float32)
         for t in range(correction.slice - slices, correction.slice + slices + 1):
             if t not in probabilities:
                 continue
-            across = ((t - correction.slice) * spacing_across) ** 2 / (2 * SIGMA_ACROSS_MM ** 2)
+            across = ((t - correction.slice) * spacing_across) ** 2 / (2 * sigma_across_mm ** 2)
             weight = plane * np.float32(np.exp(-across))
             wins = weight >= weights[t]
             wins &= weight > 0

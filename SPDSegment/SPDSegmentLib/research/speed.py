@@ -261,7 +261,7 @@ def busy_processes(count: int):
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, int(count)))]
     try:
         time.sleep(0.5 if spinners else 0.0)  # let them take the cores
-        yield
+        yield spinners
     finally:
         for spinner in spinners:
             spinner.terminate()
