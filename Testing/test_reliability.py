@@ -322,12 +322,12 @@ def test_a_failing_output_leaves_no_output_at_all(capsys, sample_paths, folders,
     out.write_bytes(b"the previous result")
     code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], out, "--mode", "raw",
                                              "--label-out", folders.outputs / "x.nii.gz"))
-    assert_refused(code, err, "No space left on device", "nothing was written")
+    assert_refused(code, err, "the disk is full", "nothing was written")
     assert files_in(folders.outputs) == ["x.seg.nrrd"] and out.read_bytes() == b"the previous result"
 
 
 def test_output_set_restores_replaced_files_when_a_rename_fails(tmp_path):
-    first, second = tmp_path / "a.seg.nrrd", tmp_path / "b.nii.gz"
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("old a")
     outputs = files.OutputSet()
     outputs.add(first).write_text("new a")
@@ -335,17 +335,17 @@ def test_output_set_restores_replaced_files_when_a_rename_fails(tmp_path):
     second.mkdir()  # the second rename fails: a folder is in the way
     with pytest.raises(InputError, match="nothing was written"):
         outputs.commit()
-    assert first.read_text() == "old a" and second.is_dir() and files_in(tmp_path) == ["a.seg.nrrd"]
+    assert first.read_text() == "old a" and second.is_dir() and files_in(tmp_path) == ["a.txt"]
     with files.OutputSet() as outputs:
         outputs.add(first).write_text("new a")
-        outputs.add(tmp_path / "c.mrk.json").write_text("c")
-    assert first.read_text() == "new a" and files_in(tmp_path) == ["a.seg.nrrd", "c.mrk.json"]
+        outputs.add(tmp_path / "c.txt").write_text("c")
+    assert first.read_text() == "new a" and files_in(tmp_path) == ["a.txt", "c.txt"]
     outputs = files.OutputSet()
     outputs.add(first)
     with pytest.raises(InputError, match="two outputs"):
-        outputs.add(tmp_path / "." / "a.seg.nrrd")
+        outputs.add(tmp_path / "." / "a.txt")
     outputs.discard()
-    assert files_in(tmp_path) == ["a.seg.nrrd", "c.mrk.json"]
+    assert files_in(tmp_path) == ["a.txt", "c.txt"]
 
 
 def test_temporary_names_keep_the_extension():
@@ -458,7 +458,7 @@ def test_spd_models_and_readme_agree_on_the_default(capsys):
     defaults = [line.split()[0] for line in out.splitlines() if "default" in line and not line.startswith("The ")]
     assert code == 0 and defaults == [registry.DEFAULT_MODEL]  # no other model calls itself the default
     assert f"The default model is {registry.DEFAULT_MODEL}" in out
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([^`]+)` \(default\)", readme, re.M)
     assert rows == [registry.DEFAULT_MODEL]
     assert "[--model NAME_OR_PATH]" in readme and parser_default("segment", "model") == registry.DEFAULT_MODEL

@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input or a model that cannot be used (``error: ...`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from .core import prompts, volume
 from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .core.errors import InputError, SPDError
-from .core.files import OutputSet, check_writable
+from .core.files import OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable
 from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
                                    is_available)
 from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
@@ -81,19 +82,32 @@ def _check_mode(args, outputs: dict) -> None:
                          "Use an SPD model (spd models lists them) or leave those options out.")
 
 
-def _check_inputs_not_outputs(args, outputs: dict) -> None:
-    for path in (args.image, args.points):
-        if any(Path(path).resolve() == p.resolve() for p in outputs.values()):
-            raise InputError(f"An output would overwrite the input {path}; choose another output name.")
+SEGMENT_OPTION = {"out": "--out", "label": "--label-out", "saliency": "--saliency-out", "audit": "--audit-out"}
+
+
+def _least_output_bytes(kind: str, voxels: int) -> int:
+    """A low estimate of an output's size (compressed): a disk with less free space surely cannot hold it."""
+    return 4096 + (voxels // 4 if kind == "saliency" else 0 if kind == "audit" else voxels // 500)
+
+
+def _strict_failure(warnings) -> int:
+    print(f"error: --strict: the result looks implausible ({len(warnings)} warning{'s' if len(warnings) > 1 else ''} "
+          "above); nothing was written.", file=sys.stderr)
+    return EXIT_IMPLAUSIBLE
 
 
 def cmd_segment(args) -> int:
     t0 = time.perf_counter()
     options = _options(args)
     outputs = _segment_outputs(args)
-    _check_inputs_not_outputs(args, outputs)
+    check_not_inputs({f"{SEGMENT_OPTION[kind]} file": path for kind, path in outputs.items()}, [args.image, args.points])
     _check_mode(args, outputs)
-    vol = volume.read(args.image)
+    vol = volume.read(args.image, allow_slice_gaps=args.allow_slice_gaps)
+    for warning in vol.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.strict and vol.warnings:
+        return _strict_failure(vol.warnings)
+    check_space({path.parent: _least_output_bytes(kind, int(np.prod(vol.shape))) for kind, path in outputs.items()})
     points = prompts.read(args.points)
     voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis, preferred_axes=trained_axes(args.model, vol))
     if len(voxel_prompts.outside_lps):
@@ -104,9 +118,7 @@ def cmd_segment(args) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.strict and result.warnings:
-        print(f"error: --strict: the result looks implausible ({len(result.warnings)} warning"
-              f"{'s' if len(result.warnings) > 1 else ''} above); nothing was written.", file=sys.stderr)
-        return EXIT_IMPLAUSIBLE
+        return _strict_failure(result.warnings)
     segment_name = args.segment_name or ("SPD" if result.mode == "spd" else "SAM")
     method = "SPD" if result.mode == "spd" else "raw"
     try:
@@ -121,9 +133,8 @@ def cmd_segment(args) -> int:
             if "audit" in outputs and result.audit:
                 write_audit(files.add(outputs["audit"]), result, vol)
             written = [str(p) for p in files.paths]
-    except (OSError, RuntimeError) as exc:  # disk full, a folder removed meanwhile, ITK write errors
-        raise InputError(f"Could not write the outputs ({str(exc).strip().splitlines()[-1][:200]}); nothing was "
-                         "written.") from exc
+    except OSError as exc:  # a writer outside files.atomic_write (the writers say which file and why)
+        raise InputError(f"Could not write the outputs ({exc}); nothing was written.") from exc
     seconds = time.perf_counter() - t0
     how = "" if result.audit else (f"; the clicks{' and a box around them' if options.use_box else ' (no box)'} "
                                    f"through {result.decoder}")
@@ -173,7 +184,16 @@ def cmd_demo(args) -> int:
     from .research.evaluate import dice_score, overlay_png
 
     case = sample_case()
+    out_dir = Path(args.out_dir)
+    outputs = {"segmentation": out_dir / "demo_spd.seg.nrrd", "overlay": out_dir / "demo_overlay.png"}
+    note = ""
+    if importlib.util.find_spec("matplotlib") is None:  # it comes with the "train" extra, not with SPDSegment
+        del outputs["overlay"]
+        note = " (no overlay PNG: matplotlib is not installed)"
+    check_folder_writable(out_dir, "--out-dir folder")
+    check_not_inputs({f"demo {kind}": path for kind, path in outputs.items()}, [case.image, case.label, case.clicks])
     vol = volume.read(case.image)
+    check_space({out_dir: 200_000})  # the overlay PNG is about 100 KB
     label = volume.read_label(case.label, like=vol)
     points = prompts.to_voxels(prompts.read(case.clicks), vol, axis=case.axis)
     rows = []
@@ -198,15 +218,12 @@ def cmd_demo(args) -> int:
         seconds = time.perf_counter() - t0
         masks[title] = result.mask
         rows.append((title, dice_score(result.mask, label), seconds))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [volume.write_segmentation(out_dir / "demo_spd.seg.nrrd", masks["SPD"], vol.ijk_to_lps,
-                                         segment_name="hippocampus")]
-    note = ""
-    try:
-        written.append(overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=case.axis))
-    except ImportError:  # matplotlib comes with the "train" extra, not with SPDSegment itself
-        note = " (no overlay PNG: matplotlib is not installed)"
+    with OutputSet() as files:  # both appear together, or neither
+        volume.write_segmentation(files.add(outputs["segmentation"]), masks["SPD"], vol.ijk_to_lps,
+                                  segment_name="hippocampus")
+        if "overlay" in outputs:
+            overlay_png(files.add(outputs["overlay"], verify=verify_png), vol, label, masks, points, axis=case.axis)
+        written = files.paths
     print(f"sample case {case.name}, {len(points)} sloppy centerline points (moderate noise)")
     for title, dice, seconds in rows:
         print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
@@ -246,7 +263,21 @@ def encoding_progress(stream=None):
     return Progress(callback)
 
 
+def verify_png(path) -> None:
+    """A written PNG is whole: its signature, and the IEND chunk that closes every PNG."""
+    from .core.files import IncompleteOutput
+
+    data = Path(path).read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or not data.endswith(b"IEND\xaeB`\x82"):
+        raise IncompleteOutput("the PNG is cut short")
+
+
 def cmd_simulate(args) -> int:
+    problem = output_type_error(args.out, (".mrk.json", ".json"), "--out file")
+    if problem:
+        raise InputError(problem)
+    check_writable(args.out, what="--out file")
+    check_not_inputs({"--out file": args.out}, [args.label])
     vol = volume.read(args.label)
     mask = (vol.array > 0).astype("uint8")
     sim = simulate(mask, args.axis, args.level, seed=args.seed)
@@ -339,8 +370,12 @@ def add_train_options(parser) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .research.evaluate import run_benchmark
+    from .research.evaluate import REPORTS, run_benchmark
 
+    out_dir = Path(args.out_dir)
+    check_folder_writable(out_dir, "--out-dir folder")
+    check_not_inputs({f"report {out_dir / name}": out_dir / name for name in REPORTS}, args.merge)
+    check_space({out_dir: 1_000_000})  # the reports and the plot
     run_benchmark(args)
     return 0
 
@@ -399,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--strict", action="store_true",
                    help=f"treat an implausible result (blank image, no voxels, every click rejected, an unchecked "
-                        f"model file) as a failure: exit {EXIT_IMPLAUSIBLE} and write nothing")
+                        f"model file, an accepted DICOM gap) as a failure: exit {EXIT_IMPLAUSIBLE} and write nothing")
+    p.add_argument("--allow-slice-gaps", action="store_true",
+                   help="read a DICOM series with missing or unevenly spaced slices as evenly spaced (with a "
+                        "warning; refused without this option)")
     _segment_arguments(p)
     p.set_defaults(func=cmd_segment)
 
@@ -473,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device": "--device", "model": "--model",
                      "tau": "--tau", "neighbours": "--neighbours", "batch_size": "--batch-size",
                      "slice_range": "--slice-range", "window": "--window", "modality": "--modality",
-                     "mode": "--mode", "empty_slice": "--empty-slice"}
+                     "mode": "--mode", "empty_slice": "--empty-slice", "allow_slice_gaps": "--allow-slice-gaps",
+                     "out": "--out"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

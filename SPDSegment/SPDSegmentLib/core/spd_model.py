@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import IncompleteOutput, atomic_write, register_verifier
 from .models.registry import BUNDLED_SPD_MODELS, load_backbone
 from .saliency import add_lora, build_head, lora_state
 
@@ -114,12 +114,28 @@ def content_digest(tensors: dict, header: dict) -> str:
 
 
 def _write(path: Path, tensors: dict, header: dict) -> Path:
-    """Atomic write (temporary name, then rename) with the content digest in the header."""
+    """Atomic write (temporary name, read back, then rename) with the content digest in the header."""
     header = json.loads(json.dumps(header))  # exactly what a reader will see (tuples become lists, ...)
     header[DIGEST_KEY] = content_digest(tensors, header)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, verify=lambda tmp: verify_file(tmp, header[DIGEST_KEY])) as tmp:
         save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
     return path
+
+
+def verify_file(path: os.PathLike, digest: Optional[str] = None) -> None:
+    """Read a written model file back (files.IncompleteOutput unless whole): its header parses, and its
+    weights and header match the content digest (``digest``: the one meant to be written)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})["spd_header"])
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut file
+        raise IncompleteOutput(f"it is not a readable model file ({str(exc).splitlines()[0][:200]})") from None
+    recorded = header.get(DIGEST_KEY) if isinstance(header, dict) else None
+    if digest is not None and recorded != digest:
+        raise IncompleteOutput("its header is not the one that was written")
+    if recorded and content_digest(tensors, header) != recorded:
+        raise IncompleteOutput("its weights do not match their digest")
 
 
 def read_header(path: os.PathLike) -> dict:
@@ -182,6 +198,9 @@ def _check_finite(path: Path, tensors: dict) -> None:
     if bad:
         raise CheckpointError(f"{path.name} is damaged: {len(bad)} weight tensors hold NaN or infinite values "
                               f"(e.g. {bad[0]!r}). Copy or download it again, or retrain it.")
+
+
+register_verifier([SUFFIX], verify_file)
 
 
 def is_spd_file(path: os.PathLike) -> bool:

@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..core.files import atomic_write
+
 PROTOCOL_VERSION = 1
 TOKEN_ENV = "SPDSEGMENT_ENGINE_TOKEN"  # the parent's secret; the engine removes it from its environment
 SHARE_ENV = "SPDSEGMENT_ENGINE_SHARE"  # the parent's private folder for arrays
@@ -115,12 +117,10 @@ class LineBuffer:
 # ---------------------------------------------------------------- arrays through files
 
 def write_array(folder, array: np.ndarray, stem: str) -> dict:
-    """``array`` into ``folder/stem.npy`` (written under a temporary name, then renamed)."""
-    folder = Path(folder)
-    path = folder / f"{stem}.npy"
-    partial = folder / f"{stem}.partial.npy"
-    np.save(partial, np.ascontiguousarray(array), allow_pickle=False)
-    os.replace(partial, path)
+    """``array`` into ``folder/stem.npy`` (``files.atomic_write``: a temporary name, flushed, read back, renamed)."""
+    path = Path(folder) / f"{stem}.npy"
+    with atomic_write(path) as tmp:
+        np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
     return {"path": str(path), "dtype": str(array.dtype), "shape": list(array.shape)}
 
 

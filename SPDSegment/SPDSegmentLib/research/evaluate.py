@@ -20,6 +20,7 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from ..core import spd_model
+from ..core.files import OutputSet
 from ..core.models.registry import load_backbone, resolve_device
 from ..core.pipeline import SegmentOptions, segment
 from ..core.volume import get_slice
@@ -234,6 +235,9 @@ def _main_axis(entries: List[dict]) -> int:
     return max(levels, key=lambda a: len(levels[a]))
 
 
+REPORTS = ("per_case.csv", "summary.csv", "results.md", "dice_vs_noise.png", "meta.json")  # what write_reports writes
+
+
 def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: dict) -> None:
     """per_case.csv, summary.csv, results.md (tables per dataset: main view by level, ladder, levers,
     views) and dice_vs_noise.png."""
@@ -242,9 +246,13 @@ def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with OutputSet() as outputs:  # every report appears, or none (files.OutputSet: written, read back, renamed)
+        _write_reports(rows, summary, out_dir, meta, {name: outputs.add(out_dir / name) for name in REPORTS}, plt)
+
+
+def _write_reports(rows, summary, out_dir: Path, meta: dict, paths: dict, plt) -> None:
     for name, table in (("per_case.csv", rows), ("summary.csv", summary)):
-        with open(out_dir / name, "w", newline="") as handle:
+        with open(paths[name], "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
@@ -263,7 +271,7 @@ def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: di
                         f"### {dataset}: levers (moderate, main view; p against SPD as shipped)")
         lines += _table([s for s in mine if s["level"] == "moderate" and s["method"] in ("spd", "sam_box")],
                         f"### {dataset}: every view (moderate)")
-    (out_dir / "results.md").write_text("\n".join(lines))
+    paths["results.md"].write_text("\n".join(lines))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         main_axis = _main_axis([s for s in summary if s["dataset"] == dataset])
@@ -280,9 +288,9 @@ def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: di
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out_dir / "dice_vs_noise.png", dpi=100)
+    fig.savefig(paths["dice_vs_noise.png"], dpi=100)
     plt.close(fig)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    paths["meta.json"].write_text(json.dumps(meta, indent=1))
 
 
 def read_rows(paths: List[Path]) -> List[dict]:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..core import distill, pipeline, spd_model
 from ..core.errors import InputError
+from ..core.files import atomic_write, check_folder_writable, check_not_inputs, check_space, check_writable
 from ..core.progress import Progress
 from ..core.prompts import axis_name
 from ..core.saliency import add_lora, build_head, head_input
@@ -538,10 +539,43 @@ def check_config(config: TrainConfig) -> None:
             raise InputError(f"{name} must be 0 or more, not {getattr(config, name)}.")
 
 
+def work_folder(config: TrainConfig) -> Path:
+    return Path(config.work_dir or (str(config.out) + ".work"))
+
+
+def check_outputs(config: TrainConfig, cases) -> None:
+    """Before anything loads or is encoded: the model file can be written (a .spd.safetensors name, a writable
+    folder), neither it nor the work folder's checkpoint is one of the training files (by name or link), and a
+    feature-store folder given explicitly can be written."""
+    out = Path(config.out)
+    if not spd_model.is_spd_file(out):
+        raise InputError(f"The model file {out} must end with {spd_model.SUFFIX}; nothing was trained.", setting="out")
+    check_writable(out, what="model file")
+    work = work_folder(config)
+    check_folder_writable(work, what="work folder")
+    if config.cache_dir:
+        check_folder_writable(config.cache_dir, what="feature-store folder")
+    check_not_inputs({"model file": out, "work folder's checkpoint": work / "stage1.pt"},
+                     [path for case in cases for path in (case.image, case.label)])
+
+
+def check_space_for(config: TrainConfig, scanned: "Scan", backbone, head) -> None:
+    """Refuse before encoding when the disks clearly lack room for the store's growth, the stage-1 checkpoint
+    and the model file (its weights: the head in fp32 and the tuned decoder in fp16)."""
+    e = backbone.prompt_encoder.image_embedding_size[0]
+    head_bytes = 4 * sum(p.numel() for p in head.parameters())
+    model_bytes = head_bytes + 2 * sum(p.numel() for p in backbone.mask_decoder.parameters())
+    needs = {Path(config.out).parent: model_bytes, work_folder(config): head_bytes}
+    store = scanned.store.root
+    needs[store] = needs.get(store, 0) + scanned.to_encode * (backbone.embed_dim * e * e + 4 * backbone.embed_dim)
+    check_space(needs, what="the feature store, the stage-1 checkpoint and the model file")
+
+
 def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -> Path:
     """Both stages; writes the SPD model file to ``config.out`` and returns its path."""
     progress = progress or Progress()
     check_config(config)
+    check_outputs(config, training_cases(config))
     distributed = _init_distributed()
     seed_everything(config.seed)
     started = time.perf_counter()
@@ -558,6 +592,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         add_lora(backbone.image_encoder, config.lora_rank)
         backbone.to(device)
     scanned = scan(config, backbone, progress)
+    check_space_for(config, scanned, backbone, head)
     expected = estimate(config, backbone, head, scanned)
     parts = [f"{name} ~{value / 60:.1f} min" for name, value in expected.items() if name != "store_gb"]
     log(f"Training on {len(scanned.cases)} cases x {len(config.axes)} axes ({scanned.slices} slices). Expected on this "
@@ -568,7 +603,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
     embeddings_identity = backbone.identity
     backbone.set_runtime("torch", "fp32")  # gradients from here on
     case_names = sorted({item.name for item in items})
-    work = Path(config.work_dir or (str(config.out) + ".work"))
+    work = work_folder(config)
     stage1_file = work / "stage1.pt"
     digest = stage1_digest(config, case_names)
     state = None
@@ -593,8 +628,6 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         stage1_loss = train_stage1(config, backbone, head, items, progress, device)
         lora = {k: v for k, v in backbone.image_encoder.state_dict().items() if ".lora_" in k}
         if _rank_world(distributed)[0] == 0:
-            from ..core.files import atomic_write
-
             with atomic_write(stage1_file) as tmp:  # a crash leaves no half file
                 torch.save({"head": head.state_dict(), "lora": lora, "loss": stage1_loss, "digest": digest,
                             "seconds": time.perf_counter() - started}, tmp)

@@ -1,0 +1,379 @@
+"""Issue 22: the fault suite. Every fault a full disk or a hostile user can cause ends in a clear ``error:`` (exit 2)
+or an explicit warning (exit 4 with ``--strict``), with no traceback, no hang, and no file the user had changed.
+
+Sections: a full disk (simulated without root: ``RLIMIT_FSIZE`` in a child process, and injected writers that
+write short or fail), outputs that would overwrite inputs, readers that would zero-fill or over-allocate, one
+validation of every value, the engine's messages (with a seeded fuzz), and the cache.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cli_helpers import files_in, run, segment_args
+from test_reliability import assert_refused, tiny_spd_file
+
+from SPDSegmentLib import cli
+from SPDSegmentLib.core import files, pipeline, spd_model
+from SPDSegmentLib.core import volume as vol
+from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.models import registry
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers
+
+def digests(folder) -> dict:
+    """name -> SHA-256 of every file under ``folder`` (hidden temporaries included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """The test fails if a model loads: the checks under test must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the check")
+
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    monkeypatch.setattr(registry, "load_backbone", refuse)
+
+
+@pytest.fixture(scope="module")
+def spd_file(tmp_path_factory, tiny_backbone):
+    return tiny_spd_file(tmp_path_factory.mktemp("models") / "salient.spd.safetensors", tiny_backbone, 4.0)
+
+
+@pytest.fixture()
+def old_outputs(tmp_path):
+    """A folder of earlier results the user keeps: every output name of a segment run, with known bytes."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    names = {"--out": "case.seg.nrrd", "--label-out": "case.nii.gz", "--saliency-out": "saliency.nii.gz",
+             "--audit-out": "audit.mrk.json"}
+    for name in names.values():
+        (folder / name).write_bytes(f"the user's earlier {name}".encode())
+    return folder, {option: folder / name for option, name in names.items()}
+
+
+def child_env(tmp_path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SPDSegment"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
+               SPDSEGMENT_CACHE=str(tmp_path / "cache"))
+    return env
+
+
+def run_with_file_size_limit(limit: int, argv, tmp_path, script=None) -> subprocess.CompletedProcess:
+    """``spd ARGV`` (or the Python ``script`` with ARGV) in a child process that may write no file larger than
+    ``limit`` bytes: a full disk without root. SIGXFSZ is ignored there, so a write past the limit fails with
+    EFBIG as on a full disk (or is cut short, which SimpleITK's writers do not report)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = ["-c", script] if script else ["-m", "SPDSegmentLib.cli"]
+    return subprocess.run([sys.executable, *command, *map(str, argv)], preexec_fn=limit_file_size,
+                          capture_output=True, text=True, timeout=180, env=child_env(tmp_path), cwd=tmp_path)
+
+
+def last_error(stderr: str) -> str:
+    """The ``error:`` line (native libraries may print their own complaints before it)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+needs_rlimit = pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX only")
+
+
+# ---------------------------------------------------------------- a full disk
+
+@needs_rlimit
+@pytest.mark.parametrize("limit", [1500, 6000])
+def test_full_disk_leaves_every_earlier_output_byte_identical(limit, sample_paths, spd_file, old_outputs, tmp_path):
+    """The issue's worst case: on a full disk `spd segment` printed success over a 0-byte file, and with
+    --label-out and --saliency-out destroyed both earlier files. The limit cuts the first output (1500 bytes:
+    its header; 6000: its voxels, silently)."""
+    folder, outputs = old_outputs
+    before = digests(folder)
+    extra = [item for option in ("--label-out", "--saliency-out", "--audit-out") for item in (option, outputs[option])]
+    result = run_with_file_size_limit(limit, segment_args(sample_paths["image"], sample_paths["points"],
+                                                          outputs["--out"], "--runtime", "torch", *extra,
+                                                          model=spd_file), tmp_path)
+    error = last_error(result.stderr)
+    assert result.returncode == cli.EXIT_INPUT, result.stderr
+    assert "Could not write" in error and "free" in error and "nothing was written" in error, error
+    assert digests(folder) == before  # every earlier file as it was, no temporary left
+    assert "->" not in result.stdout
+
+
+WRITE_EVERY_FORMAT = """
+import sys
+import numpy as np
+from SPDSegmentLib.core import volume
+from SPDSegmentLib.core.errors import InputError
+
+mask = np.zeros((40, 50, 60), np.uint8)
+mask[5:35, 10:40, 20:50] = np.random.default_rng(0).random((30, 30, 30)) > 0.5  # compresses to ~12 KB
+for name in sys.argv[1:]:
+    try:
+        volume.write_segmentation(name, mask, np.eye(4))
+        print("written", name)
+    except InputError as exc:
+        print("error:", exc)
+"""
+
+
+@needs_rlimit
+def test_full_disk_for_every_image_format(tmp_path):
+    """SimpleITK's NIfTI writer never reports a short write, nor its NRRD writer for small files: the read-back
+    does. Every file is larger than the 6000 bytes the child may write."""
+    names = [tmp_path / f"label{suffix}" for suffix in (".seg.nrrd", ".nii", ".nii.gz", ".nrrd", ".mha")]
+    for name in names:
+        name.write_bytes(b"earlier result")
+    result = run_with_file_size_limit(6000, names, tmp_path, script=WRITE_EVERY_FORMAT)
+    assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(names), result.stdout
+    for name, error in zip(names, errors):
+        assert f"Could not write {name}" in error and "free" in error and "nothing was written" in error, error
+        assert name.read_bytes() == b"earlier result"
+    assert files_in(tmp_path) == sorted(n.name for n in names)
+
+
+@needs_rlimit
+def test_full_disk_for_simulated_clicks(sample_paths, tmp_path):
+    out = tmp_path / "clicks.mrk.json"
+    out.write_text("earlier clicks")
+    result = run_with_file_size_limit(1000, ["simulate", sample_paths["label"], "--axis", "1", "--out", out], tmp_path)
+    error = last_error(result.stderr)
+    assert result.returncode == cli.EXIT_INPUT and "larger than this system or process allows" in error, error
+    assert out.read_text() == "earlier clicks"
+
+
+def cut_short(write):
+    """A writer that loses the second half of every file it writes and says nothing, as SimpleITK does."""
+    def short_write(image, name, *args, **kwargs):
+        write(image, name, *args, **kwargs)
+        with open(name, "r+b") as handle:
+            handle.truncate(os.path.getsize(name) // 2)
+    return short_write
+
+
+@pytest.mark.parametrize("option", ["--out", "--label-out", "--saliency-out"])
+def test_a_silent_short_write_is_caught_by_the_read_back(capsys, monkeypatch, option, sample_paths, spd_file,
+                                                         old_outputs):
+    folder, outputs = old_outputs
+    before = digests(folder)
+    real = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, name, *a, **k: (
+        cut_short(real) if Path(name).name.endswith(outputs[option].name) else real)(image, name, *a, **k))
+    extra = [item for o in ("--label-out", "--saliency-out", "--audit-out") for item in (o, outputs[o])]
+    code, out, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], outputs["--out"],
+                                               "--runtime", "torch", *extra, model=spd_file))
+    assert_refused(code, err, f"Could not write {outputs[option]}", "read back incomplete", "free")
+    assert digests(folder) == before and out == ""
+
+
+def test_a_mask_that_reads_back_different_voxels_is_refused(monkeypatch, tmp_path, oblique_volume):
+    """The digest: a file whose header and stream are fine but whose voxels are not the mask meant."""
+    real = sitk.WriteImage
+
+    def flip_a_voxel(image, name, *args, **kwargs):
+        array = sitk.GetArrayFromImage(image)
+        array.flat[0] ^= 1
+        changed = sitk.GetImageFromArray(array)
+        changed.CopyInformation(image)
+        real(changed, name, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", flip_a_voxel)
+    out = tmp_path / "mask.seg.nrrd"
+    with pytest.raises(InputError, match="voxels differ from the mask"):
+        vol.write_segmentation(out, np.zeros(oblique_volume.shape, np.uint8), oblique_volume.ijk_to_lps)
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EFBIG, "file-size limit")])
+def test_a_full_disk_reported_only_by_fsync_keeps_the_old_file(monkeypatch, tmp_path, code, words):
+    """Delayed allocation (and NFS) report a full disk only when the data is flushed."""
+    target = tmp_path / "clicks.mrk.json"
+    target.write_text("old")
+
+    def full(handle):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(InputError, match=f"Could not write {target}: .*{words}.*has .* free"):
+        with files.atomic_write(target) as tmp:
+            tmp.write_text("{}")
+    assert target.read_text() == "old" and files_in(tmp_path) == ["clicks.mrk.json"]
+
+
+def test_an_empty_or_unparsable_output_is_never_renamed_into_place(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text('{"old": 1}')
+    for content in ("", '{"cut'):
+        with pytest.raises(InputError, match="read back incomplete"):
+            with files.atomic_write(target) as tmp:
+                tmp.write_text(content)
+    assert target.read_text() == '{"old": 1}' and files_in(tmp_path) == ["report.json"]
+
+
+def test_output_set_reads_back_what_its_writers_did_not_seal(tmp_path):
+    """A writer outside atomic_write (e.g. a CSV) is sealed by the commit; a file sealed by atomic_write is not
+    read twice; a file that fails its check leaves every earlier output as it was."""
+    calls = []
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text('"old a"')
+    second.write_text('"old b"')
+    with pytest.raises(InputError, match=f"Could not write {second}: it read back incomplete"):
+        with files.OutputSet() as outputs:
+            outputs.add(first).write_text('"new a"')
+            outputs.add(second).write_text('{"cut')
+    assert first.read_text() == '"old a"' and second.read_text() == '"old b"'
+    with files.OutputSet() as outputs:
+        with files.atomic_write(outputs.add(first, verify=lambda p: calls.append(("set", p)))) as tmp:
+            tmp.write_text('"new a"')
+        outputs.add(second, verify=lambda p: calls.append(("set", p))).write_text('"new b"')
+    assert [kind for kind, _ in calls] == ["set"] and calls[0][1].name.endswith("b.json")
+    assert first.read_text() == '"new a"' and files_in(tmp_path) == ["a.json", "b.json"]
+
+
+def test_a_model_file_cut_short_keeps_the_earlier_model(monkeypatch, tmp_path, tiny_backbone, spd_file):
+    target = tmp_path / "model.spd.safetensors"
+    target.write_bytes(spd_file.read_bytes())
+    before = target.read_bytes()
+    real = spd_model.save_file
+
+    def short(tensors, name, metadata=None):
+        real(tensors, name, metadata=metadata)
+        with open(name, "r+b") as handle:
+            handle.truncate(os.path.getsize(name) - 100)
+
+    monkeypatch.setattr(spd_model, "save_file", short)
+    model = spd_model.load(spd_file, backbone=registry.load_backbone("tiny_sam_test"))
+    with pytest.raises(InputError, match="Could not write .*model.spd.safetensors: it read back incomplete"):
+        spd_model.save(target, model.backbone, model.head, model.header)
+    assert target.read_bytes() == before and files_in(tmp_path) == ["model.spd.safetensors"]
+
+
+def test_evaluation_reports_appear_together_or_not_at_all(monkeypatch, tmp_path):
+    from SPDSegmentLib.research import evaluate
+
+    rows = [{"dataset": "d", "case": "c", "axis": 0, "level": "moderate", "method": "spd", "dice": 0.8, "hd95": 1.0,
+             "asd": 0.5, "seconds": 1.0}]
+    (tmp_path / "per_case.csv").write_text("earlier rows")
+    import matplotlib.figure
+
+    def fail(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail)
+    with pytest.raises(InputError, match="the disk is full"):
+        evaluate.write_reports(rows, evaluate.summarise(rows), tmp_path, {"command": "c", "machine": "m", "date": "d"})
+    assert files_in(tmp_path) == ["per_case.csv"] and (tmp_path / "per_case.csv").read_text() == "earlier rows"
+
+
+def test_a_disk_without_room_is_refused_before_any_model_loads(capsys, monkeypatch, no_model_load, sample_paths,
+                                                               tmp_path):
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 1000)
+    code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd"))
+    assert_refused(code, err, "need about", "has 1.0 KB free", "nothing was computed")
+    assert files_in(tmp_path) == []
+
+
+# ---------------------------------------------------------------- outputs that are inputs
+
+def links_to(target: Path, folder: Path, name: str, kind: str) -> Path:
+    link = folder / name
+    (os.symlink if kind == "symlink" else os.link)(target, link)
+    return link
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_simulate_never_writes_over_its_label(capsys, sample_paths, tmp_path, kind):
+    """`spd simulate LABEL --out LABEL` replaced the label with JSON."""
+    label = tmp_path / "label.nii.gz"
+    label.write_bytes(sample_paths["label"].read_bytes())
+    before = digests(tmp_path)
+    out = links_to(label, tmp_path, "clicks.mrk.json", kind)
+    before = digests(tmp_path)
+    code, _, err = run(capsys, "simulate", label, "--out", out)
+    assert_refused(code, err, "--out file", "is an input of this command", "nothing was written")
+    assert digests(tmp_path) == before
+    code, _, err = run(capsys, "simulate", label, "--out", label)
+    assert_refused(code, err, "Unsupported --out file type")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_segment_never_writes_over_its_image_or_points(capsys, sample_paths, tmp_path, kind, no_model_load):
+    image, points = tmp_path / "image.nii.gz", tmp_path / "clicks.mrk.json"
+    image.write_bytes(sample_paths["image"].read_bytes())
+    points.write_bytes(sample_paths["points"].read_bytes())
+    out = links_to(image, tmp_path, "result.nii.gz", kind)
+    audit = links_to(points, tmp_path, "audit.mrk.json", kind)
+    before = digests(tmp_path)
+    code, _, err = run(capsys, *segment_args(image, points, out))
+    assert_refused(code, err, "--out file", "is an input")
+    code, _, err = run(capsys, *segment_args(image, points, tmp_path / "new.seg.nrrd", "--audit-out", audit))
+    assert_refused(code, err, "--audit-out file", "is an input")
+    assert digests(tmp_path) == before
+
+
+def test_train_never_writes_over_a_training_file(capsys, sample_paths, tmp_path, no_model_load):
+    """`spd train --out` set to a training label replaced it with the model."""
+    data = tmp_path / "Task01"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    (data / "imagesTr" / "case_001.nii.gz").write_bytes(sample_paths["image"].read_bytes())
+    (data / "labelsTr" / "case_001.nii.gz").write_bytes(sample_paths["label"].read_bytes())
+    before = digests(data)
+    out = links_to(data / "labelsTr" / "case_001.nii.gz", tmp_path, "model.spd.safetensors", "symlink")
+    code, _, err = run(capsys, "train", "--data", data, "--out", out, "--backbone", "tiny_sam_test")
+    assert_refused(code, err, "model file", "is an input of this command", "case_001.nii.gz")
+    code, _, err = run(capsys, "train", "--data", data, "--out", data / "labelsTr" / "case_001.nii.gz")
+    assert_refused(code, err, "must end with .spd.safetensors", "(option --out)")
+    assert digests(data) == before
+
+
+def test_evaluate_never_writes_over_the_reports_it_merges(capsys, tmp_path):
+    (tmp_path / "per_case.csv").write_text("earlier rows")
+    code, _, err = run(capsys, "evaluate", "--models-dir", tmp_path, "--out-dir", tmp_path, "--merge",
+                       tmp_path / "per_case.csv")
+    assert_refused(code, err, "per_case.csv is an input")
+    assert (tmp_path / "per_case.csv").read_text() == "earlier rows"
+
+
+def test_demo_checks_its_folder_before_computing(capsys, tmp_path, no_model_load):
+    """`spd demo --out-dir` unwritable failed after all the computation."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    code, _, err = run(capsys, "demo", "--out-dir", blocker)
+    assert_refused(code, err, "--out-dir folder", "is a file")
+    code, _, err = run(capsys, "demo", "--out-dir", blocker / "below")
+    assert_refused(code, err, "Cannot write", "is a file, not a folder")
+
+
+def test_check_not_inputs_sees_folders_links_and_new_names(tmp_path):
+    series = tmp_path / "dicom"
+    series.mkdir()
+    (series / "slice1.dcm").write_text("x")
+    files.check_not_inputs({"out": tmp_path / "new.seg.nrrd", "none": None}, [series, None, tmp_path / "missing"])
+    with pytest.raises(InputError, match="slice1.dcm is an input"):
+        files.check_not_inputs({"out": series / "slice1.dcm"}, [series])
+    os.symlink(series, tmp_path / "alias")
+    with pytest.raises(InputError, match="by a link"):
+        files.check_not_inputs({"out": tmp_path / "alias" / "slice1.dcm"}, [series])
