@@ -377,3 +377,109 @@ def test_check_not_inputs_sees_folders_links_and_new_names(tmp_path):
     os.symlink(series, tmp_path / "alias")
     with pytest.raises(InputError, match="by a link"):
         files.check_not_inputs({"out": tmp_path / "alias" / "slice1.dcm"}, [series])
+
+
+# ---------------------------------------------------------------- readers that would zero-fill or over-allocate
+
+def nrrd(header: str, data: bytes) -> bytes:
+    return f"NRRD0004\n{header}\n\n".encode() + data
+
+
+SHORT_IMAGES = {  # name -> (bytes, what the refusal says); each declares more voxels than it holds
+    "zlib.mha": (b"ObjectType = Image\nNDims = 3\nDimSize = 1024 1024 1024\nElementType = MET_FLOAT\n"
+                 b"CompressedData = True\nElementDataFile = LOCAL\n" + __import__("zlib").compress(b"\0" * 100),
+                 "declares 4294967296 bytes of voxels but the file holds 100"),
+    "raw.nrrd": (nrrd("type: float\ndimension: 3\nsizes: 1024 1024 1024\nencoding: raw\nendian: little", b"\0" * 999),
+                 "declares 4294967296 bytes of voxels but the file holds 999"),
+    "ascii.nrrd": (nrrd("type: short\ndimension: 3\nsizes: 1000 1000 1000\nencoding: ascii", b"1 2 3\n" * 100),
+                   "declares 1000000000 voxel values but the file holds 300"),
+    "gzip.nrrd": (nrrd("type: short\ndimension: 3\nsizes: 64 64 64\nencoding: gzip\nendian: little",
+                       __import__("gzip").compress(b"\0" * 1000)), "declares 524288 bytes of voxels but the file holds 1000"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHORT_IMAGES))
+def test_images_holding_fewer_voxels_than_declared_are_refused(capsys, name, sample_paths, tmp_path, no_model_load):
+    """A 247-byte compressed MetaImage was read as a zero-filled 4 GB volume and segmented with exit 0; raw and
+    ASCII NRRD headers declaring 4 GB were allocated before the short read was noticed. Now each is refused
+    from its header and size, before anything is allocated."""
+    data, words = SHORT_IMAGES[name]
+    image = tmp_path / name
+    image.write_bytes(data)
+    code, _, err = run(capsys, *segment_args(image, sample_paths["points"], tmp_path / "x.seg.nrrd", "--strict"))
+    assert_refused(code, err, "is damaged", words, "nothing was segmented")
+    assert files_in(tmp_path) == [name]
+
+
+def test_an_image_larger_than_the_memory_is_refused_naming_both(capsys, monkeypatch, sample_paths, tmp_path):
+    image = tmp_path / "huge.nrrd"
+    image.write_bytes(nrrd("type: double\ndimension: 3\nsizes: 100000 100000 100000\nencoding: raw\nendian: little",
+                           b"\0" * 100))
+    with pytest.raises(InputError, match=r"declares 100000 x 100000 x 100000 voxels of 64-bit float \(8000.0 TB\), "
+                                         r"more than the .* of memory available"):
+        vol.read(image)
+    monkeypatch.setattr(vol, "available_memory", lambda: 10_000)
+    with pytest.raises(InputError, match=r"35 x 51 x 35 voxels .* \(.* KB\), more than the 10.0 KB of memory"):
+        vol.read(sample_paths["image"])
+
+
+@pytest.fixture()
+def dicom_series(tmp_path, oblique_volume):
+    """A DICOM series of 6 evenly spaced slices, and a function that removes or moves one of them."""
+    from test_volume import write_dicom_series
+
+    folder = tmp_path / "dicom"
+    write_dicom_series(folder, oblique_volume)
+    return folder
+
+
+def move_slice(path: Path, shift_mm: float) -> None:
+    image = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    tags = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+    position = [float(v) for v in tags["0020|0032"].split("\\")]
+    position[2] += shift_mm
+    tags["0020|0032"] = "\\".join(f"{v:.10f}" for v in position)
+    for key, value in tags.items():
+        image.SetMetaData(key, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.mark.parametrize("fault, words", [("missing", r"slice002.dcm and slice004.dcm .*\(1 slice missing"),
+                                          ("moved", r"slice002.dcm and slice003.dcm .*\(a slice closer than")])
+def test_a_dicom_series_with_a_gap_is_refused_unless_accepted(capsys, dicom_series, fault, words, tmp_path):
+    """A series with one slice missing was read as evenly spaced, positions off by up to half a slice, and the
+    only sign was ITK's raw warning."""
+    if fault == "missing":
+        (dicom_series / "slice003.dcm").unlink()
+    else:
+        move_slice(dicom_series / "slice003.dcm", -0.8)  # 2 mm spacing: 1.2 mm after slice 2, 2.8 mm before 4
+    with pytest.raises(InputError, match=f"unevenly spaced slices: between {words}") as refused:
+        vol.read(dicom_series)
+    assert refused.value.setting == "allow_slice_gaps"
+    accepted = vol.read(dicom_series, allow_slice_gaps=True)
+    assert len(accepted.warnings) == 1 and "read as evenly spaced" in accepted.warnings[0]
+    points = tmp_path / "click.csv"
+    centre = vol.ijk_to_physical(np.array([[5.0, 6.0, 2.0]]), accepted.ijk_to_lps)[0]
+    points.write_text("# coordinates: lps\nx,y,z\n" + ",".join(f"{v:.3f}" for v in centre) + "\n")
+    out = tmp_path / "out" / "x.seg.nrrd"
+    code, _, err = run(capsys, *segment_args(dicom_series, points, out, "--mode", "raw"))
+    assert_refused(code, err, "unevenly spaced", "(option --allow-slice-gaps)")
+    code, _, err = run(capsys, *segment_args(dicom_series, points, out, "--mode", "raw", "--allow-slice-gaps",
+                                             "--strict"))
+    assert code == cli.EXIT_IMPLAUSIBLE and "warning: The DICOM series" in err and "--strict" in err, err
+    assert not out.exists()
+    code, _, err = run(capsys, *segment_args(dicom_series, points, out, "--mode", "raw", "--runtime", "torch",
+                                             "--allow-slice-gaps"))
+    assert code == 0 and "warning: The DICOM series" in err and out.exists(), err

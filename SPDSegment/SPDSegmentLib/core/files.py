@@ -101,7 +101,7 @@ def free_bytes(folder: os.PathLike) -> Optional[int]:
 def format_bytes(count: Optional[float]) -> str:
     if count is None:
         return "an unknown amount"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{int(count)} bytes"
