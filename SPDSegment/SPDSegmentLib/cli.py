@@ -20,7 +20,7 @@ from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .core.errors import InputError, SPDError
 from .core.files import OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable
 from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
-                                   is_available)
+                                   check_device, is_available)
 from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
 from .core.progress import Progress, tqdm_progress
 from .core.sample import sample_case
@@ -515,12 +515,21 @@ OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device
                      "out": "--out"}
 
 
+def option_of(setting: Optional[str], command: str) -> Optional[str]:
+    """The option that sets a core setting (SPDError.setting) in this command, or None."""
+    if command == "train" and setting in TRAIN_OPTIONS:  # spd train's options are TrainConfig's fields
+        return "--" + setting.replace("_", "-")
+    return OPTION_OF_SETTING.get(setting)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)  # every command: an unknown device is refused before anything loads
         return args.func(args)
     except SPDError as exc:
-        option = OPTION_OF_SETTING.get(exc.setting)
+        option = option_of(exc.setting, args.command)
         print(f"error: {exc}" + (f" (option {option})" if option else ""), file=sys.stderr)
         return EXIT_INPUT
     except MemoryError:

@@ -111,6 +111,11 @@ _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is larg
                 "allows (a file-size limit)", getattr(errno, "EDQUOT", -1): "the disk quota is exceeded"}
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """A full disk, a file-size limit or an exceeded quota."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_ERRORS
+
+
 def output_failure(path: os.PathLike, why) -> InputError:
     """The one error for an output that could not be written whole: ``why`` is an OSError or a reason. It
     names the output (an OutputSet's temporary by the name it was to have) and the disk's free space."""
@@ -217,7 +222,7 @@ def atomic_write(path: os.PathLike, verify: Optional[Verifier] = None) -> Iterat
     ``path`` in one rename.
 
     If the block raises or the check fails, the temporary file is removed and ``path`` is left as it was.
-    An OSError of the write (a full disk, a file-size limit) becomes the InputError of :func:`output_failure`.
+    A full disk or a file-size limit (ENOSPC, EFBIG, EDQUOT) becomes the InputError of :func:`output_failure`.
     The temporary name ends with the target's own name (writers that choose the format by extension,
     such as SimpleITK and ``np.save``, write the right one) and is unique per process and thread, so
     concurrent writers of the same file never share it. Parent folders are created.
@@ -229,7 +234,9 @@ def atomic_write(path: os.PathLike, verify: Optional[Verifier] = None) -> Iterat
             path.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
         except OSError as exc:
-            raise output_failure(path, exc) from exc
+            if is_disk_full(exc):
+                raise output_failure(path, exc) from exc
+            raise  # e.g. a download's network error: its caller says what happened
         seal(tmp, path, verify)
         try:
             os.replace(tmp, path)
@@ -349,7 +356,7 @@ class OutputSet:
             return False
         failed = self.paths[-1] if self.paths else Path("an output")  # the newest output was being written
         self.discard()
-        if isinstance(value, OSError):  # a writer that wrote its temporary file directly (a CSV, a plot)
+        if is_disk_full(value):  # a writer that wrote its temporary file directly (a CSV, a plot)
             raise output_failure(failed, value) from value
         return False
 

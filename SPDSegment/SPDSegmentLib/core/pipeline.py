@@ -217,8 +217,23 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", runtime:
     path = spd_model.resolve(name_or_path)
     model = spd_model.load(path, device=device) if path is not None else load_backbone(name_or_path, device=device)
     backbone = model.backbone if path is not None else model
+    check_model_settings(model)
     backbone.set_runtime(runtime, precision)
     return model
+
+
+MODEL_SETTINGS = ("tau", "neighbours", "fusion", "decoder_prompt", "components")  # what an SPD header may set
+
+
+def check_model_settings(model) -> None:
+    """CheckpointError naming the header field when an SPD model's own settings (tau, n, fusion, decoder prompt,
+    components) are out of range: the header goes through ``SegmentOptions.validate`` like every option."""
+    header = getattr(model, "header", None) or {}
+    try:
+        SegmentOptions(**{name: header.get(name) for name in MODEL_SETTINGS}).validate()
+    except InputError as exc:
+        raise CheckpointError(f"The model {getattr(model, 'name', '')} has a header value out of range: {exc} The "
+                              "file was edited or damaged: train or download it again.", setting="model") from None
 
 
 def trained_axes(model, volume: Volume) -> Tuple[int, ...]:
@@ -557,6 +572,7 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
     tau = options.tau if options.tau is not None else (model.tau if is_spd else distill.DEFAULT_TAU)
     n = options.neighbours if options.neighbours is not None else (
         model.neighbours if is_spd else distill.DEFAULT_NEIGHBOURS)
+    n = min(int(n), volume.shape[axis] - 1)  # beyond the volume's slices n changes nothing, and would loop long
     targets = distill.target_slices(by_slice, n, volume.shape[axis]) if mode == "spd" else sorted(by_slice)
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]

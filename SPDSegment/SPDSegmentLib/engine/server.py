@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..core.errors import Cancelled, CheckpointError, InputError, SPDError
+from ..core.models.registry import check_device
 from ..core.progress import Progress
 from . import protocol
 
@@ -53,6 +54,7 @@ class Engine:
 
         if name is not None and not isinstance(name, (str, os.PathLike)):
             return name  # already loaded (the console API accepts a model object)
+        device = check_device(device)  # before anything loads
         key = (str(name or pipeline.DEFAULT_MODEL), device)
         with self._lock:
             if key not in self._models:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -32,15 +33,34 @@ def catalogue() -> Dict[str, dict]:
         return json.load(handle)
 
 
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?|mps")  # the device names SPDSegment runs on
+
+
+def check_device(device) -> str:
+    """The device name, stripped; DeviceError (setting ``device``) unless it is auto, cpu, cuda, cuda:N or mps.
+    Needs no torch: front ends check it before anything loads."""
+    if not isinstance(device, str) or not DEVICES.fullmatch(device.strip()):
+        raise DeviceError(f"Unknown device {device!r}: choose auto, cpu, cuda (cuda:N for the N-th GPU) or mps "
+                          "(Apple GPUs).", setting="device")
+    return device.strip()
+
+
 def resolve_device(device: str = "auto") -> str:
     """"auto" -> "cuda" when PyTorch sees a CUDA GPU, else "cpu"; other names are checked and returned."""
     import torch
 
+    device = check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"The device {device!r} was asked for, but PyTorch sees no CUDA GPU; choose the cpu "
                           "device.", setting="device")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"The device {device!r} was asked for, but PyTorch sees {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), numbered from 0; choose one of them.", setting="device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("The device 'mps' was asked for, but PyTorch sees no Apple GPU; choose the cpu device.",
+                          setting="device")
     return device
 
 
