@@ -25,7 +25,7 @@ from test_reliability import assert_refused, tiny_spd_file
 from SPDSegmentLib import cli
 from SPDSegmentLib.core import files, pipeline, spd_model
 from SPDSegmentLib.core import volume as vol
-from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.errors import InputError, SPDError
 from SPDSegmentLib.core.models import registry
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -124,7 +124,7 @@ WRITE_EVERY_FORMAT = """
 import sys
 import numpy as np
 from SPDSegmentLib.core import volume
-from SPDSegmentLib.core.errors import InputError
+from SPDSegmentLib.core.errors import InputError, SPDError
 
 mask = np.zeros((40, 50, 60), np.uint8)
 mask[5:35, 10:40, 20:50] = np.random.default_rng(0).random((30, 30, 30)) > 0.5  # compresses to ~12 KB
@@ -483,3 +483,162 @@ def test_a_dicom_series_with_a_gap_is_refused_unless_accepted(capsys, dicom_seri
     code, _, err = run(capsys, *segment_args(dicom_series, points, out, "--mode", "raw", "--runtime", "torch",
                                              "--allow-slice-gaps"))
     assert code == 0 and "warning: The DICOM series" in err and out.exists(), err
+
+
+# ---------------------------------------------------------------- one validation for every value
+
+class within:
+    """Fail instead of hanging: a TimeoutError after ``seconds`` (POSIX interval timer)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def expire(*_):
+            raise TimeoutError(f"still running after {self.seconds} s")
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
+def spd_file_with(path, backbone, **header_changes):
+    """A tiny SPD model file whose header holds the given values (saved with a valid digest)."""
+    from SPDSegmentLib.core.saliency import SaliencyHead
+
+    head = SaliencyHead(backbone.embed_dim, 8)
+    header = spd_model.make_header(backbone, head, lora_rank=0, tau=0.5, neighbours=1, decoder_tuned=False)
+    header.update(header_changes)
+    return spd_model.save(path, backbone, head, header)
+
+
+def test_a_billion_neighbours_are_bounded_by_the_volume(capsys, sample_paths, spd_file, tiny_backbone, tmp_path):
+    """`--neighbours 1000000000`, or a model header holding it, looped without end."""
+    with within(60):
+        code, out, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "a.seg.nrrd",
+                                                   "--runtime", "torch", "--neighbours", "1000000000", model=spd_file))
+        assert code == 0, err
+        code, out_all, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"],
+                                                       tmp_path / "b.seg.nrrd", "--runtime", "torch", "--neighbours",
+                                                       "50", model=spd_file))
+        assert code == 0, err
+        header_model = spd_file_with(tmp_path / "n.spd.safetensors", tiny_backbone, neighbours=10 ** 9)
+        code, out_header, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"],
+                                                          tmp_path / "c.seg.nrrd", "--runtime", "torch",
+                                                          model=header_model))
+        assert code == 0, err
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / n))) for n in ("a.seg.nrrd", "b.seg.nrrd"))
+    np.testing.assert_array_equal(a, b)  # 50 reaches every slice of this 35-51-35 volume too
+
+
+@pytest.mark.parametrize("change, field", [({"tau": 1.5}, "tau is 1.5"), ({"neighbours": -3}, "n is -3"),
+                                           ({"fusion": "half"}, "fusion is 'half'"),
+                                           ({"decoder_prompt": "mask"}, "decoder prompt 'mask'"),
+                                           ({"head": {"type": "context", "hidden": 8, "blocks": 1,
+                                                      "context": 10 ** 9, "image": False}}, "head_context is"),
+                                           ({"lora_rank": -1}, "lora_rank is"), ({"views": "axial"}, "views is"),
+                                           ({"decoder_tuned": "yes"}, "decoder_tuned is")])
+def test_header_values_out_of_range_are_refused_on_load_naming_the_field(capsys, change, field, sample_paths,
+                                                                        tiny_backbone, tmp_path):
+    path = spd_file_with(tmp_path / "edited.spd.safetensors", tiny_backbone, **change)
+    code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
+                                             "--runtime", "torch", model=path))
+    assert_refused(code, err, "header value out of range", field, "(option --model)")
+    assert files_in(tmp_path) == ["edited.spd.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def small_msd(tmp_path_factory):
+    from test_train import make_msd
+
+    return make_msd(tmp_path_factory.mktemp("msd") / "Task99_Faults", sample=False)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["segment", "IMAGE", "--points", "POINTS", "--device", "tpu"], "--device"),
+    (["demo", "--device", "cuda:x"], "--device"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--device", "tpu"], "--device"),
+    (["evaluate", "--models-dir", ".", "--device", "gpu"], "--device"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--stage1-lr", "nan"], "--stage1-lr"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--stage2-lr", "inf"], "--stage2-lr"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--psc-weight", "nan"], "--psc-weight"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--stage1-epochs", "-1"], "--stage1-epochs"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--tau", "nan"], "--tau"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--head-context", "1000000000"], "--head-context"),
+    (["train", "--data", "DATA", "--out", "m.spd.safetensors", "--neighbours", "-1"], "--neighbours"),
+    (["train", "--data", "DATA", "--out", "locked/below/m.spd.safetensors"], "Cannot write the model file"),
+])
+def test_bad_values_are_refused_before_anything_loads(capsys, argv, option, sample_paths, small_msd, tmp_path,
+                                                      no_model_load, monkeypatch):
+    """`--device tpu` ended in a traceback; `--stage1-lr nan` crashed after the encoding; `--psc-weight nan`
+    trained and saved NaN weights; an unwritable `--out` failed after stage 1."""
+    (tmp_path / "locked").write_text("a file where a folder should be")
+    monkeypatch.chdir(tmp_path)
+    names = {"IMAGE": sample_paths["image"], "POINTS": sample_paths["points"], "DATA": small_msd}
+    code, _, err = run(capsys, *[names.get(a, a) for a in argv])
+    assert_refused(code, err, option)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+
+
+def test_the_engine_refuses_an_unknown_device_before_loading(no_model_load):
+    from SPDSegmentLib.engine import protocol
+    from SPDSegmentLib.engine.server import Engine
+
+    with pytest.raises(SPDError, match="Unknown device 'tpu'") as refused:
+        Engine().handle(protocol.LoadModel(model="tiny_sam_test", device="tpu"))
+    assert refused.value.setting == "device"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.mark.parametrize("stage, words", [("stage 1", "--stage1-lr"), ("stage 2", "psc_weight")])
+def test_a_diverging_loss_stops_training_and_saves_nothing(capsys, monkeypatch, small_msd, store, tmp_path, stage,
+                                                           words):
+    """`--psc-weight nan` trained, reported success and saved NaN weights; a loss that becomes NaN now stops."""
+    import torch
+    from test_train import config
+    from SPDSegmentLib.research import train as T
+
+    name = "dice_focal_loss" if stage == "stage 1" else "spd_stage2_loss"
+    real = getattr(T, name)
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        if len(calls) < 2:
+            return value
+        return (value[0] * float("nan"), value[1]) if isinstance(value, tuple) else value * float("nan")
+
+    monkeypatch.setattr(T, name, diverging)
+    out = tmp_path / "model.spd.safetensors"
+    out.write_bytes(b"the user's earlier model")
+    cfg = config(small_msd, out, cache_dir=str(store), stage1_epochs=2, stage2_steps=3)
+    with pytest.raises(T.TrainingDiverged, match=f"Training diverged in {stage} at step 2 .*loss became nan"):
+        T.train(cfg)
+    assert out.read_bytes() == b"the user's earlier model"
+    calls.clear()
+    code, _, err = run(capsys, "train", "--data", small_msd, "--out", out, "--backbone", "tiny_sam_test", "--device",
+                       "cpu", "--cache-dir", store, "--axes", "1", "--stage1-epochs", "2", "--stage1-lr", "0.01",
+                       "--stage2-steps", "3", "--head-hidden", "8", "--head-blocks", "1", "--prompt-seeds", "1")
+    assert code == cli.EXIT_INPUT and "Traceback" not in err and "error: Training diverged" in err, err
+    assert words in err and "nothing was saved" in err and out.read_bytes() == b"the user's earlier model"
+
+
+def test_nan_weights_are_never_saved(tiny_backbone, tmp_path):
+    import torch
+    from SPDSegmentLib.core.saliency import SaliencyHead
+
+    head = SaliencyHead(tiny_backbone.embed_dim, 8)
+    with torch.no_grad():
+        head.net[-1].bias.fill_(float("nan"))
+    header = spd_model.make_header(tiny_backbone, head, lora_rank=0, tau=0.5, neighbours=1, decoder_tuned=False)
+    with pytest.raises(SPDError, match="Not saving m.spd.safetensors: .*NaN or infinite.*diverged"):
+        spd_model.save(tmp_path / "m.spd.safetensors", tiny_backbone, head, header)
+    assert files_in(tmp_path) == []

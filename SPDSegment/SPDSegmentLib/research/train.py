@@ -564,7 +564,7 @@ def check_loss(loss: torch.Tensor, stage: str, step: int, total: int, rate: str,
         return
     extra = " or the PSC weight (psc_weight)" if stage == "stage 2" and config.psc_weight else ""
     raise TrainingDiverged(
-        f"Training diverged in {stage} at step {step + 1} of {total}: the loss became {float(loss)}. Lower the "
+        f"Training diverged in {stage} at step {step + 1} of {total}: the loss became {float(loss.detach())}. Lower the "
         f"{stage} learning rate ({rate}, now {getattr(config, rate):g}){extra} and train again; nothing was saved.",
         setting=rate)
 
