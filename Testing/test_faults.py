@@ -642,3 +642,218 @@ def test_nan_weights_are_never_saved(tiny_backbone, tmp_path):
     with pytest.raises(SPDError, match="Not saving m.spd.safetensors: .*NaN or infinite.*diverged"):
         spd_model.save(tmp_path / "m.spd.safetensors", tiny_backbone, head, header)
     assert files_in(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the engine
+
+class Replies:
+    """The engine's output stream, in memory: every message it sent, parsed."""
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def flush(self) -> None:
+        pass
+
+    def messages(self) -> list:
+        import json
+
+        return [json.loads(line) for line in self.data.splitlines() if line.strip()]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """An engine server in this process, past its hello, with its private folder; ``serve_queued()`` runs the
+    queued jobs as its main thread would."""
+    from SPDSegmentLib.core.cache import EmbeddingCache
+    from SPDSegmentLib.engine import protocol
+    from SPDSegmentLib.engine.server import Engine, Server
+
+    share = tmp_path / "share"
+    share.mkdir(mode=0o700)
+    replies = Replies()
+    server = Server(Engine(cache=EmbeddingCache()), replies, str(share), "token")
+    server.take(protocol.dumps({"type": "hello", "token": "token"}))
+    server.replies, server.share = replies, share
+
+    def serve_queued():
+        while server._jobs:
+            server._run(server._jobs.popleft())
+
+    server.serve_queued = serve_queued
+    return server
+
+
+def request_line(request_id, kind, body) -> bytes:
+    from SPDSegmentLib.engine import protocol
+
+    return protocol.dumps({"type": "request", "id": request_id, "kind": kind, "body": body})
+
+
+def test_malformed_messages_get_error_replies_and_the_engine_stays_responsive(server):
+    """A request without an id killed the reader thread: the engine went deaf and no longer exited with its
+    stdin. Each of these now gets one error reply, and a status request after them is answered."""
+    from SPDSegmentLib.engine import protocol
+
+    bad = [b"not json", b"[1, 2, 3]", b'"a string"', b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000,
+           protocol.dumps({"type": "request", "kind": "segment", "body": {}}),  # no id
+           protocol.dumps({"type": "request", "id": [1], "kind": "status"}),  # an id that is not a scalar
+           protocol.dumps({"type": "cancel"}), protocol.dumps({"type": "request", "id": 3, "kind": ["segment"]}),
+           protocol.dumps({"type": "request", "id": 4, "kind": "format_disk"}), protocol.dumps({"type": 7}),
+           None]  # a line longer than the limit
+    for line in bad:
+        server.take(line)
+    for body in ({"__dataclass__": "Segment", "fields": {"volume": 1, "prompts": "x"}}, {"no": "dataclass"},
+                 {"__dataclass__": "Status", "fields": {}}, {"__dataclass__": "Segment"}, 12,
+                 {"__dataclass__": "Batch", "fields": {"cases": [["a", 1, None]], "output_folder": "/tmp"}},
+                 {"__dataclass__": "LoadModel", "fields": {"model": {"x": 1}, "device": "tpu"}},
+                 {"__array__": [], "dtype": "float64", "shape": [10 ** 12]}):
+        server.take(request_line(11, "segment" if "Batch" not in str(body) else "batch", body))
+    server.serve_queued()
+    server.take(request_line(99, "status", None))
+    replies = server.replies.messages()
+    assert replies[0]["type"] == "ready" and replies[-1]["type"] == "result" and replies[-1]["id"] == 99
+    errors = replies[1:-1]
+    assert len(errors) == len(bad) + 8 and all(r["type"] == "error" for r in errors), errors
+    assert all(r["error"] == "InputError" and r["message"] for r in errors), errors
+    assert errors[5]["message"].startswith("A request message needs an id")
+    assert "longer than" in errors[len(bad) - 1]["message"]
+    assert "Segment" in errors[len(bad)]["message"] or "volume" in errors[len(bad)]["message"]
+
+
+def test_the_engine_reads_and_removes_only_its_own_files(server, tmp_path):
+    """A request could name any file: it was read, and a named array was deleted after reading."""
+    from SPDSegmentLib.engine import protocol
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.save(outside / "a1-1.npy", np.ones(3))
+    np.save(outside / "volume-ab.npy", np.zeros((2, 2, 2), np.int16))
+    np.save(server.share / "user-data.npy", np.ones(3))
+    os.symlink(outside / "a1-1.npy", server.share / "a2-1.npy")  # a link out of the private folder
+    before = digests(tmp_path)
+
+    def array_ref(path):
+        return {"__array_box__": [0, 3], "dtype": "float64", "shape": [3], "file": {"path": str(path)}}
+
+    volume_ref = {"__volume__": {"id": "v", "array": {"path": str(outside / "volume-ab.npy"), "dtype": "int16",
+                                                      "shape": [2, 2, 2]}, "ijk_to_lps": np.eye(4).tolist()}}
+    bodies = [{"__dataclass__": "Segment", "fields": {"volume": volume_ref, "prompts": None}},
+              {"__dataclass__": "Segment", "fields": {"volume": None, "prompts": array_ref(outside / "a1-1.npy")}},
+              {"__dataclass__": "Segment", "fields": {"volume": None, "prompts": array_ref(server.share / "user-data.npy")}},
+              {"__dataclass__": "Segment", "fields": {"volume": None, "prompts": array_ref(server.share / "a2-1.npy")}},
+              {"__dataclass__": "Segment", "fields": {"volume": None, "prompts": array_ref("../outside/a1-1.npy")}}]
+    for index, body in enumerate(bodies):
+        server.take(request_line(index, "segment", body))
+    server.serve_queued()
+    errors = server.replies.messages()[1:]
+    assert [r["type"] for r in errors] == ["error"] * len(bodies)
+    assert all("reads only its own files in its private folder" in r["message"] for r in errors), errors
+    assert digests(tmp_path) == before  # nothing outside read-and-removed, nothing inside either
+    np.save(server.share / "a7-1.npy", np.arange(3.0))  # the protocol's own temporary array: read, then removed
+    assert protocol.from_json(array_ref(server.share / "a7-1.npy"), confine=server.share).tolist() == [0, 1, 2]
+    assert not (server.share / "a7-1.npy").exists()
+
+
+def test_seeded_fuzz_of_engine_messages(server, tmp_path):
+    """500 messages made from valid ones by dropping, retyping and replacing parts (seed 0): every request gets
+    exactly one reply, no exception leaves the reader, no file outside the private folder changes."""
+    import json
+    import random
+
+    from SPDSegmentLib.engine import protocol
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "a1-1.npy").write_bytes(b"precious")
+    before = digests(outside)
+    rng = random.Random(0)
+    junk = [None, True, -1, 2 ** 70, 1e308, float("nan"), "", "x" * 1000, [], {}, [[[]]], "../../precious/a1-1.npy",
+            str(outside / "a1-1.npy"), {"__dataclass__": "Popen", "fields": {}}, {"__tuple__": 5},
+            {"__array__": [1, 2], "dtype": "object", "shape": [2]}, {"__array__": [[1], [2, 3]], "dtype": "int8",
+                                                                     "shape": [2]},
+            {"__array__": [10 ** 30], "dtype": "int64", "shape": [1]},
+            {"__array_box__": [0, 1], "dtype": "uint8", "shape": [1], "file": {"path": str(outside / "a1-1.npy")}},
+            {"__volume__": {"id": "v", "array": {"path": str(outside / "a1-1.npy"), "dtype": "uint8", "shape": [8]}}}]
+    templates = [
+        {"type": "request", "id": 1, "kind": "segment",
+         "body": {"__dataclass__": "Segment", "fields": {"volume": None, "prompts": None, "model": "no-such-model",
+                                                         "options": {"__dataclass__": "SegmentOptions",
+                                                                     "fields": {"neighbours": 2}}, "device": "cpu"}}},
+        {"type": "request", "id": 2, "kind": "batch",
+         "body": {"__dataclass__": "Batch", "fields": {"cases": [["a", "b", "c"]], "output_folder": str(tmp_path)}}},
+        {"type": "request", "id": 3, "kind": "load_model",
+         "body": {"__dataclass__": "LoadModel", "fields": {"model": "no-such-model", "device": "cpu"}}},
+        {"type": "cancel", "id": 4}, {"type": "request", "id": 5, "kind": "status", "body": None}]
+
+    def mutate(value, depth=0):
+        if isinstance(value, dict) and value and depth < 6:
+            value = dict(value)
+            key = rng.choice(sorted(value))
+            choice = rng.random()
+            if choice < 0.3:
+                del value[key]
+            elif choice < 0.7:
+                value[key] = rng.choice(junk)
+            else:
+                value[key] = mutate(value[key], depth + 1)
+            return value
+        return rng.choice(junk) if rng.random() < 0.5 else value
+
+    def no_models(*args, **kwargs):  # the fuzz is about messages: no model loads (each would take seconds)
+        raise SPDError("no models in the fuzz test")
+
+    server.engine.model = no_models
+    with within(120):
+        for _ in range(500):
+            message = mutate(rng.choice(templates))
+            try:
+                line = json.dumps(message).encode()
+            except (TypeError, ValueError):
+                continue
+            server.take(line if rng.random() < 0.8 else line[: rng.randrange(1, len(line) + 1)])  # or cut short
+            server.serve_queued()
+    server.take(request_line("last", "status", None))
+    replies = server.replies.messages()
+    assert replies[-1]["type"] == "result" and replies[-1]["id"] == "last"
+    assert all(r["type"] in ("ready", "result", "error", "cancelled", "progress") for r in replies), \
+        {r["type"] for r in replies}
+    assert all(r.get("error") != "EngineError" for r in replies if r["type"] == "error"), \
+        [r for r in replies if r.get("error") == "EngineError"][:3]
+    assert digests(outside) == before
+
+
+def test_a_line_too_long_is_dropped_as_it_arrives():
+    from SPDSegmentLib.engine import protocol
+
+    buffer = protocol.LineBuffer(max_line=100)
+    assert buffer.lines(b"x" * 150) == [] and buffer._pending == b""
+    assert buffer.lines(b"y" * 50 + b"\n" + b'{"type": "ok"}\n') == [None, b'{"type": "ok"}']
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        protocol.LineBuffer(max_line=100).feed(b"z" * 101 + b"\n")
+
+
+def test_the_engine_process_survives_bad_messages_and_ends_with_its_pipe(tmp_path):
+    """The child process itself: malformed requests, then a status request that is answered, then its stdin
+    closes and it exits."""
+    from SPDSegmentLib.engine import protocol
+
+    share = tmp_path / "share"
+    share.mkdir(mode=0o700)
+    env = dict(child_env(tmp_path), **{protocol.TOKEN_ENV: "secret", protocol.SHARE_ENV: str(share)})
+    lines = [protocol.dumps({"type": "hello", "token": "secret"}),
+             protocol.dumps({"type": "request", "kind": "segment", "body": {}}), b"{not json\n", b"[]\n",
+             request_line(1, "segment", {"__dataclass__": "Segment", "fields": {}}),
+             request_line(2, "status", None)]
+    done = subprocess.run([sys.executable, "-m", "SPDSegmentLib.engine"], input=b"".join(lines), env=env,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    replies = Replies()
+    replies.write(done.stdout)
+    kinds = [(m["type"], m.get("id")) for m in replies.messages()]
+    assert kinds[0][0] == "ready" and ("result", 2) in kinds
+    assert [k for k in kinds if k[0] == "error"] == [("error", None)] * 3 + [("error", 1)], kinds
+    assert b"Traceback" not in done.stderr

@@ -7,6 +7,11 @@ console API and the benchmark call it in-process; the Slicer GUIs reach it throu
 thread takes messages off the private pipe (cancel and status are answered at once, and any new
 job supersedes work ahead that is still running), the main thread does one job at a time and sends
 progress, then exactly one reply. Imports only ``core``.
+
+The server survives whatever its parent sends once the parent has proved itself (the token): a line that is not
+JSON, not an object, too long, without an id, of an unknown kind, or with values of the wrong type gets an
+error reply, and the reader thread goes on (so the engine still stops when its stdin closes). Files are read
+only from its private folder (``protocol.from_json`` with ``confine``).
 """
 from __future__ import annotations
 
@@ -245,7 +250,7 @@ class Server:
         self._current: Optional[_Job] = None
         self._wake = threading.Condition()
         self._stopping = False
-        self._volumes = protocol.VolumeRack()
+        self._volumes = protocol.VolumeRack(confine=share_folder)
 
     def send(self, message: dict) -> None:
         data = protocol.dumps(message)
@@ -263,18 +268,39 @@ class Server:
             data = stream.read(1 << 16)
             if not data:
                 break
-            try:
-                messages = buffer.feed(data)
-            except ValueError:
-                log.error("a message that is not SPD protocol: the pipe is not ours; stopping")
-                os._exit(3)
-            for message in messages:
-                self.receive(message)
+            for line in buffer.lines(data):
+                self.take(line)
         log.info("the parent closed the pipe; stopping")
         self.stop()
         deadline = threading.Timer(15.0, os._exit, args=(0,))  # a job stuck in native code must not outlive Slicer
         deadline.daemon = True  # a normal stop does not wait for it
         deadline.start()
+
+    def take(self, line: Optional[bytes]) -> None:
+        """One line off the pipe (None: a line that was too long). Before the hello, anything unexpected means
+        the pipe is not the parent's: the engine exits. After it, a bad message gets an error reply and the
+        reader goes on."""
+        try:
+            message = protocol.loads(line) if line is not None else None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, not an object with a type, nested too deep
+            message = None
+        if not self._authorised and message is None:
+            log.error("a message that is not SPD protocol: the pipe is not ours; stopping")
+            os._exit(3)
+        if message is None:
+            why = (f"longer than {protocol.MAX_LINE_BYTES} bytes" if line is None else
+                   "not a JSON object with a type")
+            self.refuse(None, f"The engine received a message {why}; it was ignored.")
+            return
+        try:
+            self.receive(message)
+        except Exception:  # noqa: BLE001 - the reader thread must survive any message
+            log.error("message %.200r failed:\n%s", message, traceback.format_exc())
+            self.refuse(_request_id(message), "The engine could not handle this message (details in its log).",
+                        "EngineError")
+
+    def refuse(self, request_id, text: str, error: str = "InputError") -> None:
+        self.send({"type": "error", "id": request_id, "error": error, "message": text})
 
     def receive(self, message: dict) -> None:
         kind = message.get("type")
@@ -286,17 +312,20 @@ class Server:
             log.error("refused: the first message did not carry this engine's token (only the process that "
                       "started the engine may use it)")
             os._exit(3)
-        if kind == "cancel":
-            self._cancel(message.get("id"))
+        request_id = _request_id(message)
+        if kind in ("request", "cancel") and request_id is None:
+            self.refuse(None, f"A {kind} message needs an id (a number or a string); it was ignored.")
+        elif kind == "cancel":
+            self._cancel(request_id)
         elif kind == "shutdown":
             self.stop()
         elif kind == "request" and message.get("kind") == "status":
-            self.send({"type": "result", "id": message.get("id"), "body": self._status()})
-        elif kind == "request" and message.get("kind") in protocol.REQUESTS:
-            self._enqueue(_Job(message["id"], message["kind"], message.get("body"), Progress()))
+            self.send({"type": "result", "id": request_id, "body": self._status()})
+        elif kind == "request" and isinstance(message.get("kind"), str) and message["kind"] in protocol.REQUESTS:
+            self._enqueue(_Job(request_id, message["kind"], message.get("body"), Progress()))
         else:
-            self.send({"type": "error", "id": message.get("id"), "error": "InputError",
-                       "message": f"The engine does not understand {kind!r} / {message.get('kind')!r}."})
+            self.refuse(request_id, f"The engine does not understand {str(kind)[:80]!r} / "
+                                    f"{str(message.get('kind'))[:80]!r}.")
 
     def _status(self) -> dict:
         status = self.engine.status()
@@ -355,7 +384,7 @@ class Server:
             job.progress.callback = lambda stage, done, total: self.send(
                 {"type": "progress", "id": job.id, "stage": stage, "done": int(done), "total": int(total)})
         try:
-            request = protocol.from_json(job.body, open_volume=self._volumes.open)
+            request = self._request(job)
             value = self.engine.handle(request, job.progress)
             reply = {"type": "result", "id": job.id, "body": protocol.to_json(value, folder=self._share)}
         except Cancelled:
@@ -368,6 +397,27 @@ class Server:
                      "message": f"{type(exc).__name__}: {exc} (details in the engine log)"}
         log.info("request %s (%s): %s in %.3f s", job.id, job.kind, reply["type"], time.perf_counter() - started)
         self.send(reply)
+
+    def _request(self, job: _Job):
+        """The job's request, rebuilt from its body (files only from the private folder) and type-checked."""
+        try:
+            request = protocol.from_json(job.body, open_volume=self._volumes.open, confine=self._share)
+        except InputError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+            raise InputError(f"The engine received a malformed {job.kind} request ({str(exc)[:200]}); nothing was "
+                             "done.") from None
+        expected = protocol.REQUESTS[job.kind]
+        if type(request) is not expected:
+            raise InputError(f"The body of a {job.kind} request is not a {expected.__name__}; nothing was done.")
+        protocol.check_request(request)
+        return request
+
+
+def _request_id(message: dict):
+    """A message's request id when it is a number or a string, else None."""
+    value = message.get("id")
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
 def main() -> int:
