@@ -857,3 +857,81 @@ def test_the_engine_process_survives_bad_messages_and_ends_with_its_pipe(tmp_pat
     assert kinds[0][0] == "ready" and ("result", 2) in kinds
     assert [k for k in kinds if k[0] == "error"] == [("error", None)] * 3 + [("error", 1)], kinds
     assert b"Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- the cache
+
+@pytest.mark.parametrize("kind", ["a file", "not creatable"])
+def test_an_unusable_cache_folder_falls_back_to_a_private_temporary_one(monkeypatch, tmp_path, kind):
+    """A cache folder that is read-only or is a file ended in a traceback."""
+    from SPDSegmentLib.core import cache
+    from SPDSegmentLib.core.errors import SPDWarning
+    from SPDSegmentLib.research import train as T
+
+    if kind == "a file":
+        root = tmp_path / "cache"
+        root.write_text("a file where the cache folder should be")
+    else:
+        root = Path("/proc/spd-no-such-cache")  # no one may create a folder here, not even root
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs /proc")
+    monkeypatch.setenv("SPDSEGMENT_CACHE", str(root))
+    monkeypatch.setattr(cache, "_folders", {})
+    with pytest.warns(SPDWarning, match=f"The cache folder {root}/openvino cannot be used .* uses the temporary"):
+        folder = cache.cache_folder("openvino")
+    assert folder.is_dir() and oct(folder.stat().st_mode & 0o777) == "0o700" and str(root) not in str(folder)
+    assert cache.cache_folder("openvino") == folder  # one warning per process and folder
+    with pytest.warns(SPDWarning, match="features cannot be used"):
+        store = T.default_store_root()
+    assert store.is_dir() and store != folder
+    if kind == "a file":
+        assert root.read_text() == "a file where the cache folder should be"
+
+
+def test_a_failed_openvino_conversion_falls_back_to_pytorch(capsys, monkeypatch, sample_paths, tmp_path):
+    from SPDSegmentLib.core.models import openvino_runtime
+
+    def cannot_save(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(openvino_runtime, "available", lambda: True)
+    monkeypatch.setattr(openvino_runtime, "OpenVINORuntime", cannot_save)
+    code, out, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "x.seg.nrrd",
+                                               "--mode", "raw", "--runtime", "auto"))
+    assert code == 0 and "warning: The model could not be converted for OpenVINO" in err and "PyTorch" in err, err
+    assert "Traceback" not in err and (tmp_path / "x.seg.nrrd").exists()
+    code, _, err = run(capsys, *segment_args(sample_paths["image"], sample_paths["points"], tmp_path / "y.seg.nrrd",
+                                             "--mode", "raw", "--runtime", "openvino"))
+    assert_refused(code, err, "could not save its converted model", "(option --runtime)")
+
+
+@pytest.mark.parametrize("damage", ["cut", "mismatch", "json"])
+def test_a_damaged_feature_store_entry_is_encoded_again(damage, tiny_backbone, tmp_path):
+    """A truncated feature-store file ended in a traceback."""
+    from test_train import ellipsoid_case
+
+    from SPDSegmentLib.core.errors import SPDWarning
+    from SPDSegmentLib.research.features import FeatureStore, encode_case
+
+    image, label = ellipsoid_case()
+    volume = vol.Volume(image, np.eye(4))
+    store = FeatureStore(tmp_path)
+    first = encode_case(store, "d", "c", volume, label, 1, tiny_backbone)
+    assert first.fresh and store.has("d", "c", 1)
+    slices, q = first.slices, np.array(first.q)  # in memory: the file is about to be cut under its mapping
+    del first
+    entry = tmp_path / "d" / "c"
+    if damage == "cut":
+        data = (entry / "axis1.q.npy").read_bytes()
+        (entry / "axis1.q.npy").write_bytes(data[: len(data) // 2])
+    elif damage == "mismatch":
+        np.save(entry / "axis1.scale.npy", np.ones((2, 3), np.float16))
+    else:
+        (entry / "axis1.json").write_text("{\"slices\": ")
+    with pytest.warns(SPDWarning, match="damaged .* encoded again"):
+        assert not store.has("d", "c", 1)
+    with pytest.warns(SPDWarning):
+        again = encode_case(store, "d", "c", volume, label, 1, tiny_backbone)
+    assert again.fresh and again.slices == slices
+    np.testing.assert_array_equal(again.q, q)
+    assert store.has("d", "c", 1)

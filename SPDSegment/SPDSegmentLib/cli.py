@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from .core import prompts, volume
 from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
-from .core.errors import InputError, SPDError
+from .core.errors import InputError, SPDError, SPDWarning
 from .core.files import OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable
 from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
                                    check_device, is_available)
@@ -515,6 +516,14 @@ OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device
                      "out": "--out"}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """SPD's warnings (errors.SPDWarning) as one ``warning: ...`` line; others as Python shows them."""
+    if issubclass(category, SPDWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def option_of(setting: Optional[str], command: str) -> Optional[str]:
     """The option that sets a core setting (SPDError.setting) in this command, or None."""
     if command == "train" and setting in TRAIN_OPTIONS:  # spd train's options are TrainConfig's fields
@@ -527,7 +536,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "device", None) is not None:
             check_device(args.device)  # every command: an unknown device is refused before anything loads
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SPDWarning)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except SPDError as exc:
         option = option_of(exc.setting, args.command)
         print(f"error: {exc}" + (f" (option {option})" if option else ""), file=sys.stderr)

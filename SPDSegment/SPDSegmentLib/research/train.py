@@ -137,9 +137,9 @@ def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def default_store_root() -> Path:
-    from ..core.models.download import cache_dir
+    from ..core.cache import cache_folder
 
-    return cache_dir() / "features"
+    return cache_folder("features")  # a temporary stand-in, with a warning, when the user cache is unusable
 
 
 def training_cases(config: TrainConfig):

@@ -30,7 +30,7 @@ from ..errors import CheckpointError, RuntimeChoiceError
 from ..sample import sample_case
 from ..volume import apply_range, get_slice, intensity_range, read
 from .digest import weights_digest
-from .download import cache_dir
+from ..cache import cache_folder
 
 # openvino and nncf are optional: imported where used, so that PyTorch alone still runs SPD.
 
@@ -98,7 +98,7 @@ def prompt_tokens(points: Optional[np.ndarray], labels: Optional[np.ndarray], bo
 
 
 def _ir_cache_root() -> Path:
-    return cache_dir() / "openvino"
+    return cache_folder("openvino")  # a temporary stand-in, with a warning, when the user cache is unusable
 
 
 def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) -> None:
