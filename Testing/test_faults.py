@@ -617,6 +617,7 @@ def test_a_diverging_loss_stops_training_and_saves_nothing(capsys, monkeypatch, 
         return (value[0] * float("nan"), value[1]) if isinstance(value, tuple) else value * float("nan")
 
     monkeypatch.setattr(T, name, diverging)
+    monkeypatch.setenv("SPDSEGMENT_RUNTIME", "torch")  # encode the store eagerly: no OpenVINO conversion to wait for
     out = tmp_path / "model.spd.safetensors"
     out.write_bytes(b"the user's earlier model")
     cfg = config(small_msd, out, cache_dir=str(store), stage1_epochs=2, stage2_steps=3)
