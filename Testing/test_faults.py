@@ -20,10 +20,10 @@ import pytest
 import SimpleITK as sitk
 
 from cli_helpers import files_in, run, segment_args
-from test_reliability import assert_refused, tiny_spd_file
+from test_reliability import assert_refused, no_model_load, tiny_spd_file  # noqa: F401 (a fixture)
 
 from SPDSegmentLib import cli
-from SPDSegmentLib.core import files, pipeline, spd_model
+from SPDSegmentLib.core import files, spd_model
 from SPDSegmentLib.core import volume as vol
 from SPDSegmentLib.core.errors import InputError, SPDError
 from SPDSegmentLib.core.models import registry
@@ -38,16 +38,6 @@ def digests(folder) -> dict:
     """name -> SHA-256 of every file under ``folder`` (hidden temporaries included)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """The test fails if a model loads: the checks under test must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the check")
-
-    monkeypatch.setattr(pipeline, "load_model", refuse)
-    monkeypatch.setattr(registry, "load_backbone", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,13 @@ class IncompleteOutput(Exception):
     """A written file that reads back wrong (raised by verifiers; reported through :func:`output_failure`)."""
 
 
+# the temporaries of open OutputSets: their stat signature once atomic_write has sealed one (None until then),
+# and the name each is to have (messages speak of that)
+_sealed: Dict[str, Optional[tuple]] = {}
+_final_of: Dict[str, Path] = {}
+_sealed_lock = threading.Lock()
+
+
 # ---------------------------------------------------------------- verifiers by kind
 
 _VERIFIERS: Dict[str, Verifier] = {}  # file name ending (lower case) -> verifier
@@ -200,11 +207,6 @@ def seal(tmp: Path, final: Path, verify: Optional[Verifier] = None) -> None:
         raise output_failure(final, exc) from exc
     except IncompleteOutput as exc:
         raise output_failure(final, f"it read back incomplete ({exc})") from None
-
-
-_sealed: Dict[str, Optional[tuple]] = {}  # OutputSet temporary -> its stat signature once atomic_write sealed it
-_final_of: Dict[str, Path] = {}  # OutputSet temporary -> the output's name (for messages)
-_sealed_lock = threading.Lock()
 
 
 def _signature(path: Path) -> Optional[tuple]:
