@@ -212,14 +212,45 @@ def test_a_full_disk_reported_only_by_fsync_keeps_the_old_file(monkeypatch, tmp_
     assert target.read_text() == "old" and files_in(tmp_path) == ["clicks.mrk.json"]
 
 
-def test_an_empty_or_unparsable_output_is_never_renamed_into_place(tmp_path):
-    target = tmp_path / "report.json"
-    target.write_text('{"old": 1}')
-    for content in ("", '{"cut'):
+def png_bytes() -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(1, 1))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def npy_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(1000.0))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, whole", [("report.json", lambda: b'{"new": 1}'), ("plot.png", png_bytes),
+                                         ("array.npy", npy_bytes)])
+def test_an_empty_or_cut_output_is_never_renamed_into_place(tmp_path, name, whole):
+    """The verifiers of files.py by kind: JSON parses, a PNG ends with its IEND chunk, a .npy holds what its
+    header announces."""
+    target = tmp_path / name
+    target.write_bytes(b"the earlier file")
+    data = whole()
+    for content in (b"", data[: len(data) // 2], data[:-1]):
         with pytest.raises(InputError, match="read back incomplete"):
             with files.atomic_write(target) as tmp:
-                tmp.write_text(content)
-    assert target.read_text() == '{"old": 1}' and files_in(tmp_path) == ["report.json"]
+                tmp.write_bytes(content)
+    assert target.read_bytes() == b"the earlier file" and files_in(tmp_path) == [name]
+    with files.atomic_write(target) as tmp:
+        tmp.write_bytes(data)
+    assert target.read_bytes() == data
 
 
 def test_output_set_reads_back_what_its_writers_did_not_seal(tmp_path):

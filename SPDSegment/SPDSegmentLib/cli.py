@@ -91,8 +91,8 @@ def _least_output_bytes(kind: str, voxels: int) -> int:
     return 4096 + (voxels // 4 if kind == "saliency" else 0 if kind == "audit" else voxels // 500)
 
 
-def _strict_failure(warnings) -> int:
-    print(f"error: --strict: the result looks implausible ({len(warnings)} warning{'s' if len(warnings) > 1 else ''} "
+def _strict_failure(found) -> int:
+    print(f"error: --strict: the result looks implausible ({len(found)} warning{'s' if len(found) > 1 else ''} "
           "above); nothing was written.", file=sys.stderr)
     return EXIT_IMPLAUSIBLE
 
@@ -223,7 +223,7 @@ def cmd_demo(args) -> int:
         volume.write_segmentation(files.add(outputs["segmentation"]), masks["SPD"], vol.ijk_to_lps,
                                   segment_name="hippocampus")
         if "overlay" in outputs:
-            overlay_png(files.add(outputs["overlay"], verify=verify_png), vol, label, masks, points, axis=case.axis)
+            overlay_png(files.add(outputs["overlay"]), vol, label, masks, points, axis=case.axis)
         written = files.paths
     print(f"sample case {case.name}, {len(points)} sloppy centerline points (moderate noise)")
     for title, dice, seconds in rows:
@@ -262,15 +262,6 @@ def encoding_progress(stream=None):
         state["printed"] = quarter
 
     return Progress(callback)
-
-
-def verify_png(path) -> None:
-    """A written PNG is whole: its signature, and the IEND chunk that closes every PNG."""
-    from .core.files import IncompleteOutput
-
-    data = Path(path).read_bytes()
-    if not data.startswith(b"\x89PNG\r\n\x1a\n") or not data.endswith(b"IEND\xaeB`\x82"):
-        raise IncompleteOutput("the PNG is cut short")
 
 
 def cmd_simulate(args) -> int:

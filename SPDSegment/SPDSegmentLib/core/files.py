@@ -91,8 +91,19 @@ def verify_npy(path: Path) -> None:
         raise IncompleteOutput(f"it holds {os.path.getsize(path)} bytes, its header announces {expected}")
 
 
+def verify_png(path: Path) -> None:
+    """A PNG is whole: its signature, and the IEND chunk that closes every PNG."""
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+        handle.seek(max(os.path.getsize(path) - 8, 0))
+        end = handle.read(8)
+    if start != b"\x89PNG\r\n\x1a\n" or end != b"IEND\xaeB`\x82":
+        raise IncompleteOutput("the PNG is cut short")
+
+
 register_verifier([".json"], verify_json)  # .mrk.json, feature-store entries, reports
 register_verifier([".npy"], verify_npy)  # caches, feature store, the engine's arrays
+register_verifier([".png"], verify_png)  # the demo's overlay, the benchmark's plot
 
 
 # ---------------------------------------------------------------- the "disk full" message
