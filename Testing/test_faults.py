@@ -848,6 +848,23 @@ def test_seeded_fuzz_of_engine_messages(server, tmp_path):
     assert digests(outside) == before
 
 
+def test_a_reply_the_engine_cannot_write_is_an_error_reply(server, monkeypatch):
+    """The engine's replies are verified writes too: a full private folder is an error reply, not a result
+    pointing at a cut file."""
+    from SPDSegmentLib.engine import protocol
+
+    def full(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    monkeypatch.setattr(server.engine, "handle", lambda request, progress: np.ones((64, 64, 64), np.uint8))
+    server.take(request_line(5, "load_model", {"__dataclass__": "LoadModel", "fields": {"model": "x"}}))
+    server.serve_queued()
+    reply = server.replies.messages()[-1]
+    assert reply["type"] == "error" and reply["id"] == 5 and "the disk is full" in reply["message"], reply
+    assert sorted(p.name for p in server.share.iterdir()) == []
+
+
 def test_a_line_too_long_is_dropped_as_it_arrives():
     from SPDSegmentLib.engine import protocol
 
