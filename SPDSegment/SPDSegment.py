@@ -90,6 +90,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._connections = []  # (widget, signal, slot) made here, undone by cleanup
         self.task = None  # (engine Handle, onDone) of the run, download, batch or status request in progress
         self.process = None  # training QProcess
+        self._observedSegmentation = None  # its segments are listed in the Segment menu
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -173,6 +174,7 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     setattr(state, name, first)
 
     def setParameterNode(self, parameterNode):
+        self.observeSegmentation(None)
         if self._parameterNode is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
@@ -189,12 +191,16 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         state = self._parameterNode
         if state is None:
             return
+        self.observeSegmentation(state.segmentation)
+        segmentation = state.segmentation.GetSegmentation() if state.segmentation is not None else None
+        if state.segmentId and (segmentation is None or segmentation.GetSegment(state.segmentId) is None):
+            state.segmentId = ""  # gone (undone, removed): a new segment, never a write into a missing one
+            return  # that write updated the panel
         widgets = (self.ui.segmentCombo, self.ui.modelCombo, self.ui.modelPath)
         blocked = [w.blockSignals(True) for w in widgets]
         try:
             self.ui.segmentCombo.clear()
             self.ui.segmentCombo.addItem(NEW_SEGMENT, "")
-            segmentation = state.segmentation.GetSegmentation() if state.segmentation is not None else None
             for index in range(segmentation.GetNumberOfSegments() if segmentation else 0):
                 segmentId = segmentation.GetNthSegmentID(index)
                 self.ui.segmentCombo.addItem(segmentation.GetSegment(segmentId).GetName(), segmentId)
@@ -208,6 +214,18 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             spd_gui.model_defaults(self.modelName()) is not None
         self.ui.modelStatusLabel.text = spd_gui.model_status(state.model)
         self.ui.runButton.enabled = self.task is None and None not in (state.volume, state.points, state.segmentation)
+
+    def observeSegmentation(self, node):
+        """Follow the segments of ``node`` (None: none) in the Segment menu, whoever adds, renames or removes them."""
+        events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                  slicer.vtkSegmentation.SegmentModified)
+        if node is self._observedSegmentation:
+            return
+        for event in events if self._observedSegmentation is not None else ():
+            self.removeObserver(self._observedSegmentation, event, self.updateGUIFromParameterNode)
+        self._observedSegmentation = node
+        for event in events if node is not None else ():
+            self.addObserver(node, event, self.updateGUIFromParameterNode)
 
     def onModelChanged(self, *unused):
         """Another model: its own tau and n (a model trained with another tau is never overridden), written with

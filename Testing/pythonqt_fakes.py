@@ -1278,3 +1278,43 @@ def scripted_loadable_module(scene_getter: Callable[[], Any], module_folder) -> 
                 ScriptedLoadableModuleTest):
         setattr(module, cls.__name__, cls)
     return module
+
+
+# ---------------------------------------------------------------- putting the fakes in place
+
+class Application:
+    """``slicer.app`` as the GUIs use it: the version, the home folder, signal connections (recorded)."""
+
+    def __init__(self, major: int = 5, minor: int = 10):
+        self.majorVersion, self.minorVersion, self.slicerHome = major, minor, ""
+        self.connections: List[tuple] = []
+
+    def connect(self, signal: str, slot: Callable) -> bool:
+        self.connections.append((signal, slot))
+        return True
+
+
+def install(monkeypatch, scene) -> types.SimpleNamespace:
+    """Put the fakes where the module and the effect import them from, on ``scene`` (real MRML). Returns what the
+    tests look at: the recorded ``setSliceViewerLayers`` and ``errorDisplay`` calls and the application."""
+    import sys
+
+    import slicer
+
+    calls = types.SimpleNamespace(layers=[], errors=[], app=Application())
+    for name, module in (("qt", qt_module()), ("ctk", ctk_module()),
+                         ("SegmentEditorEffects", segment_editor_effects_module()),
+                         ("slicer.parameterNodeWrapper", parameter_node_wrapper_module()),
+                         ("slicer.ScriptedLoadableModule",
+                          scripted_loadable_module(lambda: slicer.mrmlScene,
+                                                   Path(__file__).resolve().parents[1] / "SPDSegment"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", calls.app, raising=False)
+    monkeypatch.setattr(slicer, "qMRMLNodeComboBox", qMRMLNodeComboBox, raising=False)
+    monkeypatch.setattr(slicer, "qSlicerSegmentEditorAbstractEffect", ScriptedEffect, raising=False)
+    monkeypatch.setattr(slicer.util, "loadUI", load_ui, raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", child_widget_variables, raising=False)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: calls.layers.append(kw), raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: calls.errors.append(text), raising=False)
+    return calls

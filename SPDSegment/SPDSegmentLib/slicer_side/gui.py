@@ -119,17 +119,6 @@ def model_defaults(name_or_path: str) -> Optional[Tuple[float, int]]:
     return float(header.get("tau", DEFAULT_TAU)), int(header.get("neighbours", DEFAULT_NEIGHBOURS))
 
 
-def show_model_defaults(name_or_path: str, tau_widget, neighbours_widget) -> Tuple[float, int]:
-    """Put the chosen model's own tau and n into the widgets (never keep another model's); a backbone
-    has none (raw mode), so the widgets are disabled. Returns the values shown."""
-    defaults = model_defaults(name_or_path)
-    for widget in (tau_widget, neighbours_widget):
-        widget.enabled = defaults is not None
-    tau, neighbours = defaults or (0.5, 2)
-    tau_widget.value, neighbours_widget.value = tau, neighbours
-    return tau, neighbours
-
-
 def model_status(name: str) -> str:
     from ..core.models import registry
 
