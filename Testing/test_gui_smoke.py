@@ -501,19 +501,26 @@ def test_closing_the_scene_drops_what_the_gui_holds(gui, engine):
 
 @pytest.mark.skipif(not CORE_HAS_CLICK_KINDS, reason="needs the click kinds in the core (engineer corr's branch, "
                                                      "issue 19 part 1): until then a background click is dropped")
-def test_a_background_click_changes_the_mask(gui, engine):
-    """With the bundled model on the sample case: a background click on a voxel of the result removes it."""
+def test_a_background_click_changes_the_mask(gui, engine, monkeypatch):
+    """The bundled model on the sample case, two clicks on neighbouring coronal slices (n = 0, PyTorch: no model
+    conversion, ~10 s): a Ctrl-click on a voxel of the result removes it, and the preview follows."""
+    monkeypatch.setenv("SPDSEGMENT_RUNTIME", "torch")  # the engine inherits it
     effect, scripted, segment_id, _ = make_effect(gui, model=registry.DEFAULT_MODEL, mode="spd", auto_update=True)
+    effect.neighboursSpin.value = 0
     effect.activate()
     wait(effect.poll, lambda: effect.preload is not None, timeout=300)
-    for ijk in gui.ijk[2:5]:
-        click(effect, gui, ijk)
+    label = gui.label > 0
+    middle = int(np.median(np.nonzero(label)[1]))
+    for j in (middle, middle + 1):
+        k, i = np.argwhere(label[:, j, :]).mean(0)
+        assert click(effect, gui, (round(i), j, round(k)))
     wait(effect.poll, lambda: effect.run is not None, timeout=300)
     before = np.asarray(effect.preview["result"].mask).copy()
-    label = gui.label > 0
+    assert before.any(), effect.statusLabel.text
     wrong = np.argwhere(before.astype(bool) & ~label)  # a false positive, else a voxel of the result
     k, j, i = (wrong if len(wrong) else np.argwhere(before))[0]
     assert click(effect, gui, (i, j, k), control=True)
+    assert effect.promptsNode().GetNthControlPointDescription(2) == "background"
     wait(effect.poll, lambda: effect.run is not None, timeout=300)
     after = np.asarray(effect.preview["result"].mask)
     assert after[k, j, i] == 0 and after.sum() < before.sum(), effect.statusLabel.text

@@ -148,7 +148,6 @@ at the chosen model's own values. Slice numbers are the Data Probe's I, J or K.<
         self.limitCheck = qt.QCheckBox("only slices")
         self.firstSpin, self.lastSpin = qt.QSpinBox(), qt.QSpinBox()
         for spin in (self.firstSpin, self.lastSpin):
-            spin.setRange(0, 0)
             spin.setToolTip("A slice number as the Data Probe shows it (the I, J or K of the slicing direction).")
         self.rangeAxisLabel = qt.QLabel("")
         for widget in (self.limitCheck, self.firstSpin, qt.QLabel("to"), self.lastSpin, self.rangeAxisLabel):
@@ -246,8 +245,6 @@ at the chosen model's own values. Slice numbers are the Data Probe's I, J or K.<
             self.neighboursSpin.value = effect.integerParameter("Neighbours")
             self.limitCheck.checked = effect.integerParameter("LimitSlices") != 0
             self.updateSliceRangeWidgets()
-            self.firstSpin.value = effect.integerParameter("FirstSlice")
-            self.lastSpin.value = effect.integerParameter("LastSlice")
             self.saliencyCheck.checked = effect.integerParameter("ShowSaliency") != 0
             self.auditCheck.checked = effect.integerParameter("ShowAudit") != 0
             self.autoUpdateCheck.checked = effect.integerParameter("AutoUpdate") != 0
@@ -292,15 +289,16 @@ at the chosen model's own values. Slice numbers are the Data Probe's I, J or K.<
         effect.setParameter("LimitSlices", int(bool(checked)))
 
     def updateSliceRangeWidgets(self):
-        """The slice range spin boxes count the slices of the clicks' axis, as the Data Probe numbers them."""
+        """The slice range spin boxes count the slices of the clicks' axis, numbered as the Data Probe numbers them
+        (I, J or K from 0), and show the range parameters (any range while the axis is not known yet)."""
         _, _, gui, _ = core()
-        if self.axisInfo is None:
-            self.rangeAxisLabel.text = ""
-            return
-        axis, count = self.axisInfo
-        for spin in (self.firstSpin, self.lastSpin):
+        axis, count = self.axisInfo or (None, 100000)
+        self.rangeAxisLabel.text = f"({gui.slice_letter(axis)}, 0-{count - 1})" if axis is not None else ""
+        for spin, name in ((self.firstSpin, "FirstSlice"), (self.lastSpin, "LastSlice")):
+            was = spin.blockSignals(True)
             spin.setRange(0, max(count - 1, 0))
-        self.rangeAxisLabel.text = f"({gui.slice_letter(axis)}, 0-{count - 1})"
+            spin.value = self.scriptedEffect.integerParameter(name) if self.scriptedEffect.parameterDefined(name) else 0
+            spin.blockSignals(was)
 
     def updateButtons(self):
         running = self.run is not None
