@@ -452,23 +452,25 @@ class ctkComboBox(QComboBox):
     pass
 
 
+def _emitting(attribute: str, signal: str, convert=str):
+    """A property whose setter emits ``signal`` with the new value, only when it changes (as Qt's setters do)."""
+
+    def set_value(self, value) -> None:
+        value = convert(value)
+        if value != self.__dict__.get(attribute):
+            self.__dict__[attribute] = value
+            self.emit(signal, value)
+
+    return property(lambda self: self.__dict__.get(attribute, convert()), set_value)
+
+
 class QLineEdit(QWidget):
     SIGNALS = ("textChanged", "editingFinished", "returnPressed")
+    text = _emitting("_text", "textChanged")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.__dict__["_text"] = ""
         self.readOnly, self.placeholderText = False, ""
-
-    @property
-    def text(self) -> str:
-        return self._text
-
-    @text.setter
-    def text(self, value: str) -> None:
-        if str(value) != self._text:
-            self.__dict__["_text"] = str(value)
-            self.emit("textChanged", self._text)
 
     def setText(self, value: str) -> None:
         self.text = value
@@ -477,21 +479,11 @@ class QLineEdit(QWidget):
 class ctkPathLineEdit(QWidget):
     SIGNALS = ("currentPathChanged", "validInputChanged")
     Dirs, Files, Drives, NoDot, NoDotDot, Readable, Writable, Executable = 1, 2, 4, 8, 16, 32, 64, 128
+    currentPath = _emitting("_path", "currentPathChanged")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.__dict__["_path"] = ""
         self.filters, self.nameFilters, self.label = self.Files, [], ""
-
-    @property
-    def currentPath(self) -> str:
-        return self._path
-
-    @currentPath.setter
-    def currentPath(self, value: str) -> None:
-        if str(value) != self._path:
-            self.__dict__["_path"] = str(value)
-            self.emit("currentPathChanged", self._path)
 
     def setCurrentPath(self, value: str) -> None:
         self.currentPath = value
@@ -549,20 +541,7 @@ class QPlainTextEdit(QWidget):
 
 class ctkCollapsibleButton(QAbstractButton):
     SIGNALS = ("contentsCollapsed",)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.__dict__["_collapsed"] = False
-
-    @property
-    def collapsed(self) -> bool:
-        return self._collapsed
-
-    @collapsed.setter
-    def collapsed(self, value: bool) -> None:
-        if bool(value) != self._collapsed:
-            self.__dict__["_collapsed"] = bool(value)
-            self.emit("contentsCollapsed", bool(value))
+    collapsed = _emitting("_collapsed", "contentsCollapsed", bool)
 
 
 class QLayout(QObject):
@@ -961,6 +940,19 @@ class ScriptedEffect:
         else:
             self.editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, mode, list(extent),
                                                       self.perSegment, bypass)
+
+
+def build_effect(effect_class, editor_node, editor_logic, name: str = "SPD"):
+    """A scripted effect as the Segment Editor builds it: options frame, then defaults, then connected to parameter
+    changes (qMRMLSegmentEditorWidget::setMRMLSegmentEditorNode), then one GUI update. Returns (effect, ScriptedEffect)."""
+    observers: list = []
+    scripted = ScriptedEffect(name, editor_node, editor_logic, observers)
+    effect = effect_class(scripted)
+    effect.setupOptionsFrame()
+    effect.setMRMLDefaults()
+    observers.append(effect)
+    effect.updateGUIFromMRML()
+    return effect, scripted
 
 
 class AbstractScriptedSegmentEditorEffect:

@@ -55,13 +55,7 @@ def app(monkeypatch):
 def new_effect(app):
     """The SPD effect as the Segment Editor builds it: options, then defaults, then parameter-change updates."""
     module = load("SegmentEditorSPD/SegmentEditorSPDLib/SegmentEditorEffect.py", "SegmentEditorEffect_pythonqt")
-    observers = []
-    scripted = fakes.ScriptedEffect("SPD", app.editor_node, app.editor_logic, observers)
-    effect = module.SegmentEditorEffect(scripted)
-    effect.setupOptionsFrame()
-    effect.setMRMLDefaults()
-    observers.append(effect)
-    effect.updateGUIFromMRML()
+    effect, scripted = fakes.build_effect(module.SegmentEditorEffect, app.editor_node, app.editor_logic)
     app.built.append(effect)
     return effect, scripted, module
 

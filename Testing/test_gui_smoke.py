@@ -237,13 +237,7 @@ def make_effect(gui, model="tiny_sam_test", mode="raw", auto_update=False):
     app.editor_node.SetAndObserveSourceVolumeNode(gui.nodes.volume)
     app.editor_node.SetSelectedSegmentID(segment_id)
     module = load("SegmentEditorSPD/SegmentEditorSPDLib/SegmentEditorEffect.py", "SegmentEditorEffect_smoke")
-    observers = []
-    scripted = fakes.ScriptedEffect("SPD", app.editor_node, app.editor_logic, observers)
-    effect = module.SegmentEditorEffect(scripted)
-    effect.setupOptionsFrame()
-    effect.setMRMLDefaults()
-    observers.append(effect)
-    effect.updateGUIFromMRML()
+    effect, scripted = fakes.build_effect(module.SegmentEditorEffect, app.editor_node, app.editor_logic)
     effect.modelCombo.setCurrentIndex(effect.modelCombo.findData(model))
     effect.modeCombo.currentText = mode
     effect.autoUpdateCheck.checked = auto_update
@@ -265,6 +259,19 @@ def key(effect, name):
 
     return effect.processInteractionEvents(Interactor(key=name), vtk.vtkCommand.KeyPressEvent,
                                            SliceView([0, 0, 0], CORONAL))
+
+
+def previewed_effect(gui):
+    """The effect selected, every sample click placed in the Green view, and its Preview shown."""
+    effect, scripted, segment_id, module = make_effect(gui)
+    effect.activate()
+    wait(effect.poll, lambda: effect.preload is not None)
+    for ijk in gui.ijk:
+        assert click(effect, gui, ijk)
+    effect.previewButton.click()
+    wait(effect.poll, lambda: effect.run is not None)
+    assert effect.preview is not None, effect.statusLabel.text
+    return effect, scripted, segment_id
 
 
 def descriptions(node):
@@ -441,13 +448,7 @@ def test_effect_apply_with_only_slices_keeps_the_segment_elsewhere(gui, engine):
 
 def test_effect_preview_is_kept_across_effects_and_shown_as_asked(gui, engine):
     app = gui.app
-    effect, scripted, segment_id, _ = make_effect(gui)
-    effect.activate()
-    wait(effect.poll, lambda: effect.preload is not None)
-    for ijk in gui.ijk:
-        click(effect, gui, ijk)
-    effect.previewButton.click()
-    wait(effect.poll, lambda: effect.run is not None)
+    effect, scripted, segment_id = previewed_effect(gui)
     preview_node = effect.preview["nodes"]["preview"]
     assert preview_node.GetDisplayNode().GetOpacity() == pytest.approx(0.6)
     effect.opacitySlider.value = 0.3
@@ -477,14 +478,8 @@ def test_effect_preview_is_kept_across_effects_and_shown_as_asked(gui, engine):
 
 def test_closing_the_scene_drops_what_the_gui_holds(gui, engine):
     app = gui.app
-    effect, scripted, _, _ = make_effect(gui)
-    effect.activate()
-    wait(effect.poll, lambda: effect.preload is not None)
-    for ijk in gui.ijk:
-        click(effect, gui, ijk)
-    effect.previewButton.click()
-    wait(effect.poll, lambda: effect.run is not None)
-    assert effect.preview is not None and effect._volumeCopy[1] is not None
+    effect, scripted, _ = previewed_effect(gui)
+    assert effect._volumeCopy[1] is not None
     widget = module_widget(gui, "SPDSegment_close")
     widget.ui.volumeSelector.setCurrentNode(gui.nodes.volume)
     widget.ui.pointsSelector.setCurrentNode(gui.nodes.points)
