@@ -196,6 +196,27 @@ def test_the_panel_binds_the_parameter_node(app):
     assert again.ui.volumeSelector.currentNode() is volume
 
 
+def test_the_module_state_is_saved_with_the_scene(app, monkeypatch, tmp_path):
+    widget, _ = new_module_widget(app)
+    volume = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "saved volume")
+    widget.ui.volumeSelector.setCurrentNode(volume)
+    widget.ui.modelPath.currentPath = model_file(tmp_path, tau=0.3, neighbours=4)
+    widget.ui.editableAreaCombo.currentText = "outside all segments"
+    app.scene.SetSaveToXMLString(1)
+    app.scene.Commit()  # what File > Save writes (the scene's .mrml)
+    reopened = make_standalone_app()
+    reopened.scene.SetLoadFromXMLString(1)
+    reopened.scene.SetSceneXMLString(app.scene.GetSceneXMLString())
+    reopened.scene.Import()
+    monkeypatch.setattr(slicer, "mrmlScene", reopened.scene)
+    reopened.built = app.built  # cleaned up with the others
+    again, _ = new_module_widget(reopened)
+    assert again.ui.volumeSelector.currentNode().GetName() == "saved volume"
+    assert (again.ui.tauSlider.value, again.ui.neighboursSpin.value) == (0.3, 4)
+    assert again.ui.modelPath.currentPath == widget.ui.modelPath.currentPath
+    assert again.ui.editableAreaCombo.currentText == "outside all segments"
+
+
 def test_every_module_button_is_connected(app, monkeypatch):
     widget, _ = new_module_widget(app)
     pressed = []
