@@ -944,7 +944,8 @@ class ScriptedEffect:
 
 def build_effect(effect_class, editor_node, editor_logic, name: str = "SPD"):
     """A scripted effect as the Segment Editor builds it: options frame, then defaults, then connected to parameter
-    changes (qMRMLSegmentEditorWidget::setMRMLSegmentEditorNode), then one GUI update. Returns (effect, ScriptedEffect)."""
+    changes (qMRMLSegmentEditorWidget::setMRMLSegmentEditorNode), then one GUI update.
+    Returns (effect, ScriptedEffect)."""
     observers: list = []
     scripted = ScriptedEffect(name, editor_node, editor_logic, observers)
     effect = effect_class(scripted)

@@ -254,12 +254,8 @@ def configure_editor(editor_node, overwrite: str = DEFAULT_OVERWRITE, editable_a
     ``mask_segment_id``). The source-volume intensity range is left as it is."""
     import slicer
 
-    if overwrite not in OVERWRITE_CHOICES:
-        raise InputError(f"Unknown setting for other segments {overwrite!r}; use one of {', '.join(OVERWRITE_CHOICES)}.",
-                         setting="overwrite")
-    if editable_area not in EDITABLE_AREAS:
-        raise InputError(f"Unknown editable area {editable_area!r}; use one of {', '.join(EDITABLE_AREAS)}.",
-                         setting="editable_area")
+    _check_choice(overwrite, OVERWRITE_CHOICES, "overwrite")
+    _check_choice(editable_area, EDITABLE_AREAS, "editable_area")
     if (editable_area == "inside one segment") != bool(mask_segment_id):
         raise InputError("The editable area 'inside one segment' needs the id of that segment (mask_segment_id), "
                          "and only that area takes one.", setting="editable_area")
@@ -274,6 +270,12 @@ def configure_editor(editor_node, overwrite: str = DEFAULT_OVERWRITE, editable_a
                              "outside visible segments": segmentation_class.EditAllowedOutsideVisibleSegments,
                              "inside one segment": segmentation_class.EditAllowedInsideSingleSegment}[editable_area])
     editor_node.SetMaskSegmentID(mask_segment_id or None)
+
+
+def _check_choice(value, choices, setting: str) -> None:
+    if value not in choices:
+        what = {"overwrite": "setting for other segments", "editable_area": "editable area"}[setting]
+        raise InputError(f"Unknown {what} {value!r}; use one of {', '.join(choices)}.", setting=setting)
 
 
 def _resolve_target(target):
@@ -600,12 +602,10 @@ def _check_write_settings(editor_node, overwrite, editable_area) -> None:
     if editor_node is not None and (overwrite is not None or editable_area is not None):
         raise InputError("Give either a segment editor node (its masking settings are used) or the settings "
                          "(overwrite, editable_area), not both.", setting="overwrite")
-    if overwrite is not None and overwrite not in OVERWRITE_CHOICES:
-        raise InputError(f"Unknown setting for other segments {overwrite!r}; use one of {', '.join(OVERWRITE_CHOICES)}.",
-                         setting="overwrite")
-    if editable_area is not None and editable_area not in EDITABLE_AREAS[:-1]:
-        raise InputError(f"Unknown editable area {editable_area!r}; use one of {', '.join(EDITABLE_AREAS[:-1])} "
-                         "(or pass a segment editor node set to 'inside one segment').", setting="editable_area")
+    if overwrite is not None:
+        _check_choice(overwrite, OVERWRITE_CHOICES, "overwrite")
+    if editable_area is not None:  # "inside one segment" needs a segment: a segment editor node set to it
+        _check_choice(editable_area, EDITABLE_AREAS[:-1], "editable_area")
 
 
 def write_result(result, volume: Volume, volume_node, segmentation_node, segment_id: Optional[str] = None,
