@@ -130,6 +130,14 @@ def test_module_widget_run_undo_batch(gui, engine, monkeypatch):
     assert ui.statusLabel.text == "Undone." and segmentation.GetNumberOfSegments() == 0
     ui.undoButton.click()
     assert ui.statusLabel.text == "Nothing to undo."
+    ui.runButton.click()
+    ui.cancelButton.click()  # cancelled: nothing is written
+    assert ui.statusLabel.text == "Cancelling..."
+    wait(widget.poll, lambda: widget.task is not None)
+    assert ui.statusLabel.text.startswith("Cancelled") and segmentation.GetNumberOfSegments() == 0
+    ui.downloadButton.click()  # the tiny test model is on this machine: "downloading" it loads it in the engine
+    wait(widget.poll, lambda: widget.task is not None)
+    assert ui.statusLabel.text.startswith("Model ready: tiny_sam_test"), ui.statusLabel.text
 
     ui.pointsSelector.setCurrentNode(None)  # errors are shown, not raised
     widget.onRun()
@@ -373,7 +381,7 @@ def test_effect_clicks_keys_preview_apply_undo_cancel(gui, engine):
 
 
 def test_effect_auto_update_follows_clicks_moves_and_deletions(gui, engine):
-    effect, scripted, _, _ = make_effect(gui, auto_update=True)
+    effect, scripted, _, module = make_effect(gui, auto_update=True)
     effect.activate()
     wait(effect.poll, lambda: effect.preload is not None)
     for ijk in gui.ijk[:3]:
@@ -404,6 +412,12 @@ def test_effect_auto_update_follows_clicks_moves_and_deletions(gui, engine):
     effect.autoUpdateCheck.checked = False  # off: clicks only send work ahead
     click(effect, gui, gui.ijk[6])
     assert effect.run is None and effect.ahead is not None
+    effect.clearButton.click()  # every click gone: a new list may start in a view of another direction
+    assert points.GetNumberOfControlPoints() == 0 and effect.statusLabel.text == "Clicks cleared."
+    assert points.GetAttribute(module.VIEW_NORMAL_ATTRIBUTE) is None and \
+        points.GetAttribute(module.PREVIEWED_ATTRIBUTE) is None
+    assert click(effect, gui, gui.ijk[0], view=AXIAL) and "axial slices (array axis 0)" in effect.statusLabel.text
+    assert descriptions(points) == [""]  # a new start: a click, not a correction
     effect.deactivate()
 
 
