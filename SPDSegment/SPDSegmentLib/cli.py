@@ -163,9 +163,13 @@ def cmd_batch(args) -> int:
             from .cluster import ray_batch
 
             spec = ray_batch.WorkerSpec(args.model, args.device, args.runtime, args.precision, settings)
+            timings: dict = {}
             rows = ray_batch.run(cases, args.out, spec, address=args.cluster, workers=args.workers,
                                  cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                 retries=args.retries, results_path=results_path, progress=progress)
+                                 retries=args.retries, results_path=results_path, progress=progress, timings=timings)
+            print(f"ray: cluster {timings.get('start_s', 0):.1f} s, workers ready after {timings.get('ready_s', 0):.1f} s; "
+                  f"per case {1000 * timings.get('in_ray_s', 0):.0f} ms in Ray beyond the workers' own time",
+                  file=sys.stderr)
         else:
             worker = batch.Worker.load(args.model, args.device, args.runtime, args.precision, settings)
             rows = batch.run(worker, cases, args.out, results_path, progress)

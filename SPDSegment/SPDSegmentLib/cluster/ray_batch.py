@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import logging
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 from ..core import batch
@@ -117,7 +118,8 @@ def plan_workers(resources: dict, device: str, workers: Optional[int], cpus_per_
 
 def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address: str = "auto",
         workers: Optional[int] = None, cpus_per_worker: int = 1, gpus_per_worker: Optional[float] = None,
-        retries: int = 2, results_path=None, progress: Optional[Progress] = None) -> List[dict]:
+        retries: int = 2, results_path=None, progress: Optional[Progress] = None,
+        timings: Optional[dict] = None) -> List[dict]:
     """Run ``cases`` on a Ray cluster; rows as :func:`core.batch.run` returns them, in the cases' order.
 
     Args:
@@ -130,7 +132,12 @@ def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address
       retries: how often a case whose worker died is tried again (on the restarted worker).
       results_path: the results CSV (default ``OUT/results.csv``).
       progress: gets ("batch", done, total); cancelling stops handing out cases.
+      timings: a dict to fill with what Ray cost: ``start_s`` (joining or starting the cluster),
+        ``ready_s`` (every worker's model loaded), ``in_ray_s`` (per case, the mean time from handing it out
+        to its row beyond the worker's own ``seconds``: scheduling and transport).
     """
+    timings = {} if timings is None else timings
+    t_start = time.perf_counter()
     progress = progress or Progress()
     folder = batch.prepare_output_folder(output_folder).resolve()
     cases = [dataclasses.replace(c, image=os.path.abspath(c.image), points=os.path.abspath(c.points),
@@ -138,6 +145,7 @@ def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address
     results = batch.Results(results_path or batch.default_results_path(folder), cases)
     spec = dataclasses.replace(spec, threads=cpus_per_worker)
     ray, started = connect(address, env=_worker_env(cpus_per_worker))
+    timings["start_s"] = time.perf_counter() - t_start
     actors: List = []
     try:
         count, cpus, gpus = plan_workers(ray.cluster_resources(), spec.device, workers, cpus_per_worker,
@@ -147,6 +155,8 @@ def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address
         start_actor = lambda: remote.remote(spec)  # noqa: E731
         actors = [start_actor() for _ in range(min(count, max(1, len(cases))))]
         _check_ready(ray, actors)
+        timings["ready_s"] = time.perf_counter() - t_start
+        beyond: List[float] = []  # per case: seconds in Ray beyond the worker's own
         replacements = len(actors) * (retries + 1)  # fresh actors for those that died too often, at most
         pending = collections.deque(cases)
         in_flight: Dict = {}  # object ref -> (actor, case)
@@ -154,7 +164,7 @@ def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address
         def hand_out(actor) -> None:
             if pending and not progress.cancelled:
                 case = pending.popleft()
-                in_flight[actor.run.remote(case, str(folder))] = (actor, case)
+                in_flight[actor.run.remote(case, str(folder))] = (actor, case, time.perf_counter())
 
         for actor in actors:
             hand_out(actor)
@@ -162,9 +172,10 @@ def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address
         progress.step("batch", 0, len(cases))
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, case = in_flight.pop(ready[0])
+            actor, case, handed_out = in_flight.pop(ready[0])
             try:
                 row = ray.get(ready[0])
+                beyond.append(time.perf_counter() - handed_out - float(row["seconds"]))
             except ray.exceptions.RayActorError as exc:
                 row = _died_row(case, retries, exc)
                 ray.kill(actor, no_restart=True)
@@ -183,6 +194,7 @@ def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address
             progress.step("batch", done, len(cases))
             hand_out(actor)
         progress.check()
+        timings["in_ray_s"] = sum(beyond) / len(beyond) if beyond else 0.0
     finally:
         results.close()
         for actor in actors:
