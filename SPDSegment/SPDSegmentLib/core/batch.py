@@ -206,11 +206,11 @@ def read_manifest(path, output_folder) -> List[Case]:
                     raise InputError(f"The manifest {path}, line {line}: {column} {row[column]!r} is not a valid "
                                      "value.", setting=column) from None
         cases.append(Case(name, str(image), str(base / row["points"]), output, options))
-    _check_unique(cases, path)
+    check_unique(cases, path)
     return cases
 
 
-def _check_unique(cases: Sequence[Case], where) -> None:
+def check_unique(cases: Sequence[Case], where) -> None:
     for what, key in (("case name", lambda c: c.name), ("output", lambda c: os.path.abspath(c.output))):
         seen = set()
         for case in cases:
@@ -228,7 +228,7 @@ def read_cases(source, output_folder, points_folder=None) -> List[Case]:
         raise InputError(f"The batch input {source} does not exist: give a folder (imagesTr/ + points/, or images with "
                          "their point files) or a CSV manifest.")
     cases = cases_from_folder(source, output_folder, points_folder)
-    _check_unique(cases, source)
+    check_unique(cases, source)
     return cases
 
 
