@@ -264,18 +264,34 @@ def test_engine_batch_request(tmp_path, case_files, tiny_backbone):
 
     data = tmp_path / "data"
     write_case(data, "a", case_files)
-    (data / "broken.nii.gz").write_bytes(b"not an image")
-    prompts.write_markups(data / "broken.mrk.json", np.zeros((1, 3)))
     request = protocol.Batch(batch.pair_cases(data), str(tmp_path / "out"), model=tiny_backbone, options=RAW)
     engine = Engine()
-    rows = {r["case"]: r for r in engine.handle(request)}
-    assert rows["a"]["status"] == "done" and (tmp_path / "out" / "a_spd.seg.nrrd").is_file()
-    assert rows["broken"]["status"] == "failed" and rows["broken"]["error"]
-    assert len(engine.cache) == 0  # the batch used a cache of its own
+    rows = engine.handle(request)
+    assert rows[0]["status"] == "done" and (tmp_path / "out" / "results.csv").is_file()
+    assert len(engine.cache) == 0  # the batch used a cache of its own: the effect's stays as it was
 
     wire = protocol.to_json(protocol.Batch(batch.read_cases(data, tmp_path / "out"), str(tmp_path / "out")))
     again = protocol.from_json(json.loads(json.dumps(wire)))
     assert isinstance(again.cases[0], batch.Case) and again.cases[0].name == "a"
+
+
+def test_scene_nodes_become_batch_cases(tmp_path, sample_paths, worker):
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core (MRML in Python) is not installed")
+    from slicer_app import make_standalone_app
+    from SPDSegmentLib.slicer_side import gui
+
+    app = make_standalone_app()
+    volume_node, markups_node = app.load_volume(sample_paths["image"]), app.load_markups(sample_paths["points"])
+    volume_node.SetName("Patient 1 / T1")  # a node name is made safe, not refused
+    (case,) = gui.batch_cases([(volume_node, markups_node)], tmp_path / "out")
+    assert case.name == "Patient_1_T1" and Path(case.image).parent == tmp_path / "out" / "inputs"
+    written, original = read(case.image), read(sample_paths["image"])
+    np.testing.assert_array_equal(written.array, original.array)
+    np.testing.assert_allclose(written.ijk_to_lps, original.ijk_to_lps, atol=1e-5)
+    np.testing.assert_allclose(prompts.read(case.points).lps, prompts.read(sample_paths["points"]).lps, atol=1e-4)
+    assert [r["status"] for r in batch.run(worker, [case], tmp_path / "out")] == ["done"]
 
 
 # ---------------------------------------------------------------- Ray

@@ -204,7 +204,7 @@ def read_manifest(path, output_folder) -> List[Case]:
                     options[column] = parse(row[column])
                 except ValueError:
                     raise InputError(f"The manifest {path}, line {line}: {column} {row[column]!r} is not a valid "
-                                     "value.", setting=column) from None
+                                     "value.") from None
         cases.append(Case(name, str(image), str(base / row["points"]), output, options))
     check_unique(cases, path)
     return cases
@@ -367,7 +367,6 @@ class Worker:
         self.identity = model_identity(model)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.allowed = None  # Optional: the output folder every output must stay in
 
     @classmethod
     def load(cls, model_name: str, device: str = "auto", runtime: str = "auto", precision: str = "auto",
