@@ -296,6 +296,17 @@ def test_scene_nodes_become_batch_cases(tmp_path, sample_paths, worker):
 
 # ---------------------------------------------------------------- Ray
 
+def test_ray_workers_fit_the_cluster():
+    from SPDSegmentLib.cluster.ray_batch import ClusterError, plan_workers
+
+    assert plan_workers({"CPU": 16.0}, "auto", None, 4, None) == (4, 4, 0.0)
+    assert plan_workers({"CPU": 16.0, "GPU": 2.0}, "auto", None, 2, None) == (2, 2, 1.0)  # one per GPU
+    assert plan_workers({"CPU": 16.0, "GPU": 2.0}, "cpu", None, 2, None) == (8, 2, 0.0)
+    assert plan_workers({"CPU": 2.0}, "auto", 5, 1, None) == (2, 1, 0.0)  # never more than fit
+    with pytest.raises(ClusterError, match="not enough for one worker"):
+        plan_workers({"CPU": 2.0}, "auto", None, 4, None)
+
+
 @pytest.mark.slow
 def test_ray_local_cluster_gives_byte_identical_masks(tmp_path, case_files, worker, monkeypatch):
     ray = pytest.importorskip("ray")

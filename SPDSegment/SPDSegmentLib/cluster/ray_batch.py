@@ -106,14 +106,19 @@ def _worker_env(threads: int) -> Dict[str, str]:
 def plan_workers(resources: dict, device: str, workers: Optional[int], cpus_per_worker: int,
                  gpus_per_worker: Optional[float]) -> tuple:
     """(workers, cpus, gpus per worker) from the cluster's resources: one actor per GPU when it has GPUs
-    and the device allows them, else one per ``cpus_per_worker`` cores."""
-    gpus_total = float(resources.get("GPU", 0))
+    and the device allows them, else one per ``cpus_per_worker`` cores; never more than fit on the cluster
+    as it is (an actor that cannot be placed would wait for ever)."""
+    gpus_total, cpus_total = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    cpus_per_worker = max(1, int(cpus_per_worker))
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if gpus_total >= 1 and device != "cpu" else 0.0
-    if workers is None:
-        workers = int(gpus_total // gpus_per_worker) if gpus_per_worker else \
-            int(float(resources.get("CPU", 1)) // max(1, cpus_per_worker))
-    return max(1, int(workers)), max(1, int(cpus_per_worker)), float(gpus_per_worker)
+    fits = int(cpus_total // cpus_per_worker)  # more would wait for resources the cluster does not have
+    if gpus_per_worker:
+        fits = min(fits, int(gpus_total // gpus_per_worker))
+    if fits < 1:
+        raise ClusterError(f"The cluster has {cpus_total:g} CPUs and {gpus_total:g} GPUs: not enough for one worker "
+                           f"of {cpus_per_worker} CPUs and {gpus_per_worker:g} GPUs.", setting="cluster")
+    return min(int(workers), fits) if workers else fits, cpus_per_worker, float(gpus_per_worker)
 
 
 def run(cases: Sequence[batch.Case], output_folder, spec: WorkerSpec, *, address: str = "auto",
