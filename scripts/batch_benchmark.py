@@ -65,14 +65,21 @@ def overhead(rows) -> dict:
     done = [r for r in rows if r["status"] == "done"]
     extra = [float(r["seconds"]) - float(r["segment_seconds"]) for r in done]
     seg = [float(r["segment_seconds"]) for r in done]
-    by_worker = {}
+    by_worker, finished = {}, {}
     for r in done:
         by_worker[r["worker"]] = max(by_worker.get(r["worker"], 0.0), float(r["peak_mb"] or 0))
+        finished.setdefault(r["worker"], []).append((os.stat(r["output"]).st_mtime, float(r["seconds"])))
+    # between one output of a worker and its next: the next case's own seconds, and the time outside any case
+    # (the loop, the results CSV, in Ray the hand-out); a pause of the whole machine shows up here too
+    between = [b[0] - a[0] - b[1] for times in finished.values() for a, b in zip(sorted(times), sorted(times)[1:])]
     return {"done": len(done), "failed": sum(r["status"] == "failed" for r in rows),
             "skipped": sum(r["status"] == "skipped" for r in rows),
             "segment_s_mean": statistics.mean(seg) if seg else None,
             "overhead_s_mean": statistics.mean(extra) if extra else None,
             "overhead_s_max": max(extra) if extra else None,
+            "between_cases_s_median": statistics.median(between) if between else None,
+            "between_cases_s_mean": statistics.mean(between) if between else None,
+            "between_cases_over_1s": sorted(round(g, 1) for g in between if g > 1),
             "peak_mb_per_worker": by_worker}
 
 
