@@ -519,8 +519,29 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         """Mode, slices, voxels, kept / rejected / borrowed, the slicing axis and any warnings."""
         return self.gui().summary(result)
 
-    def startBatch(self, inputFolder, outputFolder, model=None, options=None, device="auto"):
-        return self.engine().batch(self.gui().pair_cases(inputFolder), outputFolder, model, options, device)
+    def startBatch(self, inputs, outputFolder, model=None, options=None, device="auto"):
+        """A batch in the SPD engine (``core.batch``, as ``spd batch``): ``inputs`` is a folder (MSD/nnU-Net, or
+        images with their point files), a CSV manifest, or a list of (volume node, point list node) pairs.
+        Writes OUT/NAME_spd.seg.nrrd, its provenance and OUT/results.csv; cases already done are skipped.
+        Returns an engine Handle; its result is one row per case."""
+        return self.engine().batch(self.gui().batch_cases(inputs, outputFolder), outputFolder, model, options, device)
+
+    def runBatch(self, inputs, outputFolder, model=None, options=None, device="auto"):
+        """The Python console's batch: ``startBatch``, with a progress dialog (Cancel stops before the next
+        case) until it ends; returns the rows. Slicer stays responsive: the work is in the engine."""
+        handle = self.startBatch(inputs, outputFolder, model, options, device)
+        dialog = slicer.util.createProgressDialog(labelText="SPD batch", maximum=1)
+        try:
+            while not handle.wait(timeout=0.1):
+                _, done, total = handle.state()
+                dialog.maximum, dialog.value = max(total, 1), min(done, total)
+                dialog.labelText = f"SPD batch: {done} of {total} cases"
+                slicer.app.processEvents()
+                if dialog.wasCanceled:
+                    handle.cancel()
+        finally:
+            dialog.close()
+        return handle.result()
 
     # training in a background process ------------------------------------------------------
     def pythonExecutable(self):

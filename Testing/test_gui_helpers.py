@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,18 +114,21 @@ def write_case(folder, name, sample_paths, points_name):
     prompts.write_markups(folder / points_name, lps[None])
 
 
-def test_pair_cases(tmp_path, sample_paths):
+def test_batch_cases(tmp_path, sample_paths):
     write_case(tmp_path, "a", sample_paths, "a_centerline.mrk.json")
     write_case(tmp_path, "b", sample_paths, "b.mrk.json")
     (tmp_path / "c.nii.gz").write_bytes(b"")  # an image without points is left out
     (tmp_path / "a_label.nii.gz").write_bytes(b"")
-    cases = gui.pair_cases(tmp_path)
-    assert [(name, image.name, points.name) for name, image, points in cases] == [
+    cases = gui.batch_cases(tmp_path, tmp_path / "out")  # core.batch's pairing rule
+    assert [(c.name, Path(c.image).name, Path(c.points).name) for c in cases] == [
         ("a", "a.nii.gz", "a_centerline.mrk.json"), ("b", "b.nii.gz", "b.mrk.json")]
     with pytest.raises(InputError, match="does not exist"):
-        gui.pair_cases(tmp_path / "nope")
-    assert gui.batch_summary([{"case": "a", "error": ""}, {"case": "b", "error": "bad"}]) == \
-        "Batch: a done; b failed: bad"
+        gui.batch_cases(tmp_path / "nope", tmp_path / "out")
+    assert gui.batch_summary([{"case": "a", "status": "done", "error": ""},
+                              {"case": "b", "status": "failed", "error": "bad"}]) == "Batch: a done; b failed: bad"
+    many = [{"case": f"c{i}", "status": "done", "error": ""} for i in range(11)] + \
+        [{"case": "x", "status": "failed", "error": "bad"}]
+    assert gui.batch_summary(many).startswith("Batch: 11 done, 0 skipped (done before), 1 failed (x: bad)")
 
 
 def test_slicer_version_is_checked_before_a_run():

@@ -1,7 +1,8 @@
-"""The ``spd`` command line: segment, models, demo, simulate, train, evaluate, bench-speed.
+"""The ``spd`` command line: segment, batch, models, demo, simulate, train, evaluate, bench-speed.
 
 Exit codes: 0 success; 2 bad input or a model that cannot be used (``error: ...``, nothing written);
 3 out of memory; 4 the result looks implausible and ``--strict`` was given (nothing written);
+5 ``batch``: some cases failed (the results CSV says which and why; the others were written);
 130 cancelled.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .research.simulate import simulate
 EXIT_INPUT = 2  # bad input or unusable model: nothing written
 EXIT_MEMORY = 3
 EXIT_IMPLAUSIBLE = 4  # --strict and the result has warnings: nothing written
+EXIT_CASES_FAILED = 5  # batch: some cases failed, the others were written
 EXIT_CANCELLED = 130
 
 
@@ -141,6 +143,57 @@ def cmd_segment(args) -> int:
                                    f"through {result.decoder}")
     print(f"{result.summary()}, {seconds:.1f} s{how}; axis: {result.axis_note} -> " + ", ".join(written))
     return 0
+
+
+def cmd_batch(args) -> int:
+    """Many cases, one model load: a folder or a manifest, resumable, in this process or on a Ray cluster."""
+    from .core import batch
+
+    t0 = time.perf_counter()
+    for option, value, least in (("--workers", args.workers, 1), ("--cpus-per-worker", args.cpus_per_worker, 1),
+                                 ("--retries", args.retries, 0)):
+        if value is not None and value < least:
+            raise InputError(f"{option} is {value}; it must be a whole number >= {least}.")
+    settings = batch.Settings(options=_options(args), axis=args.axis, segment_name=args.segment_name,
+                              strict=args.strict)
+    cases = batch.read_cases(args.input, args.out, points_folder=args.points)
+    shard_spec = batch.parse_shard(args.shard) if args.shard else None
+    if shard_spec is not None:
+        cases = batch.shard(cases, *shard_spec)
+    results_path = Path(args.results) if args.results else batch.default_results_path(args.out, shard_spec)
+    check_writable(results_path, what="--results file")
+    batch.prepare_output_folder(args.out)
+    if not cases:
+        print(f"batch: shard {args.shard} holds none of the cases; nothing to do.", file=sys.stderr)
+        return 0
+    _check_mode(args, {})
+    progress = tqdm_progress(disable=args.quiet)
+    print(f"batch: {len(cases)} cases -> {args.out}" + (f" (shard {args.shard})" if args.shard else ""),
+          file=sys.stderr, flush=True)
+    try:
+        if args.cluster:
+            from .cluster import ray_batch
+
+            spec = ray_batch.WorkerSpec(args.model, args.device, args.runtime, args.precision, settings)
+            timings: dict = {}
+            rows = ray_batch.run(cases, args.out, spec, address=args.cluster, workers=args.workers,
+                                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                 retries=args.retries, results_path=results_path, progress=progress, timings=timings)
+            print(f"ray: cluster {timings.get('start_s', 0):.1f} s, workers ready after {timings.get('ready_s', 0):.1f} s; "
+                  f"per case {1000 * timings.get('in_ray_s', 0):.0f} ms in Ray beyond the workers' own time",
+                  file=sys.stderr)
+        else:
+            worker = batch.Worker.load(args.model, args.device, args.runtime, args.precision, settings)
+            rows = batch.run(worker, cases, args.out, results_path, progress)
+    except KeyboardInterrupt:
+        print(f"cancelled; the finished cases are written and {results_path} lists them (run the same command "
+              "again to do the rest).", file=sys.stderr)
+        return EXIT_CANCELLED
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"failed: {row['case']}: {row['error']}", file=sys.stderr)
+    print(batch.summary_line(rows, time.perf_counter() - t0, results_path))
+    return EXIT_CASES_FAILED if any(r["status"] == "failed" for r in rows) else 0
 
 
 def write_audit(path, result, vol) -> Path:
@@ -433,6 +486,34 @@ def build_parser() -> argparse.ArgumentParser:
     _segment_arguments(p)
     p.set_defaults(func=cmd_segment)
 
+    p = sub.add_parser("batch", help="segment many cases (a folder or a CSV manifest), resumable, optionally on a "
+                                     "Ray cluster", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="a folder (MSD/nnU-Net: imagesTr/ or images/ with points/; or images with their "
+                                 "CASE.mrk.json beside them) or a CSV manifest (image,points[,case,output,tau,...])")
+    p.add_argument("--out", required=True, help="output folder: CASE_spd.seg.nrrd, CASE_spd.provenance.json and "
+                                                "results.csv")
+    p.add_argument("--points", help="the folder of the point files (default: points/ beside imagesTr/, or the "
+                                    "image folder)")
+    p.add_argument("--results", help="the results CSV (default: OUT/results.csv, per shard "
+                                     "OUT/results-shard-I-of-N.csv)")
+    p.add_argument("--shard", help="I/N: only the cases of shard I of N (0 <= I < N; by a hash of the case name), "
+                                   "for job arrays")
+    p.add_argument("--segment-name", help="name of the segment in each .seg.nrrd (default: the case name)")
+    p.add_argument("--strict", action="store_true", help="an implausible result fails its case (nothing written "
+                                                         "for it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", help="run on Ray (pip install 'spdsegment[cluster]'): auto (a running cluster, "
+                                     "else a local one), local, or the cluster's address")
+    p.add_argument("--workers", type=int, help="--cluster: number of workers (default: one per GPU, else one per "
+                                               "--cpus-per-worker cores)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="--cluster: CPU cores each worker reserves")
+    p.add_argument("--gpus-per-worker", type=float, help="--cluster: GPUs each worker reserves (default: 1 when "
+                                                         "the cluster has GPUs)")
+    p.add_argument("--retries", type=int, default=2, help="--cluster: how often a case whose worker died is "
+                                                          "tried again")
+    _segment_arguments(p)
+    p.set_defaults(func=cmd_batch, saliency_out=None)
+
     p = sub.add_parser("models", help="list the model catalogue and what is on this machine")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_models)
@@ -504,7 +585,8 @@ OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device
                      "tau": "--tau", "neighbours": "--neighbours", "batch_size": "--batch-size",
                      "slice_range": "--slice-range", "window": "--window", "modality": "--modality",
                      "mode": "--mode", "empty_slice": "--empty-slice", "allow_slice_gaps": "--allow-slice-gaps",
-                     "out": "--out"}
+                     "out": "--out", "shard": "--shard", "cluster": "--cluster", "points": "--points",
+                     "output": "--out"}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..core import errors
+from ..core.batch import cases_from_tuples
 from . import protocol
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding SPDSegmentLib
@@ -219,7 +220,7 @@ class EngineClient:
         return self.submit(protocol.LoadModel(model, device, allow_download))
 
     def batch(self, cases, output_folder, model=None, options=None, device: str = "auto") -> Handle:
-        cases = [(str(n), str(i), str(p)) for n, i, p in cases]
+        cases = cases_from_tuples(cases, output_folder)  # core.batch.Case objects travel as they are
         return self.submit(protocol.Batch(cases, str(output_folder), model, options, device))
 
     def status(self) -> Handle:

@@ -80,12 +80,14 @@ class EncodeAhead(Segment):
 
 @dataclasses.dataclass
 class Batch:
-    """Files in, files out: ``OUT/NAME_spd.seg.nrrd`` per case. Returns one row per case."""
-    cases: List[Tuple[str, str, str]]  # (name, image path, points path)
+    """Files in, files out (``core.batch``): ``OUT/NAME_spd.seg.nrrd`` per case, cases already done skipped,
+    ``OUT/results.csv``. Returns one row per case (``batch.RESULT_COLUMNS``)."""
+    cases: List[Any]  # core.batch.Case, or (name, image path, points path)
     output_folder: str
     model: Optional[str] = None
     options: Any = None
     device: str = "auto"
+    axis: Any = None  # the slicing axis of every case; None: from each case's clicks
 
 
 @dataclasses.dataclass
@@ -256,9 +258,9 @@ def unpack_array(packed: dict, confine=None) -> np.ndarray:
 
 def _dataclasses() -> Dict[str, type]:
     """The data types that may cross the pipe (an allow-list: nothing else is ever constructed)."""
-    from ..core import distill, pipeline, prompts
+    from ..core import batch, distill, pipeline, prompts
 
-    types = [pipeline.SegmentOptions, pipeline.Result, distill.AuditEntry, prompts.VoxelPrompts,
+    types = [pipeline.SegmentOptions, pipeline.Result, distill.AuditEntry, prompts.VoxelPrompts, batch.Case,
              *REQUESTS.values()]
     return {cls.__name__: cls for cls in types}
 

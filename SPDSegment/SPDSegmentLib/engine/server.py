@@ -127,7 +127,7 @@ class Engine:
 
     def _batch(self, request: protocol.Batch, progress: Progress):
         model = self.model(request.model, request.device, False, progress)
-        return run_batch(request.cases, request.output_folder, model, request.options, progress)
+        return run_batch(request.cases, request.output_folder, model, request.options, progress, request.axis)
 
     def status(self) -> dict:
         cache = self.cache
@@ -194,36 +194,15 @@ def device_info() -> str:
     return f"CPU (PyTorch {torch.__version__}; {engine}); a CUDA GPU makes runs several times faster."
 
 
-def run_batch(cases, output_folder, model, options=None, progress: Optional[Progress] = None):
-    """Segment each (name, image, points) case into ``OUT/NAME_spd.seg.nrrd``; one row per case.
-    Failures are reported in the rows, not raised; cancelling stops before the next case."""
-    from ..core import pipeline, prompts, volume as vol
+def run_batch(cases, output_folder, model, options=None, progress: Optional[Progress] = None, axis=None):
+    """The ``Batch`` request: ``core.batch.run`` with this engine's loaded model and a cache of its own (the
+    effect's stays as it is). ``cases``: ``batch.Case`` objects or (name, image, points) tuples, written to
+    ``OUT/NAME_spd.seg.nrrd``; one row per case (``batch.RESULT_COLUMNS``), failures in the rows, not raised;
+    cases already done are skipped; ``OUT/results.csv`` holds the rows. Cancelling stops before the next case."""
+    from ..core import batch
 
-    progress = progress or Progress()
-    if not output_folder:
-        raise InputError("Choose an output folder for the batch.")
-    out_dir = Path(output_folder)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, (name, image_path, points_path) in enumerate(cases):
-        progress.step("batch", index, len(cases))
-        t0 = time.perf_counter()
-        try:
-            image = vol.read(image_path)
-            voxel_prompts = prompts.to_voxels(prompts.read(points_path), image,
-                                              preferred_axes=pipeline.trained_axes(model, image))
-            result = pipeline.segment(image, voxel_prompts, model, options, progress=progress)
-            path = vol.write_segmentation(out_dir / f"{name}_spd.seg.nrrd", result.mask, image.ijk_to_lps,
-                                          segment_name=name)
-            rows.append({"case": name, "output": str(path), "voxels": int(result.mask.sum()), "error": "",
-                         "seconds": round(time.perf_counter() - t0, 2)})
-        except Cancelled:
-            raise
-        except (SPDError, OSError, MemoryError) as exc:
-            rows.append({"case": name, "output": "", "voxels": 0, "error": str(exc),
-                         "seconds": round(time.perf_counter() - t0, 2)})
-    progress.step("batch", len(cases), len(cases))
-    return rows
+    worker = batch.Worker(model, batch.Settings(options=options, axis=axis))
+    return batch.run(worker, batch.cases_from_tuples(cases, output_folder), output_folder, progress=progress)
 
 
 # ---------------------------------------------------------------- the process

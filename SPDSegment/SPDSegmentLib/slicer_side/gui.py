@@ -2,8 +2,9 @@
 
 The SPD engine of this Slicer process (:func:`engine`), the model menu built from the registry,
 each model's own tau and n, the kinds of clicks and the slice numbers users see, progress and status
-lines, and the training and batch helpers. Widgets are passed in and used through their Python
-attributes only, so nothing here imports qt, and importing this module imports no torch.
+lines, and the training and batch helpers (a batch's cases come from ``core.batch``). Widgets are passed
+in and used through their Python attributes only, so nothing here imports qt, and importing this module
+imports no torch.
 """
 from __future__ import annotations
 
@@ -215,41 +216,43 @@ def summary(result) -> str:
 
 # ---------------------------------------------------------------- training and batches (files only)
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
-POINT_EXTENSIONS = (".mrk.json", ".json", ".csv", ".tsv", ".fcsv")
+def batch_cases(inputs, output_folder):
+    """The cases of a batch (``core.batch.Case``) for the engine: ``inputs`` is a folder (MSD / nnU-Net, or
+    images with their point files: ``core.batch.read_cases``, the one pairing rule), a CSV manifest, or a
+    list of (volume node, point list node) pairs. Nodes are written once into ``OUTPUT/inputs/`` (the
+    volume as NRRD, the clicks as .mrk.json), so the engine reads files as for any other batch and a rerun
+    skips what is done."""
+    from ..core import batch, prompts, volume
 
-
-def pair_cases(folder) -> List[Tuple[str, Path, Path]]:
-    """(name, image, points) for each image in ``folder`` with a point file named like it.
-
-    ``CASE.nii.gz`` pairs with ``CASE.mrk.json`` / ``CASE.csv``, or ``CASE_<anything>.mrk.json`` (e.g.
-    ``CASE_centerline.mrk.json``). Labels (``*_label*``) and earlier outputs (``*.seg.nrrd``) are skipped.
-    """
-    folder = Path(folder or "")
-    if not folder.is_dir():
-        raise InputError(f"Batch input folder {str(folder)!r} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    points = [p for p in files if p.name.lower().endswith(POINT_EXTENSIONS)]
-    cases, unmatched = [], []
-    for image in files:
-        lower = image.name.lower()
-        if not lower.endswith(IMAGE_EXTENSIONS) or lower.endswith(".seg.nrrd") or "_label" in lower:
-            continue
-        name = next(image.name[: -len(e)] for e in IMAGE_EXTENSIONS if lower.endswith(e))
-        stem = name[:-6] if name.endswith("_image") else name
-        match = [p for p in points if p.name.startswith((name + ".", name + "_", stem + ".", stem + "_"))]
-        if match:
-            cases.append((stem, image, match[0]))
-        else:
-            unmatched.append(image.name)
-    if not cases:
-        raise InputError(f"No image in {folder} has a point file named like it (CASE.nii.gz + CASE.mrk.json)"
-                         + (f"; images without points: {unmatched[:5]}" if unmatched else "") + ".")
+    if isinstance(inputs, (str, Path)):
+        return batch.read_cases(inputs, output_folder)
+    if not output_folder:
+        raise InputError("Choose an output folder for the batch.")
+    folder = Path(output_folder) / "inputs"
+    cases = []
+    for volume_node, markups_node in inputs:
+        name = batch.safe_case_name(volume_node.GetName())
+        image = adapter.volume_from_node(volume_node)
+        points = adapter.points_from_markups(markups_node)
+        image_path, points_path = folder / f"{name}.nrrd", folder / f"{name}.mrk.json"
+        volume.write_image(image_path, image.array, image.ijk_to_lps)
+        prompts.write_markups(points_path, points.lps, labels=points.labels)
+        cases.append(batch.Case(name, str(image_path), str(points_path), batch.default_output(output_folder, name)))
+    batch.check_unique(cases, "The volumes of the batch")
     return cases
 
 
 def batch_summary(rows) -> str:
-    return "Batch: " + "; ".join(f"{r['case']} {'failed: ' + r['error'] if r['error'] else 'done'}" for r in rows)
+    """One line: each case's outcome for a few cases, else the counts and the first failures."""
+    def outcome(row):
+        return "failed: " + row["error"] if row["status"] == "failed" else row["status"]
+
+    if len(rows) <= 10:
+        return "Batch: " + "; ".join(f"{r['case']} {outcome(r)}" for r in rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    failed = [f"{r['case']}: {r['error']}" for r in rows if r["status"] == "failed"][:3]
+    return (f"Batch: {counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed"
+            + (" (" + "; ".join(failed) + ")" if failed else "") + "; the output folder's results.csv lists every case.")
 
 
 def train_arguments(data_folder, output_path, epochs: int = 8, lora: bool = False, device: str = "auto"):
