@@ -60,6 +60,11 @@ class Engine:
                 self._models[key] = pipeline.load_model(key[0], device=device)
             return self._models[key]
 
+    def forget(self) -> None:
+        """Drop every cached slice, saliency map and decoded mask (the volumes they came from are gone);
+        the loaded models stay."""
+        self.cache.clear()
+
     def loaded(self):
         return [{"model": name, "device": device, "runtime": _backbone(model).runtime_name}
                 for (name, device), model in list(self._models.items())]
@@ -123,9 +128,14 @@ class Engine:
         return run_batch(request.cases, request.output_folder, model, request.options, progress)
 
     def status(self) -> dict:
+        from ..core.models.download import cache_dir
+
         cache = self.cache
+        settings = {k: v for k, v in os.environ.items()
+                    if k.startswith("SPDSEGMENT_") and k not in (protocol.TOKEN_ENV, protocol.SHARE_ENV)}
         return {"pid": os.getpid(), "models": self.loaded(), "cache_items": len(cache),
-                "cache_mb": round(getattr(cache, "_bytes", 0) / 2 ** 20, 1), "device": device_info()}
+                "cache_mb": round(getattr(cache, "_bytes", 0) / 2 ** 20, 1), "device": device_info(),
+                "cache_folder": str(cache_dir()), "settings": settings}
 
 
 def _backbone(model):
@@ -288,6 +298,8 @@ class Server:
             self._cancel(message.get("id"))
         elif kind == "shutdown":
             self.stop()
+        elif kind == "forget":
+            self._forget()
         elif kind == "request" and message.get("kind") == "status":
             self.send({"type": "result", "id": message.get("id"), "body": self._status()})
         elif kind == "request" and message.get("kind") in protocol.REQUESTS:
@@ -325,6 +337,17 @@ class Server:
                     self._jobs.remove(job)
                     self.send({"type": "cancelled", "id": job_id})
 
+    def _forget(self) -> None:
+        """The parent's scene was closed: stop its work, then (between jobs) drop its volumes and cache."""
+        with self._wake:
+            if self._current is not None:
+                self._current.progress.cancel()
+            for job in list(self._jobs):
+                self.send({"type": "cancelled", "id": job.id})
+            self._jobs.clear()
+            self._jobs.append(_Job(None, "forget", None, Progress()))
+            self._wake.notify()
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -348,6 +371,11 @@ class Server:
                     self._current = None
 
     def _run(self, job: _Job) -> None:
+        if job.kind == "forget":  # no reply: the parent has dropped its side already
+            self._volumes.clear()
+            self.engine.forget()
+            log.info("the parent's scene was closed: volumes and cached slices dropped")
+            return
         started = time.perf_counter()
         if job.kind != "encode_ahead":  # work ahead is quiet
             job.progress.callback = lambda stage, done, total: self.send(
