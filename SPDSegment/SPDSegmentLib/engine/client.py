@@ -187,8 +187,7 @@ class EngineClient:
         self._process = subprocess.Popen([self.python, "-m", "SPDSegmentLib.engine"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=self._log_handle, env=env,
                                          cwd=str(self._share), **processes.new_group_options())
-        if os.name != "nt":
-            os.set_blocking(self._process.stdout.fileno(), False)
+        processes.never_block(self._process.stdout)
         self.ready, self.pid, self._engine = False, None, None
         self.launcher_pid = self._process.pid
         self._buffer = protocol.LineBuffer()
@@ -318,9 +317,16 @@ class EngineClient:
         else:
             self._write(message)
 
+    def share_volume(self, volume) -> None:
+        """Start writing ``volume``'s voxels for the engine now (the polls go on writing them), so that the
+        first request about it leaves sooner: the effect calls this when a source volume is chosen."""
+        self.start()
+        self._shelf.reference(volume)
+        self._pump()
+
     def _pump(self) -> None:
         """Write a few milliseconds of pending voxels, then send the queued messages whose volumes are ready."""
-        if self._shelf is None or not self._outbox:
+        if self._shelf is None or not (self._outbox or self._shelf.pending_bytes):
             return
         self._shelf.write_some(WRITE_BUDGET_S)
         while self._outbox and all(self._shelf.complete(ref) for ref in self._outbox[0][1]):
@@ -429,25 +435,7 @@ class EngineClient:
 
     def _read_available(self) -> Tuple[bytes, bool]:
         """(bytes the engine has written so far, whether its end of the pipe is closed); never waits."""
-        fd = self._process.stdout.fileno()
-        chunks: List[bytes] = []
-        if os.name == "nt":
-            import ctypes
-            import msvcrt
-
-            available = ctypes.c_ulong(0)
-            handle = msvcrt.get_osfhandle(fd)
-            if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None, ctypes.byref(available), None):
-                return b"", True
-            return (os.read(fd, available.value) if available.value else b""), False
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                return b"".join(chunks), False
-            if not chunk:
-                return b"".join(chunks), True
-            chunks.append(chunk)
+        return processes.read_available(self._process.stdout)
 
     def _note(self, text: str) -> None:
         """A line in the engine's log written by the parent (why it killed the engine)."""

@@ -21,7 +21,7 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 try:
     import psutil
@@ -146,6 +146,38 @@ def new_group_options() -> dict:
         return {"start_new_session": True}
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
     return {"creationflags": flags}
+
+
+# ---------------------------------------------------------------- pipes read without waiting
+
+def never_block(stream) -> None:
+    """Make reads of a child's output pipe return at once (POSIX; Windows peeks instead)."""
+    if os.name != "nt":
+        os.set_blocking(stream.fileno(), False)
+
+
+def read_available(stream) -> Tuple[bytes, bool]:
+    """(the bytes a child has written to ``stream`` so far, whether its end is closed); never waits.
+    POSIX: ``stream`` was passed to :func:`never_block`; Windows: the pipe is peeked first."""
+    fd = stream.fileno()
+    if os.name == "nt":
+        import ctypes  # Windows only
+        import msvcrt
+
+        available = ctypes.c_ulong(0)
+        handle = msvcrt.get_osfhandle(fd)
+        if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None, ctypes.byref(available), None):
+            return b"", True
+        return (os.read(fd, available.value) if available.value else b""), False
+    chunks: List[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return b"".join(chunks), False
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
 
 
 # ---------------------------------------------------------------- private folders and files

@@ -254,7 +254,7 @@ class VolumeShelf:
     volume moved by a transform reuses its voxel file.
     """
 
-    SLAB_BYTES = 8 << 20  # one write call; the time budget is checked between slabs
+    SLAB_BYTES = 4 << 20  # one write call (a few ms); the time budget is checked between slabs
 
     def __init__(self, folder, keep: int = 2):
         self.folder = Path(folder)
