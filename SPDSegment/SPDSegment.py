@@ -36,6 +36,16 @@ class SPDSegment(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Uses Segment Anything (Meta), MedSAM/LiteMedSAM (bowang-lab) and the Medical Segmentation Decathlon "
             "sample case (CC BY-SA 4.0).")
+        slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    """Slicer has started: SPD's cache goes into Slicer's cache folder; the sample case joins Sample Data."""
+    if MODULE_DIR not in sys.path:
+        sys.path.insert(0, MODULE_DIR)
+    from SPDSegmentLib.slicer_side import adapter, sample_data
+    adapter.use_slicer_cache_folder()
+    sample_data.register()
 
 
 # --------------------------------------------------------------------------------------------- widget
