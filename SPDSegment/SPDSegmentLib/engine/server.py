@@ -166,6 +166,8 @@ def ensure_checkpoint(name: str, allow_download: bool, progress: Optional[Progre
     entry = registry.catalogue().get(backbone)
     if entry is None or entry["source"] != "url" or registry.is_available(backbone):
         return
+    if not registry.downloadable(backbone):
+        raise CheckpointError(registry.manual_download_message(backbone), setting="model")
     if not allow_download:
         size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
         raise CheckpointError(f"The {backbone} checkpoint{size} is not on this machine. Download it first: SPD "

@@ -157,7 +157,12 @@ def model_status(name: str) -> str:
         return "A local model file."
     entry = registry.catalogue()[name]
     size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
-    state = "on this machine" if registry.is_available(name) else f"not downloaded{size}"
+    if registry.is_available(name):
+        state = "on this machine"
+    elif entry["source"] == "url" and not registry.downloadable(name):
+        state = f"no published checksum, so not downloaded here: get {entry['url']} yourself and choose it as Model file"
+    else:
+        state = f"not downloaded{size}"
     return f"{state}; licence {entry['licence']}"
 
 

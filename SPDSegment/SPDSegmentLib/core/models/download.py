@@ -72,8 +72,8 @@ def download(url: str, destination: Path, sha256: Optional[str], size_bytes: Opt
         return destination
     if sha256 is None and not allow_unverified:
         raise DownloadError(
-            f"No SHA-256 is recorded for {url}; download it yourself, check it, and pass the local file path "
-            "(or allow unverified downloads explicitly)."
+            f"No SHA-256 is recorded for {url}, so it is not downloaded (it could not be checked). Download it "
+            "yourself, check it with its publisher, and give the file's path as the model.", setting="model"
         )
     try:
         with atomic_write(destination) as partial:

@@ -101,9 +101,20 @@ def _ir_cache_root() -> Path:
     return cache_dir() / "openvino"
 
 
+_conversions = 0  # networks converted by this process (a model's first use on this machine)
+
+
+def conversions() -> int:
+    """How many networks this process has converted to OpenVINO so far (0: every model came from the cache)."""
+    return _conversions
+
+
 def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) -> None:
     """torch module -> OpenVINO IR at ``xml_path``."""
     import openvino as ov
+
+    global _conversions
+    _conversions += 1
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
