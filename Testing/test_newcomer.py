@@ -121,3 +121,40 @@ def test_medsam_is_listed_and_refused_honestly(monkeypatch, capsys):
             attempt()
         assert refused.value.setting == "model" and "allow" not in str(refused.value)
     assert "choose it as Model file" in gui.model_status("medsam_vit_b")
+
+
+TELEMETRY_PROBE = """
+import sys, torch
+import openvino_telemetry.main as telemetry
+sent = []
+telemetry.TelemetrySender.send = lambda self, backend, message: sent.append(message)  # nothing leaves the machine
+from SPDSegmentLib.core.models import openvino_runtime
+if sys.argv[1] == "plain":
+    import openvino  # what any other code importing OpenVINO gets
+else:
+    openvino_runtime.openvino_module()
+    from pathlib import Path
+    openvino_runtime._convert(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),), [[1, 4]], Path(sys.argv[2]))
+print(len(sent))
+"""
+
+
+def test_openvino_reports_nothing_to_intel_without_consent(tmp_path):
+    """The Extensions Index: nothing is sent anywhere without the user's opt-in. OpenVINO's import and its
+    converter report usage unless a consent file says no; SPD's OpenVINO use declines (openvino_runtime)."""
+    pytest.importorskip("openvino_telemetry")
+    env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(ROOT / "SPDSegment"))
+    env.pop("CI", None)
+
+    def reports(mode):
+        done = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, mode, str(tmp_path / "ir" / "m" / "model.xml")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    (tmp_path / "ir" / "m").mkdir(parents=True)
+
+    assert reports("plain") > 0  # the behaviour this guards against (would go to Google Analytics)
+    (tmp_path / "intel").exists() and __import__("shutil").rmtree(tmp_path / "intel")
+    assert reports("spd") == 0
+    assert not (tmp_path / "intel" / "openvino_ga_cid").exists()  # no client id was made either

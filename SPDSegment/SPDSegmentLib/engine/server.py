@@ -191,9 +191,9 @@ def device_info() -> str:
         return (f"CUDA: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free "
                 f"(PyTorch {torch.__version__})")
     try:
-        import openvino
+        from ..core.models.openvino_runtime import openvino_module
 
-        engine = f"OpenVINO {openvino.__version__.split('-')[0]}"
+        engine = f"OpenVINO {openvino_module().__version__.split('-')[0]}"
     except ImportError:
         engine = "no OpenVINO: 'Install dependencies' adds it, 2-3x faster on a CPU"
     return f"CPU (PyTorch {torch.__version__}; {engine}); a CUDA GPU makes runs several times faster."
