@@ -347,6 +347,14 @@ def test_a_large_volume_is_written_in_slabs_and_its_request_waits_for_it(tmp_pat
         assert queued.waiting_for_volume
         queued.cancel()
         assert queued.done and queued.cancelled and not client._outbox
+        # shared ahead (the effect does it when a source volume is chosen): the polls write it, nothing waits
+        ahead = Volume(np.ascontiguousarray(big.array[:, ::-1]), big.ijk_to_lps, name="ahead")
+        client.share_volume(ahead)
+        while client._shelf.pending_bytes:
+            client.poll()
+        request = client.encode_ahead(ahead, clicks, "no-such-model", device="cpu")
+        assert not request.waiting_for_volume
+        request.wait(60)
     finally:
         client.stop()
 
