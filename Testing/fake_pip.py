@@ -20,12 +20,10 @@ from pathlib import Path
 
 
 def make_fake_python(folder) -> Path:
-    """An executable in ``folder`` that runs this fake with this interpreter (POSIX)."""
-    path = Path(folder) / "PythonSlicer"
-    path.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {str(Path(__file__))!r}\n"
-                    f"runpy.run_path({str(Path(__file__))!r}, run_name='__main__')\n", encoding="utf-8")
-    path.chmod(0o755)
-    return path
+    """An executable ``PythonSlicer`` in ``folder`` that runs this fake."""
+    from launcher_stand_in import python_script_executable  # the tests' helper; the fake itself runs alone
+
+    return python_script_executable(folder, Path(__file__).resolve())
 
 
 def requirement_names(path: str):

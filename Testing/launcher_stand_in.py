@@ -14,13 +14,18 @@ import sys
 from pathlib import Path
 
 
-def make_launcher(folder) -> Path:
-    """An executable ``PythonSlicer`` in ``folder`` that runs this stand-in with this interpreter (POSIX)."""
-    path = Path(folder) / "PythonSlicer"
-    path.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {str(Path(__file__))!r}\n"
-                    f"runpy.run_path({str(Path(__file__))!r}, run_name='__main__')\n", encoding="utf-8")
+def python_script_executable(folder, script, name: str = "PythonSlicer") -> Path:
+    """An executable ``folder/name`` that runs the Python file ``script`` with this interpreter (POSIX)."""
+    path = Path(folder) / name
+    path.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {str(script)!r}\n"
+                    f"runpy.run_path({str(script)!r}, run_name='__main__')\n", encoding="utf-8")
     path.chmod(0o755)
     return path
+
+
+def make_launcher(folder) -> Path:
+    """An executable ``PythonSlicer`` in ``folder`` that runs this stand-in."""
+    return python_script_executable(folder, Path(__file__).resolve())
 
 
 def main() -> int:

@@ -52,7 +52,23 @@ ERRORS = {cls.__name__: cls for cls in (errors.SPDError, errors.InputError, erro
                                          errors.Cancelled, EngineError)}
 
 
-class Handle:
+class Polled:
+    """Work in another process that a GUI polls: :attr:`done` (each look reads what has come, without
+    waiting), then :meth:`result`. Scripts, tests and benchmarks may :meth:`wait` instead."""
+
+    done: bool
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.005) -> bool:
+        """Block until done; False if ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.done:
+            if deadline is not None and time.perf_counter() > deadline:
+                return False
+            time.sleep(interval)
+        return True
+
+
+class Handle(Polled):
     """One request: poll :attr:`done`, show :meth:`state`, then take :meth:`result`."""
 
     def __init__(self, client: "EngineClient", request_id: int, kind: str):
@@ -99,15 +115,6 @@ class Handle:
 
     def cancel(self) -> None:
         self._client.cancel(self)
-
-    def wait(self, timeout: Optional[float] = None, interval: float = 0.005) -> bool:
-        """Block until done (scripts, tests and benchmarks only; GUIs poll)."""
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while not self.done:
-            if deadline is not None and time.perf_counter() > deadline:
-                return False
-            time.sleep(interval)
-        return True
 
     def _finish(self, value=None, error: Optional[BaseException] = None) -> None:
         if not self._finished:

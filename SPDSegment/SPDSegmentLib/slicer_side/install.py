@@ -50,6 +50,7 @@ from packaging.version import InvalidVersion, Version
 
 from ..core.errors import Cancelled, SPDError
 from ..engine import processes
+from ..engine.client import Polled
 from . import adapter, gui
 
 RESOURCES = Path(__file__).resolve().parents[2] / "Resources"  # the module's Resources folder
@@ -169,7 +170,7 @@ def openvino_verdict(returncode: int, report: Optional[dict], output: List[str],
 
 # ---------------------------------------------------------------- polled child processes (the GUI)
 
-class Installation:
+class Installation(Polled):
     """An install in child processes, one step at a time, polled like an engine request: check
     :attr:`done` from a timer (each check reads what pip has printed, without waiting), show
     :meth:`state`, then take :meth:`result` (a summary; raises :class:`InstallError` or ``Cancelled``).
@@ -237,15 +238,6 @@ class Installation:
             raise self._error
         return {"installed": list(self.done_steps), "skipped": list(self.skipped),
                 "log": str(self.log_path) if self.log_path else None}
-
-    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> bool:
-        """Block until done (scripts and tests; GUIs poll)."""
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while not self.done:
-            if deadline is not None and time.perf_counter() > deadline:
-                return False
-            time.sleep(interval)
-        return True
 
     def cancel(self) -> None:
         """Stop the install: at once while pip downloads or resolves; once it has begun to unpack packages,
