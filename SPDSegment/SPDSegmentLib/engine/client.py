@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..core import errors
+from ..core.models.download import cache_dir
 from . import processes, protocol
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding SPDSegmentLib
@@ -127,13 +128,14 @@ class EngineClient:
     ``env``: the engine's environment, or a function that returns it (called at each start, so settings
     changed since the last start reach the next engine); None is this process's environment.
     ``log_folder``: where each engine's log goes (private, 0700; default the user cache's ``logs``).
+    ``share_root``: where the private folders for shared arrays are made (default
+    :func:`.processes.share_root`, a folder of this user in the system's temporary folder).
+    ``hang_seconds``: how long a cancelled request may run on before the engine is killed.
     """
 
     def __init__(self, python: Optional[str] = None,
                  env: Union[Mapping[str, str], Callable[[], Mapping[str, str]], None] = None,
                  log_folder=None, hang_seconds: float = 20.0, share_root=None):
-        from ..core.models.download import cache_dir
-
         self.python = python or sys.executable
         self._env = env
         self.log_folder = Path(log_folder) if log_folder else cache_dir() / "logs"
