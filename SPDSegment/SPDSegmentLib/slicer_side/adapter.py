@@ -229,11 +229,6 @@ def editor_logic_for(editor_node):
     return logic
 
 
-def forget_editor_logics() -> None:
-    """Release the segment editor logics and their undo states (segment contents): the scene was closed."""
-    _LOGICS_BY_ID.clear()
-
-
 def spd_editor_node(scene):
     """The scene's SPD segment editor node (a singleton; its mask/overwrite settings apply to console runs)."""
     import slicer

@@ -71,7 +71,6 @@ def forget_scene_data() -> None:
     """The scene was closed: the engine (and the in-process one) forget its volumes and cached slices, the
     shared volume files are removed, and every :func:`when_scene_closes` listener drops its own copies."""
     adapter.forget_volumes()
-    adapter.forget_editor_logics()
     if _engine is not None:
         _engine.forget_volumes()
     if _local is not None:
