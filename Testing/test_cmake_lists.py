@@ -49,6 +49,17 @@ def test_every_listed_file_exists(module):
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_every_resource_the_code_loads_is_listed(module):
+    """A Resources/ file the module opens by ``resourcePath`` (its .ui panel, icons) must be installed with it."""
+    tokens = cmake_tokens(module)
+    code = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / module).glob("*.py"))
+    loaded = {"Resources/" + name for name in re.findall(r'resourcePath\(\s*"([^"]+)"', code)}
+    assert not loaded - tokens, f"add to {module}/CMakeLists.txt: {sorted(loaded - tokens)}"
+    if module == "SPDSegment":
+        assert "Resources/UI/SPDSegment.ui" in loaded  # the panel is the Designer file
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_module_macro_and_tests(module):
     text = (ROOT / module / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text

@@ -522,6 +522,9 @@ def logic(monkeypatch):
                  "ScriptedLoadableModuleTest"):
         setattr(scripted, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    from pythonqt_fakes import parameter_node_wrapper_module  # the module's state class needs it at import
+
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", parameter_node_wrapper_module())
     spec = importlib.util.spec_from_file_location("SPDSegment_reliability", ROOT / "SPDSegment" / "SPDSegment.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

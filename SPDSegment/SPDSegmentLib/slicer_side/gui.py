@@ -1,9 +1,9 @@
 """What the two Slicer GUIs (the SPDSegment module and the SPD effect) share, without Qt.
 
 The SPD engine of this Slicer process (:func:`engine`), the model menu built from the registry,
-each model's own tau and n, progress and status lines, and the training and batch helpers. Widgets
-are passed in and used through their Python attributes only, so nothing here imports qt, and
-importing this module imports no torch.
+each model's own tau and n, the kinds of clicks and the slice numbers users see, progress and status
+lines, and the training and batch helpers. Widgets are passed in and used through their Python
+attributes only, so nothing here imports qt, and importing this module imports no torch.
 """
 from __future__ import annotations
 
@@ -113,16 +113,25 @@ def fill_model_menu(combo) -> None:
         combo.addItem(title, name)
 
 
+TAU_RANGE, NEIGHBOURS_RANGE = (0.01, 0.99), (0, 10)  # the GUIs' tau slider and neighbour-slice spin box
+_HEADERS: dict = {}  # (path, size, mtime) -> header: the effect asks on every parameter change
+
+
 def model_header(name_or_path: str) -> Optional[dict]:
     """An SPD model's header (bundled name or file), read without torch; None for a plain backbone or an
-    unreadable file. ``pipeline.trained_axes`` takes it, so the GUIs choose the slicing axis without torch."""
+    unreadable file. ``pipeline.trained_axes`` takes it, so the GUIs choose the slicing axis without torch.
+    A file is read again only when its size or time changes (a model retrained under the same name)."""
     from ..core.models.registry import DEFAULT_MODEL
 
     path = _spd_model_path(name_or_path or DEFAULT_MODEL)
     if path is None:
         return None
     try:
-        return spd_header(path)
+        status = path.stat()
+        key = (str(path), status.st_size, status.st_mtime_ns)
+        if key not in _HEADERS:
+            _HEADERS[key] = spd_header(path)
+        return _HEADERS[key]
     except (OSError, ValueError):
         return None
 
@@ -135,17 +144,6 @@ def model_defaults(name_or_path: str) -> Optional[Tuple[float, int]]:
     if header is None:
         return None
     return float(header.get("tau", DEFAULT_TAU)), int(header.get("neighbours", DEFAULT_NEIGHBOURS))
-
-
-def show_model_defaults(name_or_path: str, tau_widget, neighbours_widget) -> Tuple[float, int]:
-    """Put the chosen model's own tau and n into the widgets (never keep another model's); a backbone
-    has none (raw mode), so the widgets are disabled. Returns the values shown."""
-    defaults = model_defaults(name_or_path)
-    for widget in (tau_widget, neighbours_widget):
-        widget.enabled = defaults is not None
-    tau, neighbours = defaults or (0.5, 2)
-    tau_widget.value, neighbours_widget.value = tau, neighbours
-    return tau, neighbours
 
 
 def model_status(name: str) -> str:
@@ -166,6 +164,54 @@ def model_status(name: str) -> str:
     return f"{state}; licence {entry['licence']}"
 
 
+# ---------------------------------------------------------------- clicks and slices
+
+# What a click is, by its markups description (the contract with the core, prompts.py: the point list holds
+# every click; "background" is a background click, "correction" a trusted foreground correction, anything
+# else a sloppy click). Clicks placed after the first Preview are corrections.
+BACKGROUND, CORRECTION, CLICK = "background", "correction", "click"
+
+
+def click_kind(background: bool, after_preview: bool) -> str:
+    """The kind of a new click: background (always a correction), a foreground correction once a Preview was
+    shown for its point list, else a sloppy click."""
+    return BACKGROUND if background else CORRECTION if after_preview else CLICK
+
+
+def click_description(kind: str) -> str:
+    """The markups control point description that carries ``kind`` ("" for a plain click)."""
+    return "" if kind == CLICK else kind
+
+
+def kind_of_description(description) -> str:
+    """A control point's kind from its description (either case, spaces ignored)."""
+    word = str(description or "").strip().lower()
+    return word if word in (BACKGROUND, CORRECTION) else CLICK
+
+
+def clicks_line(kinds, axis_note: str) -> str:
+    """The status line after a click: how many clicks of each kind, and the slicing axis with where it came from,
+    e.g. "5 clicks (1 background, 2 corrections); axial slices (array axis 0), the slice view ..."."""
+    kinds = list(kinds)
+    extra = [f"{kinds.count(BACKGROUND)} background"] if BACKGROUND in kinds else []
+    extra += [f"{kinds.count(CORRECTION)} correction{'s' * (kinds.count(CORRECTION) != 1)}"] if CORRECTION in kinds \
+        else []
+    count = f"{len(kinds)} click{'s' * (len(kinds) != 1)}" + (f" ({', '.join(extra)})" if extra else "")
+    return f"{count}; {axis_note}." if axis_note else f"{count}."
+
+
+def slice_letter(axis: int) -> str:
+    """The Data Probe's name for the slice number along array axis ``axis``: I, J or K (arrays are (k, j, i)).
+    The core's slice numbers along an axis are that IJK index, from 0, as the Data Probe shows them."""
+    return "KJI"[int(axis)]
+
+
+def slice_span(slice_numbers, count: int) -> Tuple[int, int]:
+    """(first, last) slice for a new "only slices" range: the clicks' span, else every slice (0 .. count-1)."""
+    numbers = [int(t) for t in slice_numbers]
+    return (min(numbers), max(numbers)) if numbers else (0, max(int(count) - 1, 0))
+
+
 # ---------------------------------------------------------------- progress and status lines
 
 def show_progress(bar, handle) -> None:
@@ -173,6 +219,12 @@ def show_progress(bar, handle) -> None:
     bar.setMaximum(max(total, 1))
     bar.setValue(min(done, total))
     bar.setFormat(f"{stage}: %p%")
+
+
+def progress_line(handle, what: str = "Segmenting") -> str:
+    """A status line while the engine works: "Updating the preview: encode 3/12..."."""
+    stage, done, total = handle.state()
+    return f"{what}: {stage} {min(done, total)}/{total}..." if stage and total else f"{what}..."
 
 
 def error_line(exc: BaseException) -> str:
