@@ -65,6 +65,7 @@ def test_closing_the_scene_leaves_no_temporary_file(monkeypatch, tmp_path, sampl
         assert left == ["owners.json"], left
     finally:
         client.stop()
+        adapter.stop_watching_scenes()  # before the scene goes (see adapter.on_scene_closed)
     assert not share.exists()
 
 
@@ -78,5 +79,7 @@ def test_the_scene_observer_is_added_once(tmp_path):
     adapter.on_scene_closed(listener, app.scene)
     adapter.on_scene_closed(listener, app.scene)
     app.scene.Clear(0)
+    app.scene.Clear(0)
+    adapter.stop_watching_scenes()
     app.scene.Clear(0)
     assert calls == [1, 1]

@@ -825,23 +825,33 @@ def use_slicer_cache_folder() -> Optional[str]:
 
 
 def on_scene_closed(callback: Callable[[], Any], scene=None) -> None:
-    """Call ``callback`` each time ``scene`` (default Slicer's scene) has been closed (its EndCloseEvent,
-    which File > Close Scene and ``scene.Clear()`` send). Registered once per scene and callback."""
+    """Call ``callback`` each time ``scene`` has been closed (its EndCloseEvent, which File > Close Scene and
+    ``scene.Clear()`` send); registered once per scene and callback. Without ``scene``: desktop Slicer's
+    scene, which lives as long as Slicer (nothing elsewhere). The observer must go before its scene does:
+    a scene destroyed by Python's garbage collector sends EndCloseEvent from inside it, and a Python
+    observer called there crashes VTK; :func:`stop_watching_scenes` removes them (at Slicer's exit)."""
     if scene is None:
-        try:
-            import slicer
-
-            scene = slicer.mrmlScene
-        except (ImportError, AttributeError):
+        if slicer_version() is None:
             return
-    watched = _SCENE_WATCHERS.setdefault(scene.GetAddressAsString("vtkObject"), [])
-    if callback in [c for c, _ in watched]:
+        import slicer
+
+        scene = slicer.mrmlScene
+    if any(ref() is scene and known == callback for ref, known, _ in _SCENE_WATCHERS):
         return
     tag = scene.AddObserver(scene.EndCloseEvent, lambda caller, event: callback())
-    watched.append((callback, tag))
+    _SCENE_WATCHERS.append((weakref.ref(scene), callback, tag))
 
 
-_SCENE_WATCHERS: Dict[str, list] = {}  # scene address -> [(callback, observer tag)]
+def stop_watching_scenes() -> None:
+    """Remove every :func:`on_scene_closed` observer from the scenes that still exist."""
+    for ref, _, tag in _SCENE_WATCHERS:
+        scene = ref()
+        if scene is not None:
+            scene.RemoveObserver(tag)
+    _SCENE_WATCHERS.clear()
+
+
+_SCENE_WATCHERS: list = []  # (weak reference to a scene, callback, observer tag)
 
 
 def on_application_exit(callback: Callable[[], Any]) -> None:

@@ -34,6 +34,7 @@ def engine():
                                log_folder=cache_dir() / "logs")
         adapter.on_application_exit(_engine.stop)
         adapter.on_scene_closed(forget_scene_data)
+        adapter.on_application_exit(adapter.stop_watching_scenes)
     return _engine
 
 
