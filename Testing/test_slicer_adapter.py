@@ -115,11 +115,17 @@ def test_volume_from_node_equals_file(app, sample_paths, sample):
     np.testing.assert_array_equal(got.array, volume.array)
     np.testing.assert_allclose(got.ijk_to_lps, volume.ijk_to_lps, atol=1e-6)
     assert got.name == node.GetName()
-    assert not got.array.flags.writeable  # a private snapshot (hashed once by Volume.fingerprint)
+    assert not got.array.flags.writeable  # read-only for SPD (hashed once by Volume.fingerprint)
     from vtk.util import numpy_support
 
-    node_voxels = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
-    assert not np.shares_memory(got.array, node_voxels)  # a copy: the node's voxels are never touched
+    scalars = node.GetImageData().GetPointData().GetScalars()
+    node_voxels = numpy_support.vtk_to_numpy(scalars)
+    assert np.shares_memory(got.array, node_voxels)  # a view: the main thread never copies the voxels
+    assert sa.volume_from_node(node).array is got.array  # unchanged: the same array, shared with the engine once
+    node_voxels[0] += 1  # the voxels change (as a module editing them in place would)
+    scalars.Modified()
+    changed = sa.volume_from_node(node)
+    assert changed.array is not got.array and changed.array.flat[0] == volume.array.flat[0] + 1
 
 
 def test_volume_from_node_applies_parent_linear_transform(app, sample_paths, sample):

@@ -22,7 +22,7 @@ from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .core.errors import InputError, SPDError, SPDWarning
 from .core.files import OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable
 from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
-                                   check_device, is_available)
+                                   check_device, downloadable, is_available, manual_download_message)
 from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
 from .core.progress import Progress, tqdm_progress
 from .core.sample import sample_case
@@ -223,11 +223,16 @@ def cmd_models(args) -> int:
     for name, path in BUNDLED_SPD_MODELS.items():  # the SPD models first: the default is one of them
         default = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} {spd_model_title(path)}{default}")
+    manual = []
     for name, entry in catalogue().items():
-        state = "yes" if is_available(name) else "download"
+        state = "yes" if is_available(name) else "download" if downloadable(name) else "by hand"
         print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']} (raw mode)")
+        if state == "by hand":
+            manual.append(name)
         if args.verbose:
             print(f"{'':16} licence: {entry['licence']}; file: {cached_path(name)}")
+    for name in manual:
+        print(manual_download_message(name))
     print(f"The default model is {DEFAULT_MODEL}; --model also takes a .spd.safetensors file or a SAM-family "
           ".pth checkpoint.")
     return 0
@@ -260,11 +265,11 @@ def cmd_demo(args) -> int:
     ):
         t0 = time.perf_counter()
         print(f"{title}: loading {model_name} ...", file=sys.stderr, flush=True)
+        converted = conversions()
         model = load_model(model_name, device=args.device, runtime=args.runtime, precision=args.precision)
-        load_s = time.perf_counter() - t0
-        if load_s > 2:
-            print(f"  loaded in {load_s:.0f} s (the first use converts it for this machine; later runs reuse that)",
-                  file=sys.stderr, flush=True)
+        note = load_note(time.perf_counter() - t0, conversions() - converted)
+        if note:
+            print(note, file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result = segment(vol, points, model, options, progress=progress)
         for warning in result.warnings:
@@ -283,6 +288,23 @@ def cmd_demo(args) -> int:
         print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
     print("wrote " + " and ".join(str(p) for p in written) + note)
     return 0
+
+
+def conversions() -> int:
+    """Networks converted to OpenVINO by this process so far (0 where OpenVINO is not installed)."""
+    try:
+        from .core.models import openvino_runtime
+    except ImportError:
+        return 0
+    return openvino_runtime.conversions()
+
+
+def load_note(seconds: float, converted: int) -> str:
+    """The line ``spd demo`` prints after a slow model load: whether it converted the model or reused it."""
+    if converted:
+        return (f"  loaded in {seconds:.0f} s: converted for this machine on its first use (OpenVINO); later runs "
+                "reuse the converted model")
+    return f"  loaded in {seconds:.0f} s" if seconds > 2 else ""
 
 
 def encoding_progress(stream=None):
@@ -526,12 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("simulate", help="sloppy centerline clicks from a label (.mrk.json)")
-    p.add_argument("label")
-    p.add_argument("--axis", type=int, default=0, help="array axis (0 = k, 1 = j, 2 = i)")
-    p.add_argument("--level", default="moderate", choices=["clean", "mild", "moderate", "severe"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("simulate", help="sloppy centerline clicks from a label (.mrk.json)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("label", help="label map (.nii.gz, .nrrd); every voxel above 0 is the structure")
+    p.add_argument("--axis", type=int, default=0, help="array axis the clicks follow (0 = k, 1 = j, 2 = i)")
+    p.add_argument("--level", default="moderate", choices=["clean", "mild", "moderate", "severe"],
+                   help="how sloppy the clicks are (docs/noise_model.md)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated reader (same seed, same clicks)")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output point list (.mrk.json)")
     p.set_defaults(func=cmd_simulate)
 
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default

@@ -675,7 +675,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     result = Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
                     timings=timings, mode=p.mode, decoder=decoder_description(model),
                     axis_note=axis_note(prompts, volume))
-    result.warnings = plausibility_warnings(volume, p, model, result)
+    result.warnings = plausibility_warnings(volume, p, model, result, getattr(prompts, "axis_source", ""))
     return result
 
 
@@ -711,8 +711,9 @@ def decoder_description(model) -> str:
     return f"the {getattr(model, 'name', 'backbone')} decoder"
 
 
-def plausibility_warnings(volume: Volume, p: Plan, model, result: Result) -> List[str]:
-    """What makes a finished result implausible, each with what to try (Result.warnings)."""
+def plausibility_warnings(volume: Volume, p: Plan, model, result: Result, axis_source: str = "") -> List[str]:
+    """What makes a finished result implausible, each with what to try (Result.warnings). ``axis_source``:
+    where the slicing axis came from (``VoxelPrompts.axis_source``; "given" when the user chose it)."""
     warnings = list(getattr(model, "warnings", []) or [])
     lo, hi = p.intensity
     raw_blank = bool(p.targets) and all(np.ptp(get_slice(volume.array, p.axis, t)) == 0 for t in p.targets)
@@ -725,9 +726,12 @@ def plausibility_warnings(volume: Volume, p: Plan, model, result: Result) -> Lis
                         "choose the mr modality.")
     views = model.header.get("views") if result.mode == "spd" else None
     if views and axis_name(p.axis, volume) not in views:
-        warnings.append(f"The clicks are on {axis_name(p.axis, volume)} slices, but {model.name} was trained on "
-                        f"{' and '.join(views)} slices only: expect a poorer result. Click in a view it knows, or "
-                        f"train a model on this view (spd train --axes all).")
+        where = (f"The slicing axis was set to {axis_name(p.axis, volume)}" if axis_source == "given"
+                 else f"The clicks are on {axis_name(p.axis, volume)} slices")
+        fix = ("Choose an axis it knows (the slicing axis, or auto)" if axis_source == "given"
+               else "Click in a view it knows")
+        warnings.append(f"{where}, but {model.name} was trained on {' and '.join(views)} slices only: expect a "
+                        f"poorer result. {fix}, or train a model on this view (spd train --axes all).")
     if result.mode == "spd" and result.audit:
         counts = result.audit_counts()
         own = counts.get("kept", 0) + counts.get("rejected", 0)

@@ -21,7 +21,8 @@ from typing import List, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .. import __version__
 from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
@@ -126,8 +127,9 @@ def _write(path: Path, tensors: dict, header: dict) -> Path:
     """Atomic write (temporary name, read back, then rename) with the content digest in the header."""
     header = json.loads(json.dumps(header))  # exactly what a reader will see (tuples become lists, ...)
     header[DIGEST_KEY] = content_digest(tensors, header)
+    data = safetensors_bytes(tensors, metadata={"spd_header": json.dumps(header, sort_keys=True)})
     with atomic_write(path, verify=lambda tmp: verify_file(tmp, header[DIGEST_KEY])) as tmp:
-        save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
+        tmp.write_bytes(data)  # safetensors' own file writer makes 0600 files; this one follows the umask (0644)
     return path
 
 

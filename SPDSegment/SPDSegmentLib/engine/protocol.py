@@ -32,11 +32,13 @@ import itertools
 import json
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from ..core.files import atomic_write
 
@@ -355,38 +357,105 @@ _serial = itertools.count()
 # ---------------------------------------------------------------- volumes shared by file
 
 class VolumeShelf:
-    """The parent's side: each volume written once into the private folder, the newest few kept.
+    """The parent's side: each volume's voxels written once into the private folder, the newest few kept.
 
-    A volume is known by the identity of its array (the effect keeps one read-only copy per source
-    volume), so the main thread never hashes voxels; the engine computes the content fingerprint.
+    Voxels are known by the identity of their array (the Slicer adapter hands out one read-only view per
+    volume node and modification time), so the main thread never hashes voxels; the engine computes the
+    content fingerprint. A new volume is written in slabs, a few milliseconds at a time
+    (:meth:`write_some`, called from the client's poll), so writing a 600-slice CT never freezes the GUI;
+    its reference may be sent only once :meth:`complete`. The geometry travels in the reference, so a
+    volume moved by a transform reuses its voxel file.
     """
+
+    SLAB_BYTES = 4 << 20  # one write call (a few ms); the time budget is checked between slabs
 
     def __init__(self, folder, keep: int = 2):
         self.folder = Path(folder)
         self.keep = keep
-        self._shelf: List[Tuple[Any, dict]] = []  # (volume, reference), newest last
+        self._files: List[dict] = []  # {"array", "id", "ref", "written" (slices), "handle"}, newest last
 
     def reference(self, volume) -> dict:
-        for index, (held, ref) in enumerate(self._shelf):
-            if held is volume or held.array is volume.array:
-                self._shelf.append(self._shelf.pop(index))
-                if Path(ref["array"]["path"]).exists():
-                    return ref
-                self._shelf.pop()
+        """The reference the engine opens ``volume`` by; its voxel file may still be being written."""
+        entry = self._entry(volume.array)
+        matrix = np.asarray(volume.ijk_to_lps, float)
+        geometry = uuid.uuid5(uuid.NAMESPACE_OID, repr(np.round(matrix, 9).tolist()) + str(volume.name)).hex[:12]
+        return {"id": f"{entry['id']}-{geometry}", "array": entry["ref"], "ijk_to_lps": matrix.tolist(),
+                "name": volume.name}
+
+    def _entry(self, array) -> dict:
+        for index, entry in enumerate(self._files):
+            if entry["array"] is array:
+                self._files.append(self._files.pop(index))
+                if entry["handle"] is not None or Path(entry["ref"]["path"]).exists():
+                    return entry
+                self._files.pop()  # its file was removed under us: write it again
                 break
-        volume_id = uuid.uuid4().hex
-        ref = {"id": volume_id, "array": write_array(self.folder, volume.array, f"volume-{volume_id}"),
-               "ijk_to_lps": np.asarray(volume.ijk_to_lps, float).tolist(), "name": volume.name}
-        self._shelf.append((volume, ref))
-        while len(self._shelf) > self.keep:
-            _, old = self._shelf.pop(0)
-            remove_quietly(old["array"]["path"])
-        return ref
+        file_id = uuid.uuid4().hex
+        path = self.folder / f"volume-{file_id}.npy"
+        entry = {"array": array, "id": file_id, "written": 0, "handle": None,
+                 "ref": {"path": str(path), "dtype": str(array.dtype), "shape": list(array.shape)}}
+        self._files.append(entry)
+        self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        """Drop the oldest complete volumes beyond ``keep`` (one still being written stays)."""
+        done = [e for e in self._files if e["handle"] is None and e["written"] == len(e["array"])]
+        for entry in done[: max(0, len(self._files) - self.keep)]:
+            self._files.remove(entry)
+            remove_quietly(entry["ref"]["path"])
+
+    def complete(self, reference: dict) -> bool:
+        """Whether the voxel file behind ``reference`` is written (its reference may be sent)."""
+        path = reference["array"]["path"]
+        return not any(e["ref"]["path"] == path and e["written"] < len(e["array"]) for e in self._files)
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(int(e["array"][e["written"]:].nbytes) for e in self._files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(e["array"].nbytes) for e in self._files if e["written"] < len(e["array"]))
+
+    def write_some(self, budget_s: float = 0.02) -> bool:
+        """Write pending voxels for about ``budget_s`` seconds; True when every volume is written."""
+        deadline = time.perf_counter() + budget_s
+        for entry in self._files:
+            while entry["written"] < len(entry["array"]):
+                self._write_slab(entry)
+                if time.perf_counter() > deadline:
+                    return self.pending_bytes == 0
+        return True
+
+    def _write_slab(self, entry: dict) -> None:
+        array = entry["array"]
+        path = Path(entry["ref"]["path"])
+        partial = path.with_name(path.stem + ".partial.npy")
+        if entry["handle"] is None:
+            entry["handle"] = open(partial, "wb")
+            npy_format.write_array_header_1_0(entry["handle"], {"descr": npy_format.dtype_to_descr(array.dtype),
+                                                                "fortran_order": False, "shape": array.shape})
+        slice_bytes = max(1, array[:1].nbytes)
+        count = max(1, self.SLAB_BYTES // slice_bytes)
+        first = entry["written"]
+        slab = np.ascontiguousarray(array[first:first + count])  # a view when the array is contiguous
+        entry["handle"].write(memoryview(slab).cast("B"))
+        entry["written"] = first + len(slab)
+        if entry["written"] == len(array):
+            entry["handle"].close()  # no fsync: the engine reads the same pages from the page cache
+            entry["handle"] = None
+            os.replace(partial, path)
 
     def clear(self) -> None:
-        for _, ref in self._shelf:
-            remove_quietly(ref["array"]["path"])
-        self._shelf = []
+        """Forget every volume and remove its file (also one still being written)."""
+        for entry in self._files:
+            if entry["handle"] is not None:
+                entry["handle"].close()
+                path = Path(entry["ref"]["path"])
+                remove_quietly(path.with_name(path.stem + ".partial.npy"))
+            remove_quietly(entry["ref"]["path"])
+        self._files = []
 
 
 def remove_quietly(path) -> None:
@@ -398,7 +467,11 @@ def remove_quietly(path) -> None:
 
 class VolumeRack:
     """The engine's side: volumes mapped read-only from the parent's files, by id, the newest few kept.
-    With ``confine`` (the engine's private folder) only the parent's volume files there are mapped."""
+    With ``confine`` (the engine's private folder) only the parent's volume files there are mapped.
+
+    A volume is checked when it is first opened (3D, not empty, no NaN or infinite voxels): here, in the
+    engine, so that Slicer's main thread never scans a whole volume.
+    """
 
     def __init__(self, keep: int = 3, confine=None):
         self.keep = keep
@@ -407,7 +480,7 @@ class VolumeRack:
 
     def open(self, ref: dict):
         from ..core.errors import InputError
-        from ..core.volume import Volume
+        from ..core.volume import Volume, validate_array
 
         try:
             volume_id = str(ref["id"])
@@ -417,7 +490,9 @@ class VolumeRack:
                 ijk_to_lps = np.array(ref["ijk_to_lps"], float)
                 if ijk_to_lps.shape != (4, 4) or not np.isfinite(ijk_to_lps).all():
                     raise ValueError("its geometry is not a finite 4 x 4 matrix")
-                volume = Volume(array=array, ijk_to_lps=ijk_to_lps, name=str(ref.get("name", "volume")))
+                name = str(ref.get("name", "volume"))
+                array = validate_array(array, what=f"volume {name!r}")
+                volume = Volume(array=array, ijk_to_lps=ijk_to_lps, name=name)
         except InputError:
             raise
         except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -426,6 +501,9 @@ class VolumeRack:
         while len(self._rack) > self.keep:
             self._rack.pop(next(iter(self._rack)))
         return volume
+
+    def clear(self) -> None:
+        self._rack.clear()
 
     def __len__(self) -> int:
         return len(self._rack)

@@ -67,6 +67,11 @@ class Engine:
                 self._models[key] = pipeline.load_model(key[0], device=device)
             return self._models[key]
 
+    def forget(self) -> None:
+        """Drop every cached slice, saliency map and decoded mask (the volumes they came from are gone);
+        the loaded models stay."""
+        self.cache.clear()
+
     def loaded(self):
         return [{"model": name, "device": device, "runtime": _backbone(model).runtime_name}
                 for (name, device), model in list(self._models.items())]
@@ -130,9 +135,14 @@ class Engine:
         return run_batch(request.cases, request.output_folder, model, request.options, progress, request.axis)
 
     def status(self) -> dict:
+        from ..core.models.download import cache_dir
+
         cache = self.cache
+        settings = {k: v for k, v in os.environ.items()
+                    if k.startswith("SPDSEGMENT_") and k not in (protocol.TOKEN_ENV, protocol.SHARE_ENV)}
         return {"pid": os.getpid(), "models": self.loaded(), "cache_items": len(cache),
-                "cache_mb": round(getattr(cache, "_bytes", 0) / 2 ** 20, 1), "device": device_info()}
+                "cache_mb": round(getattr(cache, "_bytes", 0) / 2 ** 20, 1), "device": device_info(),
+                "cache_folder": str(cache_dir()), "settings": settings}
 
 
 def _backbone(model):
@@ -163,6 +173,8 @@ def ensure_checkpoint(name: str, allow_download: bool, progress: Optional[Progre
     entry = registry.catalogue().get(backbone)
     if entry is None or entry["source"] != "url" or registry.is_available(backbone):
         return
+    if not registry.downloadable(backbone):
+        raise CheckpointError(registry.manual_download_message(backbone), setting="model")
     if not allow_download:
         size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
         raise CheckpointError(f"The {backbone} checkpoint{size} is not on this machine. Download it first: SPD "
@@ -186,9 +198,9 @@ def device_info() -> str:
         return (f"CUDA: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free "
                 f"(PyTorch {torch.__version__})")
     try:
-        import openvino
+        from ..core.models.openvino_runtime import openvino_module
 
-        engine = f"OpenVINO {openvino.__version__.split('-')[0]}"
+        engine = f"OpenVINO {openvino_module().__version__.split('-')[0]}"
     except ImportError:
         engine = "no OpenVINO: 'Install dependencies' adds it, 2-3x faster on a CPU"
     return f"CPU (PyTorch {torch.__version__}; {engine}); a CUDA GPU makes runs several times faster."
@@ -298,6 +310,8 @@ class Server:
             self._cancel(request_id)
         elif kind == "shutdown":
             self.stop()
+        elif kind == "forget":
+            self._forget()
         elif kind == "request" and message.get("kind") == "status":
             self.send({"type": "result", "id": request_id, "body": self._status()})
         elif kind == "request" and isinstance(message.get("kind"), str) and message["kind"] in protocol.REQUESTS:
@@ -335,6 +349,17 @@ class Server:
                     self._jobs.remove(job)
                     self.send({"type": "cancelled", "id": job_id})
 
+    def _forget(self) -> None:
+        """The parent's scene was closed: stop its work, then (between jobs) drop its volumes and cache."""
+        with self._wake:
+            if self._current is not None:
+                self._current.progress.cancel()
+            for job in list(self._jobs):
+                self.send({"type": "cancelled", "id": job.id})
+            self._jobs.clear()
+            self._jobs.append(_Job(None, "forget", None, Progress()))
+            self._wake.notify()
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -358,6 +383,11 @@ class Server:
                     self._current = None
 
     def _run(self, job: _Job) -> None:
+        if job.kind == "forget":  # no reply: the parent has dropped its side already
+            self._volumes.clear()
+            self.engine.forget()
+            log.info("the parent's scene was closed: volumes and cached slices dropped")
+            return
         started = time.perf_counter()
         if job.kind != "encode_ahead":  # work ahead is quiet
             job.progress.callback = lambda stage, done, total: self.send(

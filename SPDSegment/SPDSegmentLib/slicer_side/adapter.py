@@ -18,7 +18,9 @@ Nothing is written unless the run succeeded.
 """
 from __future__ import annotations
 
+import os
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -71,30 +73,55 @@ def node_to_world(node) -> np.ndarray:
 
 # ---------------------------------------------------------------- reading nodes
 
+_VOXELS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()  # (node, image and scalars MTime) -> read-only view
+KEEP_VOXELS = 2  # views kept (each keeps its node's voxel buffer alive until it goes, or the scene closes)
+
+
 def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
-    """A read-only copy of a scalar volume node's voxels with its world geometry (parent transform applied)."""
+    """A scalar volume node's voxels with its world geometry (parent transform applied), without a copy.
+
+    The array is a read-only view of the node's voxel buffer: on the main thread nothing here reads or
+    copies the voxels (a 512 x 512 x 600 CT is 300 MB), and whether they are finite is checked where
+    they are used (the engine, :func:`run_spd_on_nodes`). The same node with unchanged voxels gives the
+    same array object, so the engine client writes its voxels for the engine once; a change to the
+    voxels (their modification time) gives a new one.
+    """
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         kind = volume_node.GetClassName() if volume_node is not None else "nothing"
         raise InputError(f"SPD needs a scalar volume, got {kind}. Select a scalar (grey-level) volume.")
     image = volume_node.GetImageData()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+    scalars = image.GetPointData().GetScalars() if image is not None and image.GetPointData() is not None else None
+    if scalars is None:
         raise InputError(f"Volume {volume_node.GetName()!r} has no voxel data; load the image again.")
     components = image.GetNumberOfScalarComponents()
     if components != 1:
         raise InputError(f"Volume {volume_node.GetName()!r} has {components} components per voxel; SPD needs a "
                          "scalar volume (convert it, e.g. with the Vector to Scalar Volume module).")
-    from vtk.util import numpy_support
-
     dims = image.GetDimensions()
-    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
-    array = validate_array(array, what=f"volume {volume_node.GetName()!r}")
-    array.flags.writeable = False  # a private snapshot: its content hash is computed once (Volume.fingerprint)
+    if min(dims) < 1:
+        raise InputError(f"Volume {volume_node.GetName()!r} is empty: {dims[0]} x {dims[1]} x {dims[2]} voxels.")
+    key = (volume_node.GetID() or volume_node.GetAddressAsString("vtkObject"), image.GetAddressAsString("vtkObject"),
+           image.GetMTime(), scalars.GetMTime(), tuple(dims))
+    array = _VOXELS.pop(key, None)
+    if array is None:
+        from vtk.util import numpy_support
+
+        array = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])  # a view: (k, j, i)
+        array.flags.writeable = False  # read-only for SPD; its content hash is computed once (Volume.fingerprint)
+    _VOXELS[key] = array
+    while len(_VOXELS) > KEEP_VOXELS:
+        _VOXELS.popitem(last=False)
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = node_to_world(volume_node) @ _array_from_vtk_matrix(matrix)
     return Volume(array=array, ijk_to_lps=LPS_TO_RAS @ ijk_to_ras, name=name or volume_node.GetName())
+
+
+def forget_volumes() -> None:
+    """Release the voxel views held for volume nodes (the scene was closed)."""
+    _VOXELS.clear()
 
 
 def points_from_markups(markups_node):
@@ -583,6 +610,7 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
     _check_write_settings(editor_node, overwrite, editable_area)
     volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis, model=model)
+    validate_array(volume.array, what=f"volume {volume.name!r}")  # the console waits anyway; the engine checks its own
     if segment_fn is None:
         from ..core import pipeline
 
@@ -728,7 +756,6 @@ def audit_to_markups_nodes(audit, geometry, scene, nodes=None, axis: Optional[in
 def slicer_python() -> str:
     """Slicer's own Python (``PythonSlicer``), found as Slicer's Python utilities find it: on the PATH
     that Slicer sets, else in ``<slicerHome>/bin``; outside Slicer, this interpreter."""
-    import os
     import shutil
     import sys
 
@@ -755,6 +782,76 @@ def startup_environment() -> Optional[Dict[str, str]]:
     except (ImportError, AttributeError):
         return None
     return dict(environment) if isinstance(environment, dict) else None
+
+
+SETTINGS_PREFIX = "SPDSEGMENT_"  # SPD's settings are environment variables (README: SPDSEGMENT_RUNTIME, ...)
+
+
+def engine_environment() -> Dict[str, str]:
+    """The SPD engine's environment: Slicer's startup environment (so that ``PythonSlicer`` sets up its
+    own), with SPD's settings as they are in this Slicer now: every ``SPDSEGMENT_*`` variable of
+    ``os.environ``, so one set in Slicer's Python console reaches the next engine, and Slicer's cache
+    folder (:func:`use_slicer_cache_folder`). Called at each engine start."""
+    use_slicer_cache_folder()
+    base = startup_environment()
+    base = dict(os.environ) if base is None else base
+    environment = {k: v for k, v in base.items() if not k.startswith(SETTINGS_PREFIX)}
+    environment.update({k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIX)})
+    return environment
+
+
+def slicer_cache_folder() -> Optional[str]:
+    """Slicer's cache folder (Application Settings > Cache, ``slicer.app.cachePath``); None outside Slicer."""
+    try:
+        import slicer
+
+        folder = slicer.app.cachePath
+    except (ImportError, AttributeError):
+        return None
+    return str(folder) if folder else None
+
+
+def use_slicer_cache_folder() -> Optional[str]:
+    """In Slicer, SPD's cache (downloads, converted models, the training feature store, logs) goes into
+    Slicer's cache folder, unless ``SPDSEGMENT_CACHE`` names another: the rule is
+    ``core.models.download.cache_dir``; this tells it where Slicer's cache folder is, in this process and
+    (through the environment) in every process it starts. Returns that folder (None outside Slicer)."""
+    from ..core.models.download import HOST_CACHE_ENV
+
+    folder = slicer_cache_folder()
+    if folder:
+        os.environ[HOST_CACHE_ENV] = folder
+    return folder
+
+
+def on_scene_closed(callback: Callable[[], Any], scene=None) -> None:
+    """Call ``callback`` each time ``scene`` has been closed (its EndCloseEvent, which File > Close Scene and
+    ``scene.Clear()`` send); registered once per scene and callback. Without ``scene``: desktop Slicer's
+    scene, which lives as long as Slicer (nothing elsewhere). The observer must go before its scene does:
+    a scene destroyed by Python's garbage collector sends EndCloseEvent from inside it, and a Python
+    observer called there crashes VTK; :func:`stop_watching_scenes` removes them (at Slicer's exit)."""
+    if scene is None:
+        if slicer_version() is None:
+            return
+        import slicer
+
+        scene = slicer.mrmlScene
+    if any(ref() is scene and known == callback for ref, known, _ in _SCENE_WATCHERS):
+        return
+    tag = scene.AddObserver(scene.EndCloseEvent, lambda caller, event: callback())
+    _SCENE_WATCHERS.append((weakref.ref(scene), callback, tag))
+
+
+def stop_watching_scenes() -> None:
+    """Remove every :func:`on_scene_closed` observer from the scenes that still exist."""
+    for ref, _, tag in _SCENE_WATCHERS:
+        scene = ref()
+        if scene is not None:
+            scene.RemoveObserver(tag)
+    _SCENE_WATCHERS.clear()
+
+
+_SCENE_WATCHERS: list = []  # (weak reference to a scene, callback, observer tag)
 
 
 def on_application_exit(callback: Callable[[], Any]) -> None:

@@ -22,15 +22,20 @@ _engine = None
 
 def engine():
     """The one engine client of this Slicer process, started with Slicer's Python on first use and
-    stopped when Slicer quits. Starting it returns at once; the engine loads in the background."""
+    stopped when Slicer quits. Starting it returns at once; the engine loads in the background. Its
+    environment is read at each start (SPD's settings as they are then: ``adapter.engine_environment``),
+    and closing the scene makes it drop that scene's volumes (:func:`forget_scene_data`)."""
     global _engine
     if _engine is None:
         from ..core.models.download import cache_dir
         from ..engine.client import EngineClient
 
-        _engine = EngineClient(python=adapter.slicer_python(), env=adapter.startup_environment(),
+        adapter.use_slicer_cache_folder()
+        _engine = EngineClient(python=adapter.slicer_python(), env=adapter.engine_environment,
                                log_folder=cache_dir() / "logs")
         adapter.on_application_exit(_engine.stop)
+        adapter.on_scene_closed(forget_scene_data)
+        adapter.on_application_exit(adapter.stop_watching_scenes)
     return _engine
 
 
@@ -50,7 +55,30 @@ def local_engine():
         from ..engine.server import Engine
 
         _local = Engine()
+        adapter.on_scene_closed(forget_scene_data)
     return _local
+
+
+_scene_listeners: List = []
+
+
+def when_scene_closes(callback) -> None:
+    """Have ``callback()`` run when the scene is closed, after the engine has dropped its volumes: the
+    module and the effect drop their own copies (previews, volumes they hold) there."""
+    if callback not in _scene_listeners:
+        _scene_listeners.append(callback)
+
+
+def forget_scene_data() -> None:
+    """The scene was closed: the engine (and the in-process one) forget its volumes and cached slices, the
+    shared volume files are removed, and every :func:`when_scene_closes` listener drops its own copies."""
+    adapter.forget_volumes()
+    if _engine is not None:
+        _engine.forget_volumes()
+    if _local is not None:
+        _local.forget()
+    for callback in list(_scene_listeners):
+        callback()
 
 
 # ---------------------------------------------------------------- models
@@ -129,7 +157,12 @@ def model_status(name: str) -> str:
         return "A local model file."
     entry = registry.catalogue()[name]
     size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
-    state = "on this machine" if registry.is_available(name) else f"not downloaded{size}"
+    if registry.is_available(name):
+        state = "on this machine"
+    elif entry["source"] == "url" and not registry.downloadable(name):
+        state = f"no published checksum, so not downloaded here: get {entry['url']} yourself and choose it as Model file"
+    else:
+        state = f"not downloaded{size}"
     return f"{state}; licence {entry['licence']}"
 
 

@@ -86,6 +86,20 @@ def is_available(name: str) -> bool:
     return path is not None and path.exists()
 
 
+def downloadable(name: str) -> bool:
+    """Whether SPD downloads the entry's checkpoint itself: a URL with a published SHA-256 to check it by."""
+    entry = catalogue()[name]
+    return entry["source"] == "url" and bool(entry.get("sha256"))
+
+
+def manual_download_message(name: str) -> str:
+    """What to do for a checkpoint SPD does not download (no published SHA-256)."""
+    entry = catalogue()[name]
+    return (f"{name} has no published SHA-256, so SPDSegment does not download it (it could not check the file). "
+            f"Download {entry['url']} yourself, check it with its publisher, and give the file as the model: its "
+            "path on the command line (--model FILE.pth), or as 'Model file' in the SPDSegment module.")
+
+
 def checkpoint_for(name: str, allow_download: bool = True,
                    progress: Optional[Callable[[int, int], None]] = None) -> Optional[Path]:
     entry = catalogue()[name]
@@ -97,6 +111,8 @@ def checkpoint_for(name: str, allow_download: bool = True,
     if path is None:
         raise CheckpointError(f"Model {name!r} has no checkpoint source; see catalogue.json.")
     if not path.exists():
+        if entry["source"] == "url" and not downloadable(name):
+            raise CheckpointError(manual_download_message(name), setting="model")
         if entry["source"] != "url" or not allow_download:
             raise CheckpointError(f"The checkpoint of {name!r} is not on this machine ({path}).")
         download.download(entry["url"], path, entry["sha256"], entry.get("size_bytes"), progress=progress)
