@@ -346,9 +346,19 @@ def check_request(request) -> None:
         if item.name in expected and not isinstance(value, expected[item.name]):
             raise InputError(f"The {KIND_OF[type(request)]} request's {item.name} is a {type(value).__name__}, not a "
                              f"{' or '.join(t.__name__ for t in expected[item.name])}; nothing was done.")
-    if isinstance(request, Batch) and not all(isinstance(case, (list, tuple)) and len(case) == 3 and
-                                              all(isinstance(v, str) for v in case) for case in request.cases):
-        raise InputError("Each case of a batch request is (name, image path, points path); nothing was done.")
+    if isinstance(request, Batch) and not all(_is_case(case) for case in request.cases):
+        raise InputError("Each case of a batch request is a batch.Case or (name, image path, points path); nothing "
+                         "was done.")
+
+
+def _is_case(case) -> bool:
+    """A batch case as it may come over the pipe: a ``core.batch.Case`` of strings, or three strings."""
+    from ..core.batch import Case
+
+    if isinstance(case, Case):
+        return all(isinstance(getattr(case, f), str) for f in ("name", "image", "points", "output")) and \
+            isinstance(case.options, dict)
+    return isinstance(case, (list, tuple)) and len(case) == 3 and all(isinstance(v, str) for v in case)
 
 
 _serial = itertools.count()

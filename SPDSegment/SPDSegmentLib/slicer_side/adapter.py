@@ -19,7 +19,6 @@ Nothing is written unless the run succeeded.
 from __future__ import annotations
 
 import os
-import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -218,7 +217,6 @@ EDITABLE_AREAS = ("everywhere", "inside all segments", "inside visible segments"
 DEFAULT_OVERWRITE, DEFAULT_EDITABLE_AREA = OVERWRITE_CHOICES[0], EDITABLE_AREAS[0]
 
 _LOGICS_BY_ID: Dict[str, Any] = {}  # editor node (C++ address) -> (its editor logic, its scene's address)
-_SCENES_WATCHED: "weakref.WeakSet" = weakref.WeakSet()  # scenes whose closing releases their logics
 _STAMPS_AFTER_WRITE: Dict[str, list] = {}  # segmentation node -> content stamps after SPD's writes (own history)
 
 
@@ -239,10 +237,7 @@ def editor_logic_for(editor_node):
         logic.SetSegmentEditorNode(editor_node)
         logic.SetMaximumNumberOfUndoStates(MAX_UNDO_STATES)
         _LOGICS_BY_ID[key] = (logic, scene.GetAddressAsString("vtkObject") if scene is not None else None)
-        if scene is not None and scene not in _SCENES_WATCHED:  # (a scene being deleted calls it with None)
-            scene.AddObserver(scene.StartCloseEvent,
-                              lambda caller, event: caller is not None and release_editor_logics(caller))
-            _SCENES_WATCHED.add(scene)
+        on_scene_closed(release_editor_logics)  # desktop Slicer's scene (see on_scene_closed for others)
     return logic
 
 
@@ -827,31 +822,30 @@ def use_slicer_cache_folder() -> Optional[str]:
 def on_scene_closed(callback: Callable[[], Any], scene=None) -> None:
     """Call ``callback`` each time ``scene`` has been closed (its EndCloseEvent, which File > Close Scene and
     ``scene.Clear()`` send); registered once per scene and callback. Without ``scene``: desktop Slicer's
-    scene, which lives as long as Slicer (nothing elsewhere). The observer must go before its scene does:
-    a scene destroyed by Python's garbage collector sends EndCloseEvent from inside it, and a Python
-    observer called there crashes VTK; :func:`stop_watching_scenes` removes them (at Slicer's exit)."""
+    scene, which lives as long as Slicer (nothing elsewhere). A watched scene is held until
+    :func:`stop_watching_scenes` removes its observers (at Slicer's exit; after each test): a scene destroyed
+    by Python's garbage collector sends its close events from inside the collector, and a Python observer
+    called there crashes VTK."""
     if scene is None:
         if slicer_version() is None:
             return
         import slicer
 
         scene = slicer.mrmlScene
-    if any(ref() is scene and known == callback for ref, known, _ in _SCENE_WATCHERS):
+    if any(known_scene is scene and known == callback for known_scene, known, _ in _SCENE_WATCHERS):
         return
     tag = scene.AddObserver(scene.EndCloseEvent, lambda caller, event: callback())
-    _SCENE_WATCHERS.append((weakref.ref(scene), callback, tag))
+    _SCENE_WATCHERS.append((scene, callback, tag))
 
 
 def stop_watching_scenes() -> None:
-    """Remove every :func:`on_scene_closed` observer from the scenes that still exist."""
-    for ref, _, tag in _SCENE_WATCHERS:
-        scene = ref()
-        if scene is not None:
-            scene.RemoveObserver(tag)
+    """Remove every :func:`on_scene_closed` observer and let the scenes go."""
+    for scene, _, tag in _SCENE_WATCHERS:
+        scene.RemoveObserver(tag)
     _SCENE_WATCHERS.clear()
 
 
-_SCENE_WATCHERS: list = []  # (weak reference to a scene, callback, observer tag)
+_SCENE_WATCHERS: list = []  # (scene, callback, observer tag): the scene is held while it is watched
 
 
 def on_application_exit(callback: Callable[[], Any]) -> None:
