@@ -247,7 +247,7 @@ def test_cli_batch_with_shards_and_a_failed_case(tmp_path, case_files, capsys):
         failed = [r for r in table if r["status"] == "failed"]
         assert code == (5 if failed else 0), stderr
         assert [r["case"] for r in failed] == (["case_5"] if "case_5" in [r["case"] for r in table] else [])
-        assert f"failed: case_5" in stderr if failed else "failed" not in stderr
+        assert "failed: case_5" in stderr if failed else "failed" not in stderr
         assert "done" in stdout and "results:" in stdout
     assert sorted(seen) == names
     code, stdout, _ = run_cli(capsys, "batch", data, "--out", out, *common)
@@ -264,7 +264,9 @@ def test_engine_batch_request(tmp_path, case_files, tiny_backbone):
     data = tmp_path / "data"
     write_case(data, "a", case_files)
     request = protocol.Batch(batch.pair_cases(data), str(tmp_path / "out"), model=tiny_backbone, options=RAW)
-    engine = Engine()
+    from SPDSegmentLib.core.cache import EmbeddingCache
+
+    engine = Engine(cache=EmbeddingCache())
     rows = engine.handle(request)
     assert rows[0]["status"] == "done" and (tmp_path / "out" / "results.csv").is_file()
     assert len(engine.cache) == 0  # the batch used a cache of its own: the effect's stays as it was

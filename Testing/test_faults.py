@@ -277,14 +277,12 @@ def test_a_model_file_cut_short_keeps_the_earlier_model(monkeypatch, tmp_path, t
     target = tmp_path / "model.spd.safetensors"
     target.write_bytes(spd_file.read_bytes())
     before = target.read_bytes()
-    real = spd_model.save_file
+    real = spd_model.safetensors_bytes
 
-    def short(tensors, name, metadata=None):
-        real(tensors, name, metadata=metadata)
-        with open(name, "r+b") as handle:
-            handle.truncate(os.path.getsize(name) - 100)
+    def short(tensors, metadata=None):  # the bytes written lose their last 100
+        return real(tensors, metadata=metadata)[:-100]
 
-    monkeypatch.setattr(spd_model, "save_file", short)
+    monkeypatch.setattr(spd_model, "safetensors_bytes", short)
     model = spd_model.load(spd_file, backbone=registry.load_backbone("tiny_sam_test"))
     with pytest.raises(InputError, match="Could not write .*model.spd.safetensors: it read back incomplete"):
         spd_model.save(target, model.backbone, model.head, model.header)
@@ -622,7 +620,6 @@ def store(tmp_path_factory):
 def test_a_diverging_loss_stops_training_and_saves_nothing(capsys, monkeypatch, small_msd, store, tmp_path, stage,
                                                            words):
     """`--psc-weight nan` trained, reported success and saved NaN weights; a loss that becomes NaN now stops."""
-    import torch
     from test_train import config
     from SPDSegmentLib.research import train as T
 
@@ -786,7 +783,6 @@ def test_seeded_fuzz_of_engine_messages(server, tmp_path):
     import json
     import random
 
-    from SPDSegmentLib.engine import protocol
 
     outside = tmp_path / "precious"
     outside.mkdir()
@@ -851,7 +847,6 @@ def test_seeded_fuzz_of_engine_messages(server, tmp_path):
 def test_a_reply_the_engine_cannot_write_is_an_error_reply(server, monkeypatch):
     """The engine's replies are verified writes too: a full private folder is an error reply, not a result
     pointing at a cut file."""
-    from SPDSegmentLib.engine import protocol
 
     def full(handle):
         raise OSError(errno.ENOSPC, "No space left on device")

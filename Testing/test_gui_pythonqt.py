@@ -7,7 +7,6 @@ import ast
 import importlib.util
 import json
 import struct
-import types
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import re
 import urllib.request
 from pathlib import Path
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import Cancelled, InputError, SPDError
-from .files import OutputSet, atomic_write, check_not_inputs, check_writable, temporary_name
+from .files import OutputSet, atomic_write, check_not_inputs, check_writable
 from .models.download import sha256_of
 from .progress import Progress
 
