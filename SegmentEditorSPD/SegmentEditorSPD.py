@@ -14,7 +14,7 @@ class SegmentEditorSPD(ScriptedLoadableModule):
         self.parent.title = "SegmentEditorSPD"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["Segmentations"]
-        self.parent.contributors = ["SPDSegment developers"]
+        self.parent.contributors = ["SPDSegment developers (SPDSegment project)"]
         self.parent.hidden = True
         self.parent.helpText = "Registers the SPD effect (sloppy points -> segmentation) in the Segment Editor."
         self.parent.acknowledgementText = "See the SPD Segment module."

@@ -63,3 +63,13 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def scenes_unwatched():
+    """After each test, no scene keeps SPD's close observers (a scene freed by the garbage collector with a
+    Python observer on it crashes VTK; adapter.on_scene_closed)."""
+    yield
+    from SPDSegmentLib.slicer_side import adapter
+
+    adapter.stop_watching_scenes()

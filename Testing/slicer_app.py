@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from SPDSegmentLib.core.errors import InputError
-from SPDSegmentLib.slicer_side.adapter import editor_logic_for
+from SPDSegmentLib.slicer_side.adapter import editor_logic_for, on_scene_closed, release_editor_logics
 
 
 @dataclass
@@ -74,5 +74,6 @@ def make_standalone_app() -> StandaloneApp:
     segmentations = module_logic(slicer.vtkSlicerSegmentationsModuleLogic, "Segmentations")
     editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "SegmentEditor")
     editor_logic = editor_logic_for(editor_node)
+    on_scene_closed(release_editor_logics, scene)  # as on desktop Slicer's scene; conftest stops watching
     editor_logic.SetMRMLApplicationLogic(app_logic)
     return StandaloneApp(scene, app_logic, volumes, markups, segmentations, editor_node, editor_logic)

@@ -51,6 +51,8 @@ def test_requests_and_results_cross_as_json(tmp_path, case):
     request = protocol.Segment(volume, clicks, TINY, SegmentOptions(mode="raw", slice_range=(3, 9), window=(40, 400)))
     data = protocol.to_json(request, folder=tmp_path, share_volume=shelf.reference)
     assert len(protocol.dumps(data)) < 10_000  # the voxels travel by file, not in the JSON
+    assert not shelf.complete(data["fields"]["volume"]["__volume__"])  # written by the client's polls
+    assert shelf.write_some(10.0) and shelf.complete(data["fields"]["volume"]["__volume__"])
     message = protocol.loads(protocol.dumps({"type": "request", "id": 1, "kind": "segment", "body": data}))
     back = protocol.from_json(message["body"], open_volume=protocol.VolumeRack().open)
     assert isinstance(back, protocol.Segment) and back.model == TINY
@@ -168,7 +170,7 @@ def test_a_missing_checkpoint_is_downloaded_only_when_asked(monkeypatch):
 
 
 def test_run_batch_with_tiny_model(tmp_path, sample_paths, tiny_backbone):
-    from SPDSegmentLib.slicer_side.gui import pair_cases
+    from SPDSegmentLib.core.batch import pair_cases
 
     volume = read(sample_paths["image"])
     label = read_label(sample_paths["label"], like=volume)
@@ -179,8 +181,8 @@ def test_run_batch_with_tiny_model(tmp_path, sample_paths, tiny_backbone):
     prompts.write_markups(tmp_path / "broken.mrk.json", np.zeros((1, 3)))
     rows = run_batch(pair_cases(tmp_path), tmp_path / "out", tiny_backbone, SegmentOptions(mode="raw"))
     by_case = {r["case"]: r for r in rows}
-    assert by_case["a"]["error"] == "" and (tmp_path / "out" / "a_spd.seg.nrrd").is_file()
-    assert by_case["broken"]["error"] and not (tmp_path / "out" / "broken_spd.seg.nrrd").exists()
+    assert by_case["a"]["status"] == "done" and (tmp_path / "out" / "a_spd.seg.nrrd").is_file()
+    assert by_case["broken"]["status"] == "failed" and by_case["broken"]["error"] and not (tmp_path / "out" / "broken_spd.seg.nrrd").exists()
 
 
 # ---------------------------------------------------------------- the engine as a child process

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,27 +41,51 @@ def test_model_menu_lists_every_bundled_spd_model_then_the_catalogue(monkeypatch
     assert "bundled" in gui.model_status(names[0])
 
 
-class Widget(types.SimpleNamespace):
-    pass
-
-
 def test_tau_and_neighbours_start_at_the_models_own_values(tmp_path):
     import json
+    import os
     import struct
 
-    header = {"spd_header": json.dumps({"format": "spdsegment-model", "tau": 0.35, "neighbours": 3})}
-    data = json.dumps({"__metadata__": header}).encode()
+    def write(tau):
+        header = {"spd_header": json.dumps({"format": "spdsegment-model", "tau": tau, "neighbours": 3})}
+        data = json.dumps({"__metadata__": header}).encode()
+        path.write_bytes(struct.pack("<Q", len(data)) + data)
+
     path = tmp_path / "mine.spd.safetensors"
-    path.write_bytes(struct.pack("<Q", len(data)) + data)
+    write(0.35)
     assert gui.model_defaults(str(path)) == (0.35, 3)
     bundled = gui.spd_header(registry.BUNDLED_SPD_MODELS[registry.DEFAULT_MODEL])
     assert gui.model_defaults(registry.DEFAULT_MODEL) == (bundled["tau"], bundled["neighbours"])
-    tau, neighbours = Widget(value=0.9, enabled=True), Widget(value=7, enabled=True)
-    assert gui.show_model_defaults(str(path), tau, neighbours) == (0.35, 3)
-    assert (tau.value, neighbours.value, tau.enabled) == (0.35, 3, True)
-    gui.show_model_defaults("litemedsam", tau, neighbours)  # a backbone: raw mode, no tau
-    assert not tau.enabled and not neighbours.enabled
+    write(0.4)  # retrained under the same name: read again, not a stale copy
+    os.utime(path, ns=(1, 2_000_000_000))
+    assert gui.model_defaults(str(path)) == (0.4, 3)
+    assert gui.model_defaults("litemedsam") is None  # a backbone: raw mode, no tau
     assert gui.model_defaults(str(tmp_path / "missing.spd.safetensors")) is None
+    assert gui.TAU_RANGE[0] < 0.05 and gui.TAU_RANGE[1] > 0.95  # every model's own tau fits the sliders
+
+
+def test_click_kinds_and_the_status_line():
+    assert [gui.click_kind(False, False), gui.click_kind(False, True), gui.click_kind(True, False),
+            gui.click_kind(True, True)] == ["click", "correction", "background", "background"]
+    assert [gui.click_description(k) for k in ("click", "correction", "background")] == ["", "correction",
+                                                                                         "background"]
+    assert [gui.kind_of_description(d) for d in ("", " Background ", "CORRECTION", "note")] == \
+        ["click", "background", "correction", "click"]
+    assert gui.clicks_line(["click"] * 3 + ["background"] + ["correction"] * 2, "axial slices (array axis 0), the "
+                           "slice view the clicks were placed in") == \
+        "6 clicks (1 background, 2 corrections); axial slices (array axis 0), the slice view the clicks were placed in."
+    assert gui.clicks_line(["click"], "") == "1 click."
+
+
+def test_slice_numbers_are_the_data_probes():
+    assert [gui.slice_letter(a) for a in (0, 1, 2)] == ["K", "J", "I"]  # arrays are (k, j, i)
+    assert gui.slice_span([7, 3, 5], 40) == (3, 7) and gui.slice_span([], 40) == (0, 39)
+
+
+def test_progress_line():
+    handle = types.SimpleNamespace(state=lambda: ("encode", 3, 12))
+    assert gui.progress_line(handle, "Updating the preview") == "Updating the preview: encode 3/12..."
+    assert gui.progress_line(types.SimpleNamespace(state=lambda: ("", 0, 0))) == "Segmenting..."
 
 
 def test_status_line_shows_counts_axis_and_warnings():
@@ -89,18 +114,21 @@ def write_case(folder, name, sample_paths, points_name):
     prompts.write_markups(folder / points_name, lps[None])
 
 
-def test_pair_cases(tmp_path, sample_paths):
+def test_batch_cases(tmp_path, sample_paths):
     write_case(tmp_path, "a", sample_paths, "a_centerline.mrk.json")
     write_case(tmp_path, "b", sample_paths, "b.mrk.json")
     (tmp_path / "c.nii.gz").write_bytes(b"")  # an image without points is left out
     (tmp_path / "a_label.nii.gz").write_bytes(b"")
-    cases = gui.pair_cases(tmp_path)
-    assert [(name, image.name, points.name) for name, image, points in cases] == [
+    cases = gui.batch_cases(tmp_path, tmp_path / "out")  # core.batch's pairing rule
+    assert [(c.name, Path(c.image).name, Path(c.points).name) for c in cases] == [
         ("a", "a.nii.gz", "a_centerline.mrk.json"), ("b", "b.nii.gz", "b.mrk.json")]
     with pytest.raises(InputError, match="does not exist"):
-        gui.pair_cases(tmp_path / "nope")
-    assert gui.batch_summary([{"case": "a", "error": ""}, {"case": "b", "error": "bad"}]) == \
-        "Batch: a done; b failed: bad"
+        gui.batch_cases(tmp_path / "nope", tmp_path / "out")
+    assert gui.batch_summary([{"case": "a", "status": "done", "error": ""},
+                              {"case": "b", "status": "failed", "error": "bad"}]) == "Batch: a done; b failed: bad"
+    many = [{"case": f"c{i}", "status": "done", "error": ""} for i in range(11)] + \
+        [{"case": "x", "status": "failed", "error": "bad"}]
+    assert gui.batch_summary(many).startswith("Batch: 11 done, 0 skipped (done before), 1 failed (x: bad)")
 
 
 def test_slicer_version_is_checked_before_a_run():

@@ -1,8 +1,8 @@
-"""The module widget and the segment editor effect on real MRML (slicer-core), with Qt, CTK and the
-desktop-only Slicer pieces stubbed out and the SPD engine as a real child process. They cannot show
-that the GUI looks right; they do run every GUI code path (build, click, work ahead, preview, apply,
-undo, cancel, batch, an engine that dies) so that a typo or a broken call fails here rather than in
-Slicer. One test holds the GIL on the main thread the way PythonQt's event loop does."""
+"""The module widget and the segment editor effect on real MRML (slicer-core), with widgets that behave like
+PythonQt (Testing/pythonqt_fakes.py) and the SPD engine as a real child process. They cannot show that the GUI
+looks right; they do run every GUI code path (build, click, correct, work ahead, auto-update, preview, apply,
+undo, cancel, batch, an engine that dies) so that a typo or a broken call fails here rather than in Slicer.
+One test holds the GIL on the main thread the way PythonQt's event loop does."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +12,6 @@ import threading
 import time
 import types
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (MRML in Python) is not installed", allow_module_level=True)
 pytest.importorskip("torch")
 
+import pythonqt_fakes as fakes  # noqa: E402
 from SPDSegmentLib.core import prompts  # noqa: E402
 from SPDSegmentLib.core.models import registry  # noqa: E402
 from SPDSegmentLib.core.volume import read, read_label, to_sitk  # noqa: E402
@@ -31,51 +31,14 @@ from SPDSegmentLib.slicer_side import gui as shared  # noqa: E402
 from slicer_app import make_standalone_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeQtModule(types.ModuleType):
-    """Every class is a factory of fresh MagicMocks (so two spin boxes are two objects)."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        factory = mock.MagicMock(name=name, side_effect=lambda *a, **k: mock.MagicMock())
-        setattr(self, name, factory)
-        return factory
-
-
-class StubBase:
-    def __init__(self, *args, **kwargs):
-        self.parent = mock.MagicMock()
-        self.layout = mock.MagicMock()
-
-    def setup(self):
-        pass
+AXIAL = np.eye(4)  # Red view: normal S
+CORONAL = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # Green view: normal A
 
 
 @pytest.fixture()
 def gui(monkeypatch, sample_paths, tmp_path):
     app = make_standalone_app()
-    qt, ctk = FakeQtModule("qt"), FakeQtModule("ctk")
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    monkeypatch.setitem(sys.modules, "ctk", ctk)
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (StubBase,), {}))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
-    effects = types.ModuleType("SegmentEditorEffects")
-    effects.AbstractScriptedSegmentEditorEffect = type("Abstract", (), {
-        "__init__": lambda self, scriptedEffect: setattr(self, "scriptedEffect", scriptedEffect),
-        "xyToRas": lambda self, xy, view: view.ras})
-    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", effects)
-    monkeypatch.setattr(slicer, "mrmlScene", app.scene, raising=False)
-    monkeypatch.setattr(slicer, "app", mock.MagicMock(), raising=False)
-    monkeypatch.setattr(slicer, "qMRMLNodeComboBox", qt.qMRMLNodeComboBox, raising=False)
-    monkeypatch.setattr(slicer, "qSlicerSegmentEditorAbstractEffect",
-                        types.SimpleNamespace(ModificationModeSet=app.editor_logic.ModificationModeSet), raising=False)
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", mock.MagicMock(), raising=False)
-
+    calls = fakes.install(monkeypatch, app.scene)
     volume = read(sample_paths["image"])
     label = read_label(sample_paths["label"], like=volume)
     ks = np.unique(np.nonzero(label)[0])[::3]
@@ -85,8 +48,18 @@ def gui(monkeypatch, sample_paths, tmp_path):
     volume_node = app.load_volume(sample_paths["image"])
     nodes = types.SimpleNamespace(volume=volume_node, points=app.load_markups(points_path),
                                   segmentation=app.new_segmentation(volume_node))
-    return types.SimpleNamespace(app=app, volume=volume, label=label, nodes=nodes, ijk=ijk, tmp=tmp_path,
-                                 points_path=points_path, image_path=sample_paths["image"])
+    gui = types.SimpleNamespace(app=app, calls=calls, volume=volume, label=label, nodes=nodes, ijk=ijk, tmp=tmp_path,
+                                points_path=points_path, image_path=sample_paths["image"], built=[])
+    yield gui
+    for built in gui.built:  # as Slicer does when it deletes them: nothing keeps observing the scene
+        built.cleanup()
+
+
+def module_widget(gui, name):
+    widget = load("SPDSegment/SPDSegment.py", name).SPDSegmentWidget()
+    widget.setup()
+    gui.built.append(widget)
+    return widget
 
 
 def load(relative, name):
@@ -119,125 +92,112 @@ def engine(gui, monkeypatch):
     shared._engine = None
 
 
-def test_module_widget_run_undo_batch(gui, engine):
-    module = load("SPDSegment/SPDSegment.py", "SPDSegment_smoke")
-    module.SPDSegment(mock.MagicMock())
-    widget = module.SPDSegmentWidget()
-    widget.setup()
-    default = registry.DEFAULT_MODEL
-    assert widget.tauSlider.value == shared.spd_header(registry.BUNDLED_SPD_MODELS[default])["tau"]
+def segment_bytes(gui, segment_id):
+    return sa.segment_array(gui.nodes.segmentation, segment_id, gui.volume).tobytes()
+
+
+# ---------------------------------------------------------------- the module
+
+def test_module_widget_run_undo_batch(gui, engine, monkeypatch):
+    editor = fakes.SegmentEditorWidget(gui.app.scene)  # desktop Slicer: the Segment Editor keeps the undo
+    monkeypatch.setattr(sa, "segment_editor_widget", lambda: editor)
+    widget = module_widget(gui, "SPDSegment_smoke")
+    ui, state = widget.ui, widget._parameterNode
+    assert ui.tauSlider.value == shared.spd_header(registry.BUNDLED_SPD_MODELS[registry.DEFAULT_MODEL])["tau"]
     widget.enter()  # opening the module starts the engine
     assert engine.alive
-    widget.volumeSelector.currentNode.return_value = gui.nodes.volume
-    widget.pointsSelector.currentNode.return_value = gui.nodes.points
-    widget.segmentationSelector.currentNode.return_value = gui.nodes.segmentation
-    widget.segmentCombo.currentData, widget.modelPath.currentPath = "", ""
-    widget.modelCombo.currentData, widget.modeCombo.currentText = "tiny_sam_test", "raw"
-    widget.overlaysCheck.checked = True
-    widget.onModelChanged()
-    assert not widget.tauSlider.enabled  # a backbone runs raw: no tau
-    widget.timer.setInterval.assert_called_once_with(round(speed.POLL_SECONDS * 1000))
-    widget.onRun()
+    assert widget.timer.interval == round(speed.POLL_SECONDS * 1000)  # as bench-speed polls
+    ui.volumeSelector.setCurrentNode(gui.nodes.volume)
+    ui.pointsSelector.setCurrentNode(gui.nodes.points)
+    ui.segmentationSelector.setCurrentNode(gui.nodes.segmentation)
+    ui.modelCombo.setCurrentIndex(ui.modelCombo.findData("tiny_sam_test"))
+    ui.modeCombo.currentText = "raw"
+    ui.overlaysCheck.checked = True
+    assert not ui.tauSlider.enabled  # a backbone runs raw: no tau
+    assert (state.volume, state.points, state.mode) == (gui.nodes.volume, gui.nodes.points, "raw")
+    ui.runButton.click()
+    assert not ui.runButton.enabled and ui.cancelButton.enabled
     wait(widget.poll, lambda: widget.task is not None)
     segmentation = gui.nodes.segmentation.GetSegmentation()
-    assert widget.statusLabel.text.startswith("raw:"), widget.statusLabel.text
+    assert ui.statusLabel.text.startswith("raw:"), ui.statusLabel.text
     assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "clicks"
-    widget.onUndo()
-    assert widget.statusLabel.text == "Undone." and segmentation.GetNumberOfSegments() == 0
+    assert ui.segmentCombo.count() == 2 and ui.runButton.enabled  # the new segment is offered
+    assert editor.segmentationNode() is gui.nodes.segmentation
+    ui.undoButton.click()  # the Segment Editor's Undo: the run was one step
+    assert ui.statusLabel.text == "Undone." and segmentation.GetNumberOfSegments() == 0
+    ui.undoButton.click()
+    assert ui.statusLabel.text == "Nothing to undo."
+    ui.runButton.click()
+    ui.cancelButton.click()  # cancelled: nothing is written
+    assert ui.statusLabel.text == "Cancelling..."
+    wait(widget.poll, lambda: widget.task is not None)
+    assert ui.statusLabel.text.startswith("Cancelled") and segmentation.GetNumberOfSegments() == 0
+    ui.downloadButton.click()  # the tiny test model is on this machine: "downloading" it loads it in the engine
+    wait(widget.poll, lambda: widget.task is not None)
+    assert ui.statusLabel.text.startswith("Model ready: tiny_sam_test"), ui.statusLabel.text
 
-    widget.pointsSelector.currentNode.return_value = None  # errors are shown, not raised
+    ui.pointsSelector.setCurrentNode(None)  # errors are shown, not raised
     widget.onRun()
-    assert "point list" in widget.statusLabel.text and widget.task is None
+    assert "point list" in ui.statusLabel.text and widget.task is None
 
     cases = gui.tmp / "batch"
     cases.mkdir()
     (cases / "h.nii.gz").write_bytes(gui.image_path.read_bytes())
     (cases / "h.mrk.json").write_bytes(gui.points_path.read_bytes())
-    widget.batchIn.currentPath, widget.batchOut.currentPath = str(cases), str(cases / "out")
-    widget.onBatch()
+    ui.batchInputPath.currentPath, ui.batchOutputPath.currentPath = str(cases), str(cases / "out")
+    ui.batchButton.click()
     wait(widget.poll, lambda: widget.task is not None)
-    assert widget.statusLabel.text == "Batch: h done" and (cases / "out" / "h_spd.seg.nrrd").is_file()
+    assert ui.statusLabel.text == "Batch: h done" and (cases / "out" / "h_spd.seg.nrrd").is_file()
 
-    widget.onCheckDevice()  # answered by the engine: Slicer's process imports no torch for it
+    ui.checkDeviceButton.click()  # answered by the engine: Slicer's process imports no torch for it
     wait(widget.poll, lambda: widget.task is not None)
-    assert widget.deviceLabel.text.startswith(("CPU", "CUDA")), widget.deviceLabel.text
+    assert ui.deviceLabel.text.startswith(("CPU", "CUDA")), ui.deviceLabel.text
 
-    widget.trainData.currentPath, widget.trainOut.currentPath = "", ""
-    widget.onTrain()  # missing folders: a message in the log, no process
-    assert widget.process is None
-    assert widget.trainInstallButton is not None  # the Training panel can install MONAI
+
+def test_module_run_writes_only_where_it_ran_and_leaves_other_segments(gui, engine):
+    """A run into an existing segment, with "only slices" of its clicks: the segment keeps its content on the other
+    slices, and an overlapping segment keeps its voxels (the module's default: allow overlap)."""
+    widget = module_widget(gui, "SPDSegment_where")
+    ui, segmentation_node = widget.ui, gui.nodes.segmentation
+    target = sa.add_segment(segmentation_node, "target")
+    other = sa.add_segment(segmentation_node, "other")
+    everything = np.ones(gui.volume.shape, np.uint8)
+    for segment_id in (target, other):
+        sa.apply_mask_to_segment((segmentation_node, segment_id, gui.nodes.volume), everything, gui.volume)
+    ui.volumeSelector.setCurrentNode(gui.nodes.volume)
+    ui.pointsSelector.setCurrentNode(gui.nodes.points)
+    ui.segmentationSelector.setCurrentNode(segmentation_node)
+    ui.segmentCombo.setCurrentIndex(ui.segmentCombo.findData(target))
+    ui.modelCombo.setCurrentIndex(ui.modelCombo.findData("tiny_sam_test"))
+    ui.modeCombo.currentText = "raw"
+    assert widget._parameterNode.segmentId == target and widget._parameterNode.overwrite == "allow overlap"
+    ui.runButton.click()
+    wait(widget.poll, lambda: widget.task is not None)
+    _, clicks = sa.prepare_inputs(gui.nodes.volume, gui.nodes.points, model={})  # as the run read them
+    clicked = sorted({int(t) for t in clicks.slice_index()})  # raw mode decodes the clicked slices
+    after = sa.segment_array(segmentation_node, target, gui.volume)
+    elsewhere = [t for t in range(gui.volume.shape[clicks.axis]) if t not in clicked]
+    assert np.take(after, elsewhere, axis=clicks.axis).all()  # kept where the run did not run
+    assert not np.take(after, clicked, axis=clicks.axis).all()  # replaced where it did
+    assert sa.segment_array(segmentation_node, other, gui.volume).all()
 
 
 def test_module_refuses_an_old_slicer_before_running(gui, engine, monkeypatch):
     module = load("SPDSegment/SPDSegment.py", "SPDSegment_old")
-    monkeypatch.setattr(slicer.app, "majorVersion", 5, raising=False)
-    monkeypatch.setattr(slicer.app, "minorVersion", 8, raising=False)
+    monkeypatch.setattr(slicer.app, "minorVersion", 8)
     logic = module.SPDSegmentLogic()
     with pytest.raises(Exception, match=r"needs Slicer 5\.10 or later; this is Slicer 5\.8"):
         logic.startRun(gui.nodes.volume, gui.nodes.points, "tiny_sam_test")
     assert not engine.alive  # nothing was started
 
 
-class ScriptedEffect:
-    """The C++ side of a scripted effect, enough for the SPD effect, with Slicer's parameter rules: an empty
-    value is never stored, and reading a parameter that is not there logs a qCritical (recorded here)."""
-
-    def __init__(self, app, segmentation_node):
-        self.app, self.segmentation_node, self.params = app, segmentation_node, {}
-        self.critical = []  # parameters read without being defined
-        self.confirm = 1  # confirmCurrentSegmentVisible: 0 = the user cancelled
-
-    def parameterSetNode(self):
-        return self.app.editor_node
-
-    def parameterDefined(self, key):
-        return key in self.params
-
-    def setParameterDefault(self, key, value):
-        if not self.parameterDefined(key):
-            self.setParameter(key, value)
-
-    def setParameter(self, key, value):
-        if key not in self.params and str(value) == "":
-            return  # qSlicerSegmentEditorAbstractEffect::setCommonParameter: no empty value is stored
-        self.params[key] = str(value)
-
-    def parameter(self, key):
-        if key not in self.params:
-            self.critical.append(key)  # "Parameter named ... cannot be found"
-        return self.params.get(key, "")
-
-    def integerParameter(self, key):
-        return int(float(self.parameter(key) or 0))
-
-    def doubleParameter(self, key):
-        return float(self.parameter(key) or 0)
-
-    def addLabeledOptionsWidget(self, *args):
-        pass
-
-    addOptionsWidget = addLabeledOptionsWidget
-
-    def confirmCurrentSegmentVisible(self):
-        return self.confirm
-
-    def defaultModifierLabelmap(self):
-        image = slicer.vtkOrientedImageData()
-        slicer.vtkSegmentationConverter.DeserializeImageGeometry(
-            self.app.editor_logic.GetReferenceImageGeometryString(), image, True, 3, 1)
-        return image
-
-    def saveStateForUndo(self):
-        self.app.editor_logic.SaveStateForUndo()
-
-    def modifySelectedSegmentByLabelmap(self, modifier, mode):
-        segment_id = self.app.editor_node.GetSelectedSegmentID()
-        self.app.editor_logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, modifier, mode, False, False)
-
+# ---------------------------------------------------------------- the effect
 
 class SliceView:
+    """A slice widget as the effect sees it: its slice node (real MRML) and the point an event lands on."""
+
     def __init__(self, ras, slice_to_ras):
-        self.ras, self.node = ras, slicer.vtkMRMLSliceNode()
+        self.ras, self.node = list(ras), slicer.vtkMRMLSliceNode()
         matrix = self.node.GetSliceToRAS()
         for r in range(4):
             for c in range(4):
@@ -249,80 +209,127 @@ class SliceView:
     def mrmlSliceNode(self):
         return self.node
 
+    def xy_to_ras(self, xy):
+        return self.ras
+
 
 class Interactor:
-    def __init__(self, remove=False):
-        self.remove = remove
+    def __init__(self, control=False, shift=False, key=""):
+        self.control, self.shift, self.key = control, shift, key
 
     def GetEventPosition(self):
         return (10, 10)
 
     def GetShiftKey(self):
-        return self.remove
+        return self.shift
 
     def GetControlKey(self):
+        return self.control
+
+    def GetAltKey(self):
         return False
 
+    def GetKeySym(self):
+        return self.key
 
-CORONAL = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # Green view: normal A
 
-
-def make_effect(gui, model="tiny_sam_test"):
-    """The SPD effect on the scene's segment editor node, a segment "hippo" selected, ``model`` chosen."""
+def make_effect(gui, model="tiny_sam_test", mode="raw", auto_update=False):
+    """The SPD effect as the Segment Editor builds it, on the scene's editor node with a segment "hippo"
+    selected; ``model``, ``mode`` and Auto-update chosen through its widgets, as a user would."""
     app, segmentation_node = gui.app, gui.nodes.segmentation
     segment_id = sa.add_segment(segmentation_node, "hippo")
     app.editor_node.SetAndObserveSegmentationNode(segmentation_node)
     app.editor_node.SetAndObserveSourceVolumeNode(gui.nodes.volume)
     app.editor_node.SetSelectedSegmentID(segment_id)
     module = load("SegmentEditorSPD/SegmentEditorSPDLib/SegmentEditorEffect.py", "SegmentEditorEffect_smoke")
-    scripted = ScriptedEffect(app, segmentation_node)
-    effect = module.SegmentEditorEffect(scripted)
-    effect.setupOptionsFrame()
-    effect.setMRMLDefaults()
-    effect.modelCombo.findData.return_value = 0
-    effect.updateGUIFromMRML()
-    effect.modelCombo.currentData, effect.modelFile.currentPath = model, ""
-    effect.modeCombo.currentText = "raw"
-    for name, value in (("firstSpin", 0), ("lastSpin", 0)):
-        setattr(getattr(effect, name), "value", value)
-    for name, value in (("limitCheck", False), ("saliencyCheck", True), ("auditCheck", True)):
-        setattr(getattr(effect, name), "checked", value)
-    effect.onModelChanged()
+    effect, scripted = fakes.build_effect(module.SegmentEditorEffect, app.editor_node, app.editor_logic)
+    effect.modelCombo.setCurrentIndex(effect.modelCombo.findData(model))
+    effect.modeCombo.currentText = mode
+    effect.autoUpdateCheck.checked = auto_update
+    gui.built.append(effect)
+    return effect, scripted, segment_id, module
+
+
+def click(effect, gui, ijk, view=CORONAL, **modifiers):
+    """A left press in a slice view at voxel ``ijk``; returns whether the effect took it."""
+    import vtk
+
+    ras = (gui.volume.ijk_to_ras @ [*ijk, 1.0])[:3]
+    return effect.processInteractionEvents(Interactor(**modifiers), vtk.vtkCommand.LeftButtonPressEvent,
+                                           SliceView(ras, view))
+
+
+def key(effect, name):
+    import vtk
+
+    return effect.processInteractionEvents(Interactor(key=name), vtk.vtkCommand.KeyPressEvent,
+                                           SliceView([0, 0, 0], CORONAL))
+
+
+def previewed_effect(gui):
+    """The effect selected, every sample click placed in the Green view, and its Preview shown."""
+    effect, scripted, segment_id, module = make_effect(gui)
+    effect.activate()
+    wait(effect.poll, lambda: effect.preload is not None)
+    for ijk in gui.ijk:
+        assert click(effect, gui, ijk)
+    effect.previewButton.click()
+    wait(effect.poll, lambda: effect.run is not None)
+    assert effect.preview is not None, effect.statusLabel.text
     return effect, scripted, segment_id
 
 
-def segment_bytes(gui, segment_id):
-    return sa.segment_array(gui.nodes.segmentation, segment_id, gui.volume).tobytes()
+def descriptions(node):
+    return [node.GetNthControlPointDescription(i) for i in range(node.GetNumberOfControlPoints())]
 
 
-def test_effect_click_preview_apply_undo_cancel(gui, engine):
+def test_effect_clicks_keys_preview_apply_undo_cancel(gui, engine):
     import vtk
 
     app, segmentation_node = gui.app, gui.nodes.segmentation
-    effect, scripted, segment_id = make_effect(gui)
-    default = registry.DEFAULT_MODEL
-    assert float(scripted.params["Tau"]) == shared.spd_header(registry.BUNDLED_SPD_MODELS[default])["tau"]
-    assert "ModelFile" not in scripted.params and "ViewNormal" not in scripted.params  # never stored empty
-    assert scripted.params["Model"] == "tiny_sam_test" and scripted.params["Mode"] == "raw"
-    assert not effect.tauSlider.enabled  # a backbone has no tau of its own: raw mode
-    effect.timer.setInterval.assert_called_once_with(round(speed.POLL_SECONDS * 1000))  # as bench-speed polls
+    effect, scripted, segment_id, module = make_effect(gui)
+    assert not scripted.parameterDefined("ModelFile")  # never stored empty
+    assert scripted.parameter("Model") == "tiny_sam_test" and scripted.parameter("Mode") == "raw"
+    assert effect.timer.interval == round(speed.POLL_SECONDS * 1000)  # as bench-speed polls
 
     effect.activate()  # selecting the effect starts the engine and loads the model, downloading nothing
     assert engine.alive and effect.preload is not None
     wait(effect.poll, lambda: effect.preload is not None)
-    click = vtk.vtkCommand.LeftButtonPressEvent
-    for i, j, k in gui.ijk:
-        ras = (gui.volume.ijk_to_ras @ [i, j, k, 1.0])[:3]
-        assert effect.processInteractionEvents(Interactor(), click, SliceView(list(ras), CORONAL))
+    for ijk in gui.ijk:
+        assert click(effect, gui, ijk)
     points = effect.promptsNode()
-    assert points.GetNumberOfControlPoints() == len(gui.ijk)
+    assert points.GetNumberOfControlPoints() == len(gui.ijk) and not points.GetLocked()
+    assert effect.statusLabel.text.startswith(f"{len(gui.ijk)} clicks; coronal slices (array axis 1)")  # the axis
+    assert effect.axisInfo == (1, gui.volume.shape[1]) and "J" in effect.rangeAxisLabel.text  # Data Probe's J
     assert effect.ahead is not None and effect.ahead.wait(60)
     assert effect.ahead.result()["ran"]  # the clicked slices were encoded and run while "the user" clicked
-    effect.processInteractionEvents(Interactor(remove=True), click, SliceView(list(ras), CORONAL))
-    assert points.GetNumberOfControlPoints() == len(gui.ijk) - 1
-    assert effect.slicingAxis(gui.volume, sa) == 1  # from the clicked view, not assumed axial
 
-    effect.onPreview()
+    # a click from a view along another axis is refused, never read along the clicks' axis
+    assert click(effect, gui, gui.ijk[0], view=AXIAL)
+    assert points.GetNumberOfControlPoints() == len(gui.ijk) and "Not placed" in effect.statusLabel.text
+    # a press on an existing click goes to the markups widget (which drags it), as do right-clicks and Delete
+    points.GetDisplayNode().SetActiveControlPoint(2)  # what the markups widget marks when the mouse is over it
+    assert not click(effect, gui, gui.ijk[2])
+    assert not effect.processInteractionEvents(Interactor(), vtk.vtkCommand.RightButtonPressEvent,
+                                               SliceView([0, 0, 0], CORONAL))
+    assert not key(effect, "Delete")
+    points.GetDisplayNode().SetActiveControlPoint(-1)
+    assert points.GetNumberOfControlPoints() == len(gui.ijk)
+    assert not click(effect, gui, gui.ijk[2], shift=True)  # Shift: Slicer's crosshair
+
+    # background clicks: Ctrl-click once, or N for every click until N again; U and the button undo the last
+    assert click(effect, gui, (2, gui.ijk[0][1], 2), control=True)
+    assert key(effect, "n") and effect.backgroundCheck.checked
+    assert click(effect, gui, (3, gui.ijk[1][1], 3))
+    assert key(effect, "n") and not effect.backgroundCheck.checked
+    assert descriptions(points)[-2:] == ["background", "background"]
+    assert [points.GetNthControlPointSelected(i) for i in (0, len(gui.ijk))] == [True, False]  # colour by kind
+    assert key(effect, "u") and points.GetNumberOfControlPoints() == len(gui.ijk) + 1
+    effect.undoClickButton.click()
+    assert points.GetNumberOfControlPoints() == len(gui.ijk)
+
+    effect.previewButton.click()
+    assert effect.statusLabel.text.startswith("Segmenting")
     wait(effect.poll, lambda: effect.run is not None)
     assert effect.preview is not None, effect.statusLabel.text
     assert effect.statusLabel.text.startswith("Preview: raw:")
@@ -331,30 +338,36 @@ def test_effect_click_preview_apply_undo_cancel(gui, engine):
     assert effect.preview["result"].axis_note.rstrip(".") in effect.statusLabel.text  # shown to the user
     preview_mask = effect.preview["result"].mask
     assert sa.segment_array(segmentation_node, segment_id, gui.volume).sum() == 0  # preview writes nothing
+    assert points.GetAttribute(module.PREVIEWED_ATTRIBUTE) == "1"
+    assert click(effect, gui, gui.ijk[1])  # a click after the first Preview is a correction
+    assert descriptions(points)[-1] == "correction" and points.GetNthControlPointSelected(len(gui.ijk))
+    effect.onUndoClick()
 
     app.editor_node.SetSelectedSegmentID(None)
-    effect.onApply()  # no segment selected: says so, writes nothing
+    effect.applyButton.click()  # no segment selected: says so, writes nothing
     assert "Select the segment" in effect.statusLabel.text and effect.preview is not None
     app.editor_node.SetSelectedSegmentID(segment_id)
     scripted.confirm = 0
-    effect.onApply()  # the user declined to show the hidden segment
+    effect.applyButton.click()  # the user declined to show the hidden segment
     assert effect.preview is not None and sa.segment_array(segmentation_node, segment_id, gui.volume).sum() == 0
     scripted.confirm = 1
-    effect.onApply()
+    stamp = sa.content_stamp(segmentation_node)
+    effect.applyButton.click()
     np.testing.assert_array_equal(sa.segment_array(segmentation_node, segment_id, gui.volume), preview_mask)
     assert effect.preview is None and app.scene.GetFirstNodeByName("SPD preview") is None
-    app.editor_logic.Undo()
-    assert sa.segment_array(segmentation_node, segment_id, gui.volume).sum() == 0
+    assert effect.statusLabel.text.startswith("Applied on")
+    app.editor_logic.Undo()  # the Segment Editor's Undo: one step
+    assert sa.content_stamp(segmentation_node) == stamp
 
-    effect.onPreview()
-    effect.onCancel()  # cancel while running: the Preview ends now, nothing is shown or written
+    effect.previewButton.click()
+    effect.cancelButton.click()  # cancel while running: the Preview ends now, nothing is shown or written
     assert effect.run is None and effect.preview is None and effect.statusLabel.text.startswith("Cancelled")
     for _ in range(10):  # an answer that still arrives is dropped
         effect.poll()
         time.sleep(0.02)
     assert effect.preview is None and app.scene.GetFirstNodeByName("SPD preview") is None
 
-    effect.onPreview()
+    effect.previewButton.click()
     effect.deactivate()  # leaving the effect while a Preview runs
     for _ in range(10):
         effect.poll()
@@ -364,8 +377,162 @@ def test_effect_click_preview_apply_undo_cancel(gui, engine):
     assert scripted.critical == [], f"parameters read without a check: {scripted.critical}"
 
 
+def test_effect_auto_update_follows_clicks_moves_and_deletions(gui, engine):
+    effect, scripted, _, module = make_effect(gui, auto_update=True)
+    effect.activate()
+    wait(effect.poll, lambda: effect.preload is not None)
+    for ijk in gui.ijk[:3]:
+        assert click(effect, gui, ijk)
+    assert effect.run is not None and effect.ahead is None  # each click updates the preview itself
+    wait(effect.poll, lambda: effect.run is not None)
+    first = effect.preview["result"]
+    assert len(first.slices) == 3
+    for ijk in gui.ijk[3:6]:
+        click(effect, gui, ijk)  # a click while an update runs: the newer clicks win
+    assert effect.preview is not None and effect.statusLabel.text.startswith(("6 clicks", "Updating"))
+    effect.poll()
+    assert effect.statusLabel.text.startswith("Updating the preview")  # what shows while the engine catches up
+    wait(effect.poll, lambda: effect.run is not None)
+    assert len(effect.preview["result"].slices) == 6
+
+    points = effect.promptsNode()
+    i, j, k = gui.ijk[5]
+    points.SetNthControlPointPositionWorld(5, *(gui.volume.ijk_to_ras @ [i, j + 1, k, 1.0])[:3])  # a drag to the
+    points.InvokeEvent(points.PointEndInteractionEvent)  # next coronal slice, and the mouse let go
+    assert effect.run is not None
+    wait(effect.poll, lambda: effect.run is not None)
+    assert j + 1 in effect.preview["result"].slices and j not in effect.preview["result"].slices
+    points.RemoveNthControlPoint(0)  # hover + Delete, or the right-click menu
+    assert effect.run is not None
+    wait(effect.poll, lambda: effect.run is not None)
+    assert len(effect.preview["result"].slices) == 5
+    effect.autoUpdateCheck.checked = False  # off: clicks only send work ahead
+    click(effect, gui, gui.ijk[6])
+    assert effect.run is None and effect.ahead is not None
+    effect.clearButton.click()  # every click gone: a new list may start in a view of another direction
+    assert points.GetNumberOfControlPoints() == 0 and effect.statusLabel.text == "Clicks cleared."
+    assert points.GetAttribute(module.VIEW_NORMAL_ATTRIBUTE) is None and \
+        points.GetAttribute(module.PREVIEWED_ATTRIBUTE) is None
+    assert click(effect, gui, gui.ijk[0], view=AXIAL) and "axial slices (array axis 0)" in effect.statusLabel.text
+    assert descriptions(points) == [""]  # a new start: a click, not a correction
+    effect.deactivate()
+
+
+def test_effect_apply_with_only_slices_keeps_the_segment_elsewhere(gui, engine):
+    """"only slices": Apply changes the segment on those slices and keeps it on every other one; an overlapping
+    segment keeps its voxels when the Segment Editor allows overlap; Undo restores everything byte for byte."""
+    app, segmentation_node = gui.app, gui.nodes.segmentation
+    effect, scripted, segment_id, _ = make_effect(gui)
+    other = sa.add_segment(segmentation_node, "other")
+    everything = np.ones(gui.volume.shape, np.uint8)
+    for target in (segment_id, other):
+        sa.apply_mask_to_segment((segmentation_node, target, gui.nodes.volume), everything, gui.volume)
+    app.editor_node.SetOverwriteMode(app.editor_node.OverwriteNone)  # the Segment Editor's "allow overlap"
+    app.editor_node.SetSelectedSegmentID(segment_id)
+    effect.activate()
+    wait(effect.poll, lambda: effect.preload is not None)
+    for ijk in gui.ijk:
+        click(effect, gui, ijk)
+    clicked = sorted({int(j) for _, j, _ in gui.ijk})
+    effect.limitCheck.checked = True  # starts at the clicks' span
+    assert (scripted.integerParameter("FirstSlice"), scripted.integerParameter("LastSlice")) == \
+        (clicked[0], clicked[-1])
+    effect.lastSpin.value = clicked[len(clicked) // 2]  # fewer slices
+    kept = [t for t in clicked if t <= clicked[len(clicked) // 2]]
+    effect.previewButton.click()
+    wait(effect.poll, lambda: effect.run is not None)
+    assert effect.preview["result"].slices == kept, effect.statusLabel.text
+    preview_mask = np.asarray(effect.preview["result"].mask).copy()
+    assert preview_mask[:, kept].any() and not preview_mask[:, kept].all()
+    before = {s: sa.segment_array(segmentation_node, s, gui.volume) for s in (segment_id, other)}
+    stamp = sa.content_stamp(segmentation_node)
+    effect.applyButton.click()
+    after = sa.segment_array(segmentation_node, segment_id, gui.volume)
+    outside = [t for t in range(gui.volume.shape[1]) if t not in kept]
+    np.testing.assert_array_equal(after[:, outside], before[segment_id][:, outside])  # untouched where SPD did not run
+    np.testing.assert_array_equal(after[:, kept], preview_mask[:, kept])
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, other, gui.volume), before[other])
+    app.editor_logic.Undo()  # the Segment Editor's Undo: byte for byte
+    assert sa.content_stamp(segmentation_node) == stamp
+    effect.deactivate()
+
+
+def test_effect_preview_is_kept_across_effects_and_shown_as_asked(gui, engine):
+    app = gui.app
+    effect, scripted, segment_id = previewed_effect(gui)
+    preview_node = effect.preview["nodes"]["preview"]
+    assert preview_node.GetDisplayNode().GetOpacity() == pytest.approx(0.6)
+    effect.opacitySlider.value = 0.3
+    assert preview_node.GetDisplayNode().GetOpacity() == pytest.approx(0.3)
+    effect.show3DButton.click()
+    assert preview_node.GetSegmentation().ContainsRepresentation("Closed surface")
+    effect.show3DButton.click()
+    assert not preview_node.GetSegmentation().ContainsRepresentation("Closed surface")
+    effect.auditCheck.checked = False  # the next preview has no audit lists
+    effect.deactivate()  # another effect, as with Grow from seeds: the preview stays
+    assert effect.preview is not None and app.scene.GetFirstNodeByName("SPD preview") is preview_node
+    effect.activate()
+    assert effect.preview is not None and effect.applyButton.enabled
+    effect.applyButton.click()
+    assert sa.segment_array(gui.nodes.segmentation, segment_id, gui.volume).any()
+
+    effect.previewButton.click()
+    wait(effect.poll, lambda: effect.run is not None)
+    assert not any(k in effect.preview["nodes"] for k in ("kept", "rejected", "borrowed"))
+    effect.deactivate()
+    other_volume = app.load_volume(gui.image_path, "another")
+    app.editor_node.SetAndObserveSourceVolumeNode(other_volume)
+    effect.activate()  # the kept preview was of another source volume: gone
+    assert effect.preview is None and app.scene.GetFirstNodeByName("SPD preview") is None
+    effect.deactivate()
+
+
+def test_closing_the_scene_drops_what_the_gui_holds(gui, engine):
+    app = gui.app
+    effect, scripted, _ = previewed_effect(gui)
+    assert effect._volumeCopy[1] is not None
+    widget = module_widget(gui, "SPDSegment_close")
+    widget.ui.volumeSelector.setCurrentNode(gui.nodes.volume)
+    widget.ui.pointsSelector.setCurrentNode(gui.nodes.points)
+    widget.ui.segmentationSelector.setCurrentNode(gui.nodes.segmentation)
+    widget.ui.runButton.click()
+    assert widget.task is not None
+    app.scene.Clear(0)
+    assert effect.preview is None and effect._volumeCopy == (None, None) and effect.run is None
+    assert widget.task is None and widget._parameterNode is None
+    scene = app.scene.GetAddressAsString("vtkObject")
+    assert not any(owner == scene for _, owner in sa._LOGICS_BY_ID.values())
+    effect.deactivate()
+
+
+def test_a_background_click_changes_the_mask(gui, engine, monkeypatch):
+    """The bundled model on the sample case, two clicks on neighbouring coronal slices (n = 0, PyTorch: no model
+    conversion, ~10 s): a Ctrl-click on a voxel of the result removes it, and the preview follows."""
+    monkeypatch.setenv("SPDSEGMENT_RUNTIME", "torch")  # the engine inherits it
+    effect, scripted, segment_id, _ = make_effect(gui, model=registry.DEFAULT_MODEL, mode="spd", auto_update=True)
+    effect.neighboursSpin.value = 0
+    effect.activate()
+    wait(effect.poll, lambda: effect.preload is not None, timeout=300)
+    label = gui.label > 0
+    middle = int(np.median(np.nonzero(label)[1]))
+    for j in (middle, middle + 1):
+        k, i = np.argwhere(label[:, j, :]).mean(0)
+        assert click(effect, gui, (round(i), j, round(k)))
+    wait(effect.poll, lambda: effect.run is not None, timeout=300)
+    before = np.asarray(effect.preview["result"].mask).copy()
+    assert before.any(), effect.statusLabel.text
+    wrong = np.argwhere(before.astype(bool) & ~label)  # a false positive, else a voxel of the result
+    k, j, i = (wrong if len(wrong) else np.argwhere(before))[0]
+    assert click(effect, gui, (i, j, k), control=True)
+    assert effect.promptsNode().GetNthControlPointDescription(2) == "background"
+    wait(effect.poll, lambda: effect.run is not None, timeout=300)
+    after = np.asarray(effect.preview["result"].mask)
+    assert after[k, j, i] == 0 and after.sum() < before.sum(), effect.statusLabel.text
+    effect.deactivate()
+
+
 def test_selecting_the_effect_downloads_nothing(gui, engine, monkeypatch):
-    effect, scripted, _ = make_effect(gui, model="sam_vit_b")
+    effect, scripted, _, _ = make_effect(gui, model="sam_vit_b")
     asked = []
     real_load = engine.load_model
     monkeypatch.setattr(engine, "load_model", lambda *a, **k: asked.append(k.get("allow_download")) or
@@ -377,6 +544,8 @@ def test_selecting_the_effect_downloads_nothing(gui, engine, monkeypatch):
         assert "not on this machine" in effect.statusLabel.text and "Download" in effect.statusLabel.text
     effect.deactivate()
 
+
+# ---------------------------------------------------------------- the engine keeps Slicer responsive
 
 def long_case(gui, offset):
     """A volume node three times as long as the sample (plus ``offset``, so each is new to the engine) and a
@@ -419,7 +588,7 @@ def preview_seconds(effect, gui, volume_node, points_node, starve: bool) -> floa
 
 @pytest.mark.skipif(sys.platform == "win32", reason="emulates the GIL-holding event loop with libc usleep")
 def test_preview_is_not_slowed_by_a_main_thread_that_holds_the_gil(gui, engine):
-    effect, scripted, _ = make_effect(gui)
+    effect, scripted, _, _ = make_effect(gui)
     effect.activate()
     wait(effect.poll, lambda: effect.preload is not None)
 
@@ -461,7 +630,7 @@ def test_preview_is_not_slowed_by_a_main_thread_that_holds_the_gil(gui, engine):
 
 
 def test_a_killed_engine_leaves_the_segment_as_it_was(gui, engine):
-    effect, scripted, segment_id = make_effect(gui)
+    effect, scripted, segment_id, _ = make_effect(gui)
     effect.activate()
     wait(effect.poll, lambda: effect.preload is not None)
     sa.apply_mask_to_segment(gui.app.editor_node, (gui.label > 0).astype(np.uint8), gui.volume)

@@ -1,5 +1,5 @@
 """The package's folders are its layers: ``core`` imports nothing above it, ``engine`` builds on
-``core`` only, ``research`` and ``slicer_side`` on both, ``cli`` on all; and no module imports itself back through others
+``core`` only, ``research`` and ``slicer_side`` on both, ``cluster`` on ``core`` only, ``cli`` on all; and no module imports itself back through others
 (an import circle), counting lazy imports inside functions too. Checked statically (ast)."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ ALLOWED = {
     "engine": {"", "core", "engine"},  # the engine process runs the core and nothing else
     "research": {"", "core", "research", "engine"},  # speed.py times the effect's path through the engine
     "slicer_side": {"", "core", "slicer_side", "engine"},
-    "cli": {"", "core", "research", "slicer_side", "engine", "cli"},
+    "cluster": {"", "core", "cluster"},  # batches on Ray: the core's batch code on remote workers
+    "cli": {"", "core", "research", "slicer_side", "engine", "cluster", "cli"},
     "": {""},
 }
 

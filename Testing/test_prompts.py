@@ -368,6 +368,6 @@ def test_write_markups_round_trip(tmp_path, oblique_volume):
 
 def test_write_markups_failure_leaves_nothing(tmp_path):
     (tmp_path / "taken.mrk.json").mkdir()  # a folder where the file should go: the rename fails
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="Could not write .*taken.mrk.json.*nothing was written"):
         prompts.write_markups(tmp_path / "taken.mrk.json", [[1.0, 2.0, 3.0]])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mrk.json"]

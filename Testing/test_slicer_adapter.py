@@ -115,11 +115,17 @@ def test_volume_from_node_equals_file(app, sample_paths, sample):
     np.testing.assert_array_equal(got.array, volume.array)
     np.testing.assert_allclose(got.ijk_to_lps, volume.ijk_to_lps, atol=1e-6)
     assert got.name == node.GetName()
-    assert not got.array.flags.writeable  # a private snapshot (hashed once by Volume.fingerprint)
+    assert not got.array.flags.writeable  # read-only for SPD (hashed once by Volume.fingerprint)
     from vtk.util import numpy_support
 
-    node_voxels = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
-    assert not np.shares_memory(got.array, node_voxels)  # a copy: the node's voxels are never touched
+    scalars = node.GetImageData().GetPointData().GetScalars()
+    node_voxels = numpy_support.vtk_to_numpy(scalars)
+    assert np.shares_memory(got.array, node_voxels)  # a view: the main thread never copies the voxels
+    assert sa.volume_from_node(node).array is got.array  # unchanged: the same array, shared with the engine once
+    node_voxels[0] += 1  # the voxels change (as a module editing them in place would)
+    scalars.Modified()
+    changed = sa.volume_from_node(node)
+    assert changed.array is not got.array and changed.array.flat[0] == volume.array.flat[0] + 1
 
 
 def test_volume_from_node_applies_parent_linear_transform(app, sample_paths, sample):
@@ -539,3 +545,156 @@ def test_gui_flow_reads_computes_then_writes(app, loaded, sample):
     with pytest.raises(Cancelled):
         segment(vol, voxel_prompts, None, progress=cancelled)
     assert segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
+
+
+# ---------------------------------------------------------------- nothing lost: where a run writes, masking, undo
+
+@dataclass
+class RanResult:
+    """A run's answer as the pipeline gives it: the mask, its slicing axis and the slices it decoded."""
+    mask: np.ndarray
+    axis: int
+    slices: list
+
+
+def segment_arrays(segmentation_node, volume):
+    """{segment id: uint8 array} of every segment: the whole segmentation, to compare byte for byte."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    return {i: sa.segment_array(segmentation_node, i, volume).tobytes() for i in ids}
+
+
+def test_modification_steps_limit_set_to_the_slices_that_ran():
+    mask = box_mask((6, 5, 4), (1, 1, 1), (4, 4, 3))
+    assert [m for _, m in sa.modification_steps(mask, "set")] == ["set"]
+    (remove, remove_mode), (add, add_mode) = sa.modification_steps(mask, "set", (0, [2, 3]))
+    assert (remove_mode, add_mode) == ("remove", "add")
+    np.testing.assert_array_equal(add[2:4], mask[2:4])
+    assert not add[[0, 1, 4, 5]].any() and not remove[[0, 1, 4, 5]].any()
+    np.testing.assert_array_equal(remove[2:4], 1 - mask[2:4])
+    with pytest.raises(InputError, match="mode"):
+        sa.modification_steps(mask, "replace")
+    assert sa.ran_on(RanResult(mask, 1, [0])) == (1, [0, 1, 2, 3])  # decoded slices and any slice it touches
+
+
+def test_a_write_changes_the_segment_only_on_the_slices_that_ran(loaded, sample):
+    volume, label = sample
+    volume_node, _, segmentation_node, _ = loaded
+    segment_id = sa.add_segment(segmentation_node, "hippo")
+    before = box_mask(volume.shape, (0, 0, 0), volume.shape)  # content on every slice
+    sa.apply_mask_to_segment((segmentation_node, segment_id, volume_node), before, volume)
+    ks = np.unique(np.nonzero(label)[0])
+    ran = [int(k) for k in ks[len(ks) // 3: len(ks) // 3 + 4]]  # "only slices": four slices
+    mask = np.zeros_like(label)
+    mask[ran] = label[ran]
+    sa.write_result(RanResult(mask, 0, ran), volume, volume_node, segmentation_node, segment_id)
+    after = sa.segment_array(segmentation_node, segment_id, volume)
+    outside = [k for k in range(volume.shape[0]) if k not in ran]
+    np.testing.assert_array_equal(after[outside], before[outside])  # kept where SPD did not run
+    np.testing.assert_array_equal(after[ran], label[ran])
+    assert sa.undo(segmentation_node)
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, segment_id, volume), before)
+
+
+@pytest.mark.parametrize("overwrite, other_kept", [(None, True), ("allow overlap", True), ("overwrite all", False)])
+def test_a_module_write_keeps_an_overlapping_other_segment(loaded, sample, overwrite, other_kept):
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    other = sa.add_segment(segmentation_node, "other")
+    other_mask = box_mask(volume.shape, (0, 0, 0), (volume.shape[0], volume.shape[1] // 2, volume.shape[2]))
+    sa.apply_mask_to_segment((segmentation_node, other, volume_node), other_mask, volume)
+    assert (other_mask & label).any()  # they overlap
+    sa.spd_editor_node(segmentation_node.GetScene()).SetOverwriteMode(0)  # what an earlier write left: a default
+    sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_fn=fake_segment(label),
+                        overwrite=overwrite)
+    new_id = segmentation_node.GetSegmentation().GetNthSegmentID(1)
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, new_id, volume), label)
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, other, volume),
+                                  other_mask if other_kept else other_mask & (1 - label))
+
+
+def test_the_editable_area_is_a_setting_of_the_console_api(loaded, sample):
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    other = sa.add_segment(segmentation_node, "other")
+    other_mask = box_mask(volume.shape, (0, 0, 0), (volume.shape[0], volume.shape[1] // 2, volume.shape[2]))
+    sa.apply_mask_to_segment((segmentation_node, other, volume_node), other_mask, volume)
+    sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_fn=fake_segment(label),
+                        editable_area="outside all segments")
+    new_id = segmentation_node.GetSegmentation().GetNthSegmentID(1)
+    np.testing.assert_array_equal(sa.segment_array(segmentation_node, new_id, volume), label & (1 - other_mask))
+    for bad, match in ((dict(overwrite="sometimes"), "other segments"), (dict(editable_area="inside"), "editable"),
+                       (dict(editable_area="inside one segment"), "editable"),
+                       (dict(overwrite="overwrite all", editor_node=sa.spd_editor_node(segmentation_node.GetScene())),
+                        "not both")):
+        segment = fake_segment(label)
+        with pytest.raises(InputError, match=match):
+            sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_fn=segment, **bad)
+        assert not segment.calls  # refused before any work
+    with pytest.raises(InputError, match="mask_segment_id"):
+        sa.configure_editor(sa.spd_editor_node(segmentation_node.GetScene()), editable_area="inside one segment")
+
+
+def test_undo_restores_byte_for_byte_and_never_reverts_a_later_edit(app, loaded, sample):
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    other = sa.add_segment(segmentation_node, "other")
+
+    def edit_with_another_tool(mask):
+        app.editor_node.SetAndObserveSegmentationNode(segmentation_node)
+        app.editor_logic.ModifySegmentByLabelmap(segmentation_node, other, sa.modifier_labelmap(
+            mask, volume, segmentation_node), app.editor_logic.ModificationModeAdd, False, False)
+
+    edit_with_another_tool(box_mask(volume.shape, (2, 2, 2), (9, 9, 9)))
+    before, stamp = segment_arrays(segmentation_node, volume), sa.content_stamp(segmentation_node)
+    sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_fn=fake_segment(label))
+    assert sa.content_stamp(segmentation_node) != stamp
+    assert sa.undo(segmentation_node)  # one step: the new segment goes with its contents
+    assert segment_arrays(segmentation_node, volume) == before and sa.content_stamp(segmentation_node) == stamp
+    assert not sa.undo(segmentation_node)  # SPD wrote nothing else
+
+    sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, other, segment_fn=fake_segment(label))
+    edit_with_another_tool(box_mask(volume.shape, (20, 20, 10), (25, 25, 15)))  # after SPD's write
+    edited = segment_arrays(segmentation_node, volume)
+    with pytest.raises(InputError, match="edited after SPD's last write"):
+        sa.undo(segmentation_node)
+    assert segment_arrays(segmentation_node, volume) == edited  # nothing reverted
+
+
+def test_in_desktop_slicer_the_segment_editor_keeps_the_undo(app, loaded, sample, monkeypatch):
+    """Slicer 5.10+ keeps undo states in the Segment Editor widget's own editor logic (vtkSegmentationHistory,
+    private to it): a module write saves its state there, so the Segment Editor's Undo reverts it in order
+    with the user's own edits, and the module's Undo is that same Undo."""
+    from pythonqt_fakes import SegmentEditorWidget
+
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    editor = SegmentEditorWidget(app.scene)
+    monkeypatch.setattr(sa, "segment_editor_widget", lambda: editor)
+    before = segment_arrays(segmentation_node, volume)
+    sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_fn=fake_segment(label))
+    assert editor.segmentationNode() is segmentation_node  # the Segment Editor now shows it, undo included
+    spd_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    after_spd = segment_arrays(segmentation_node, volume)
+    editor.node.SetSelectedSegmentID(spd_id)
+    editor.paint(spd_id, sa.modifier_labelmap(box_mask(volume.shape, (1, 1, 1), (4, 4, 4)), volume,
+                                              segmentation_node))  # the user paints afterwards
+    assert segment_arrays(segmentation_node, volume) != after_spd
+    editor.undo()  # the Segment Editor's Undo: the paint goes, SPD's write stays
+    assert segment_arrays(segmentation_node, volume) == after_spd
+    assert sa.undo(segmentation_node)  # the module's Undo is the same Undo: SPD's write goes
+    assert segment_arrays(segmentation_node, volume) == before
+    other = app.new_segmentation(volume_node, "other")
+    assert not sa.undo(other)  # the Segment Editor's states are of another segmentation
+
+
+def test_closing_the_scene_releases_the_editor_logics(app, loaded, sample):
+    volume, label = sample
+    volume_node, markups_node, segmentation_node, _ = loaded
+    sa.run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_fn=fake_segment(label))
+    scene = app.scene.GetAddressAsString("vtkObject")
+    assert any(owner == scene for _, owner in sa._LOGICS_BY_ID.values())
+    assert any(owner == scene for owner, _ in sa._STAMPS_AFTER_WRITE.values())
+    app.scene.Clear(0)
+    assert not any(owner == scene for _, owner in sa._LOGICS_BY_ID.values())
+    assert not any(owner == scene for owner, _ in sa._STAMPS_AFTER_WRITE.values())

@@ -328,7 +328,7 @@ def test_unknown_case_names_and_mode_are_input_errors(msd, tmp_path):
         T.train(config(msd, tmp_path / "m.spd.safetensors", mode="everything"))
 
 
-@pytest.mark.parametrize("change, words", [({"tau": 1.5}, "tau"), ({"neighbours": -1}, "neighbours"),
+@pytest.mark.parametrize("change, words", [({"tau": 1.5}, "tau"), ({"neighbours": -1}, "neighbour slices n is -1"),
                                            ({"batch_size": 0}, "batch_size"), ({"axes": (3,)}, "axes"),
                                            ({"head": "huge"}, "head"), ({"fusion": 1.5}, "fusion"),
                                            ({"components": "biggest"}, "components"),

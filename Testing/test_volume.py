@@ -1,6 +1,7 @@
 """volume: reading, geometry, intensity, slice <-> model coordinates, writing."""
 from __future__ import annotations
 
+import locale
 import time
 
 import numpy as np
@@ -63,7 +64,17 @@ def test_read_file_formats_keep_geometry(tmp_path, oblique_volume, suffix):
 
 
 def write_dicom_series(folder, volume: vol.Volume):
-    """One file per k slice, with the tags a GDCM series reader needs to rebuild the geometry."""
+    """One file per k slice, with the tags a GDCM series reader needs to rebuild the geometry.
+
+    GDCM's writer sets the C locale of the whole process (Python's text files would then be ASCII): restored."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(folder, volume)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder, volume: vol.Volume):
     image = sitk_image(volume)
     folder.mkdir()
     direction = image.GetDirection()
@@ -206,7 +217,7 @@ def test_failed_write_leaves_nothing(tmp_path, oblique_volume):
     with pytest.raises(InputError, match="Unsupported output"):
         vol.write_segmentation(tmp_path / "case.png", mask, oblique_volume.ijk_to_lps)
     (tmp_path / "taken.seg.nrrd").mkdir()  # a folder in the way: the final rename fails
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="Could not write .*taken.seg.nrrd.*nothing was written"):
         vol.write_segmentation(tmp_path / "taken.seg.nrrd", mask, oblique_volume.ijk_to_lps)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.seg.nrrd"]
     assert not any((tmp_path / "taken.seg.nrrd").iterdir())

@@ -1,14 +1,17 @@
-"""The ``spd`` command line: segment, models, demo, simulate, train, evaluate, bench-speed.
+"""The ``spd`` command line: segment, batch, models, demo, simulate, train, evaluate, bench-speed.
 
 Exit codes: 0 success; 2 bad input or a model that cannot be used (``error: ...``, nothing written);
 3 out of memory; 4 the result looks implausible and ``--strict`` was given (nothing written);
+5 ``batch``: some cases failed (the results CSV says which and why; the others were written);
 130 cancelled.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,10 +19,10 @@ import numpy as np
 
 from .core import prompts, volume
 from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
-from .core.errors import InputError, SPDError
-from .core.files import OutputSet, check_writable
+from .core.errors import InputError, SPDError, SPDWarning
+from .core.files import OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable
 from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
-                                   is_available)
+                                   check_device, downloadable, is_available, manual_download_message)
 from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
 from .core.progress import Progress, tqdm_progress
 from .core.sample import sample_case
@@ -32,6 +35,7 @@ from .research.simulate import LEVELS, simulate
 EXIT_INPUT = 2  # bad input or unusable model: nothing written
 EXIT_MEMORY = 3
 EXIT_IMPLAUSIBLE = 4  # --strict and the result has warnings: nothing written
+EXIT_CASES_FAILED = 5  # batch: some cases failed, the others were written
 EXIT_CANCELLED = 130
 
 
@@ -81,19 +85,32 @@ def _check_mode(args, outputs: dict) -> None:
                          "Use an SPD model (spd models lists them) or leave those options out.")
 
 
-def _check_inputs_not_outputs(args, outputs: dict) -> None:
-    for path in (args.image, args.points):
-        if any(Path(path).resolve() == p.resolve() for p in outputs.values()):
-            raise InputError(f"An output would overwrite the input {path}; choose another output name.")
+SEGMENT_OPTION = {"out": "--out", "label": "--label-out", "saliency": "--saliency-out", "audit": "--audit-out"}
+
+
+def _least_output_bytes(kind: str, voxels: int) -> int:
+    """A low estimate of an output's size (compressed): a disk with less free space surely cannot hold it."""
+    return 4096 + (voxels // 4 if kind == "saliency" else 0 if kind == "audit" else voxels // 500)
+
+
+def _strict_failure(found) -> int:
+    print(f"error: --strict: the result looks implausible ({len(found)} warning{'s' if len(found) > 1 else ''} "
+          "above); nothing was written.", file=sys.stderr)
+    return EXIT_IMPLAUSIBLE
 
 
 def cmd_segment(args) -> int:
     t0 = time.perf_counter()
     options = _options(args)
     outputs = _segment_outputs(args)
-    _check_inputs_not_outputs(args, outputs)
+    check_not_inputs({f"{SEGMENT_OPTION[kind]} file": path for kind, path in outputs.items()}, [args.image, args.points])
     _check_mode(args, outputs)
-    vol = volume.read(args.image)
+    vol = volume.read(args.image, allow_slice_gaps=args.allow_slice_gaps)
+    for warning in vol.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.strict and vol.warnings:
+        return _strict_failure(vol.warnings)
+    check_space({path.parent: _least_output_bytes(kind, int(np.prod(vol.shape))) for kind, path in outputs.items()})
     points = prompts.read(args.points)
     voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis, preferred_axes=trained_axes(args.model, vol))
     if len(voxel_prompts.outside_lps):
@@ -104,9 +121,7 @@ def cmd_segment(args) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.strict and result.warnings:
-        print(f"error: --strict: the result looks implausible ({len(result.warnings)} warning"
-              f"{'s' if len(result.warnings) > 1 else ''} above); nothing was written.", file=sys.stderr)
-        return EXIT_IMPLAUSIBLE
+        return _strict_failure(result.warnings)
     segment_name = args.segment_name or ("SPD" if result.mode == "spd" else "SAM")
     method = "SPD" if result.mode == "spd" else "raw"
     try:
@@ -121,14 +136,64 @@ def cmd_segment(args) -> int:
             if "audit" in outputs and result.audit:
                 write_audit(files.add(outputs["audit"]), result, vol)
             written = [str(p) for p in files.paths]
-    except (OSError, RuntimeError) as exc:  # disk full, a folder removed meanwhile, ITK write errors
-        raise InputError(f"Could not write the outputs ({str(exc).strip().splitlines()[-1][:200]}); nothing was "
-                         "written.") from exc
+    except OSError as exc:  # a writer outside files.atomic_write (the writers say which file and why)
+        raise InputError(f"Could not write the outputs ({exc}); nothing was written.") from exc
     seconds = time.perf_counter() - t0
     how = "" if result.audit else (f"; the clicks{' and a box around them' if options.use_box else ' (no box)'} "
                                    f"through {result.decoder}")
     print(f"{result.summary()}, {seconds:.1f} s{how}; axis: {result.axis_note} -> " + ", ".join(written))
     return 0
+
+
+def cmd_batch(args) -> int:
+    """Many cases, one model load: a folder or a manifest, resumable, in this process or on a Ray cluster."""
+    from .core import batch
+
+    t0 = time.perf_counter()
+    for option, value, least in (("--workers", args.workers, 1), ("--cpus-per-worker", args.cpus_per_worker, 1),
+                                 ("--retries", args.retries, 0)):
+        if value is not None and value < least:
+            raise InputError(f"{option} is {value}; it must be a whole number >= {least}.")
+    settings = batch.Settings(options=_options(args), axis=args.axis, segment_name=args.segment_name,
+                              strict=args.strict)
+    cases = batch.read_cases(args.input, args.out, points_folder=args.points)
+    shard_spec = batch.parse_shard(args.shard) if args.shard else None
+    if shard_spec is not None:
+        cases = batch.shard(cases, *shard_spec)
+    results_path = Path(args.results) if args.results else batch.default_results_path(args.out, shard_spec)
+    check_writable(results_path, what="--results file")
+    batch.prepare_output_folder(args.out)
+    if not cases:
+        print(f"batch: shard {args.shard} holds none of the cases; nothing to do.", file=sys.stderr)
+        return 0
+    _check_mode(args, {})
+    progress = tqdm_progress(disable=args.quiet)
+    print(f"batch: {len(cases)} cases -> {args.out}" + (f" (shard {args.shard})" if args.shard else ""),
+          file=sys.stderr, flush=True)
+    try:
+        if args.cluster:
+            from .cluster import ray_batch
+
+            spec = ray_batch.WorkerSpec(args.model, args.device, args.runtime, args.precision, settings)
+            timings: dict = {}
+            rows = ray_batch.run(cases, args.out, spec, address=args.cluster, workers=args.workers,
+                                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                 retries=args.retries, results_path=results_path, progress=progress, timings=timings)
+            print(f"ray: cluster {timings.get('start_s', 0):.1f} s, workers ready after {timings.get('ready_s', 0):.1f} s; "
+                  f"per case {1000 * timings.get('in_ray_s', 0):.0f} ms in Ray beyond the workers' own time",
+                  file=sys.stderr)
+        else:
+            worker = batch.Worker.load(args.model, args.device, args.runtime, args.precision, settings)
+            rows = batch.run(worker, cases, args.out, results_path, progress)
+    except KeyboardInterrupt:
+        print(f"cancelled; the finished cases are written and {results_path} lists them (run the same command "
+              "again to do the rest).", file=sys.stderr)
+        return EXIT_CANCELLED
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"failed: {row['case']}: {row['error']}", file=sys.stderr)
+    print(batch.summary_line(rows, time.perf_counter() - t0, results_path))
+    return EXIT_CASES_FAILED if any(r["status"] == "failed" for r in rows) else 0
 
 
 def write_audit(path, result, vol) -> Path:
@@ -161,11 +226,16 @@ def cmd_models(args) -> int:
     for name, path in BUNDLED_SPD_MODELS.items():  # the SPD models first: the default is one of them
         default = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name:16} {'yes' if path.exists() else 'missing':10} {'':6} {spd_model_title(path)}{default}")
+    manual = []
     for name, entry in catalogue().items():
-        state = "yes" if is_available(name) else "download"
+        state = "yes" if is_available(name) else "download" if downloadable(name) else "by hand"
         print(f"{name:16} {state:10} {entry['input_size']:<6} {entry['title']} (raw mode)")
+        if state == "by hand":
+            manual.append(name)
         if args.verbose:
             print(f"{'':16} licence: {entry['licence']}; file: {cached_path(name)}")
+    for name in manual:
+        print(manual_download_message(name))
     print(f"The default model is {DEFAULT_MODEL}; --model also takes a .spd.safetensors file or a SAM-family "
           ".pth checkpoint.")
     return 0
@@ -176,7 +246,16 @@ def cmd_demo(args) -> int:
     from .research.evaluate import dice_score, overlay_png
 
     case = sample_case()
+    out_dir = Path(args.out_dir)
+    outputs = {"segmentation": out_dir / "demo_spd.seg.nrrd", "overlay": out_dir / "demo_overlay.png"}
+    note = ""
+    if importlib.util.find_spec("matplotlib") is None:  # it comes with the "train" extra, not with SPDSegment
+        del outputs["overlay"]
+        note = " (no overlay PNG: matplotlib is not installed)"
+    check_folder_writable(out_dir, "--out-dir folder")
+    check_not_inputs({f"demo {kind}": path for kind, path in outputs.items()}, [case.image, case.label, case.clicks])
     vol = volume.read(case.image)
+    check_space({out_dir: 200_000})  # the overlay PNG is about 100 KB
     label = volume.read_label(case.label, like=vol)
     points = prompts.to_voxels(prompts.read(case.clicks), vol, axis=case.axis)
     rows = []
@@ -189,11 +268,11 @@ def cmd_demo(args) -> int:
     ):
         t0 = time.perf_counter()
         print(f"{title}: loading {model_name} ...", file=sys.stderr, flush=True)
+        converted = conversions()
         model = load_model(model_name, device=args.device, runtime=args.runtime, precision=args.precision)
-        load_s = time.perf_counter() - t0
-        if load_s > 2:
-            print(f"  loaded in {load_s:.0f} s (the first use converts it for this machine; later runs reuse that)",
-                  file=sys.stderr, flush=True)
+        note = load_note(time.perf_counter() - t0, conversions() - converted)
+        if note:
+            print(note, file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result = segment(vol, points, model, options, progress=progress)
         for warning in result.warnings:
@@ -201,20 +280,34 @@ def cmd_demo(args) -> int:
         seconds = time.perf_counter() - t0
         masks[title] = result.mask
         rows.append((title, dice_score(result.mask, label), seconds))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [volume.write_segmentation(out_dir / "demo_spd.seg.nrrd", masks["SPD"], vol.ijk_to_lps,
-                                         segment_name="hippocampus")]
-    note = ""
-    try:
-        written.append(overlay_png(out_dir / "demo_overlay.png", vol, label, masks, points, axis=case.axis))
-    except ImportError:  # matplotlib comes with the "train" extra, not with SPDSegment itself
-        note = " (no overlay PNG: matplotlib is not installed)"
+    with OutputSet() as files:  # both appear together, or neither
+        volume.write_segmentation(files.add(outputs["segmentation"]), masks["SPD"], vol.ijk_to_lps,
+                                  segment_name="hippocampus")
+        if "overlay" in outputs:
+            overlay_png(files.add(outputs["overlay"]), vol, label, masks, points, axis=case.axis)
+        written = files.paths
     print(f"sample case {case.name}, {len(points)} sloppy centerline points (moderate noise)")
     for title, dice, seconds in rows:
         print(f"  {title:42s} Dice {dice:.3f}   {seconds:5.1f} s")
     print("wrote " + " and ".join(str(p) for p in written) + note)
     return 0
+
+
+def conversions() -> int:
+    """Networks converted to OpenVINO by this process so far (0 where OpenVINO is not installed)."""
+    try:
+        from .core.models import openvino_runtime
+    except ImportError:
+        return 0
+    return openvino_runtime.conversions()
+
+
+def load_note(seconds: float, converted: int) -> str:
+    """The line ``spd demo`` prints after a slow model load: whether it converted the model or reused it."""
+    if converted:
+        return (f"  loaded in {seconds:.0f} s: converted for this machine on its first use (OpenVINO); later runs "
+                "reuse the converted model")
+    return f"  loaded in {seconds:.0f} s" if seconds > 2 else ""
 
 
 def encoding_progress(stream=None):
@@ -251,9 +344,11 @@ def encoding_progress(stream=None):
 
 def _check_simulate(args) -> None:
     """The simulate options, checked before anything is read."""
-    if not str(args.out).lower().endswith((".mrk.json", ".csv")):
-        raise InputError(f"--out {args.out}: write the clicks to a .mrk.json point list or a .csv table.")
+    problem = output_type_error(args.out, (".mrk.json", ".json", ".csv"), "--out file")
+    if problem:
+        raise InputError(problem)
     check_writable(args.out, what="--out file")
+    check_not_inputs({"--out file": args.out}, [args.label, args.image, args.points, args.result])
     if args.result and args.corrections:
         raise InputError("--result adds one correction against a result you made; --corrections N makes the results "
                          "itself (with --image and --model). Give one of them.")
@@ -304,7 +399,7 @@ def cmd_simulate(args) -> int:
         descriptions += [c.kind for c in added]
     lps = volume.ijk_to_physical(clicks.ijk, grid.ijk_to_lps)
     points = prompts.from_lps(lps, labels=clicks.labels, names=clicks.names, source=args.out, kinds=clicks.kinds)
-    if descriptions is not None and str(args.out).lower().endswith(".mrk.json"):
+    if descriptions is not None and str(args.out).lower().endswith(".json"):
         prompts.write_markups(args.out, lps, names=points.names, descriptions=descriptions, color=(0.4, 1.0, 1.0),
                               node_name="simulated clicks", locked=False)
     else:
@@ -399,6 +494,8 @@ def add_train_options(parser) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from .research.evaluate import CORRECTION_REPORTS, REPORTS
+
     if args.corrections < 0:
         raise InputError(f"--corrections is {args.corrections}; give the number of correction clicks per case (for "
                          "example 5), or 0 for the usual benchmark.")
@@ -406,6 +503,15 @@ def cmd_evaluate(args) -> int:
     unknown = [level for level in levels if level not in LEVELS]
     if unknown:
         raise InputError(f"Unknown noise level {unknown[0]!r} (option --levels); choose from {', '.join(LEVELS)}.")
+    if not args.corrections and not args.models_dir:
+        raise InputError("--models-dir is needed for the benchmark (it holds DATASET_spd.spd.safetensors and the "
+                         "baselines' models); the correction benchmark (--corrections N) uses the bundled models "
+                         "without it.")
+    out_dir = Path(args.out_dir)
+    check_folder_writable(out_dir, "--out-dir folder")
+    reports = CORRECTION_REPORTS if args.corrections else REPORTS
+    check_not_inputs({f"report {out_dir / name}": out_dir / name for name in reports}, args.merge)
+    check_space({out_dir: 1_000_000})  # the reports and the plot
     if args.cache_dir:
         check_writable(Path(args.cache_dir) / "probe", what="--cache-dir folder")
     if args.corrections:
@@ -413,10 +519,6 @@ def cmd_evaluate(args) -> int:
 
         run_correction_benchmark(args)
         return 0
-    if not args.models_dir:
-        raise InputError("--models-dir is needed for the benchmark (it holds DATASET_spd.spd.safetensors and the "
-                         "baselines' models); the correction benchmark (--corrections N) uses the bundled models "
-                         "without it.")
     from .research.evaluate import run_benchmark
 
     args.levels = levels or ["clean", "mild", "moderate", "severe"]
@@ -478,9 +580,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--strict", action="store_true",
                    help=f"treat an implausible result (blank image, no voxels, every click rejected, an unchecked "
-                        f"model file) as a failure: exit {EXIT_IMPLAUSIBLE} and write nothing")
+                        f"model file, an accepted DICOM gap) as a failure: exit {EXIT_IMPLAUSIBLE} and write nothing")
+    p.add_argument("--allow-slice-gaps", action="store_true",
+                   help="read a DICOM series with missing or unevenly spaced slices as evenly spaced (with a "
+                        "warning; refused without this option)")
     _segment_arguments(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="segment many cases (a folder or a CSV manifest), resumable, optionally on a "
+                                     "Ray cluster", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="a folder (MSD/nnU-Net: imagesTr/ or images/ with points/; or images with their "
+                                 "CASE.mrk.json beside them) or a CSV manifest (image,points[,case,output,tau,...])")
+    p.add_argument("--out", required=True, help="output folder: CASE_spd.seg.nrrd, CASE_spd.provenance.json and "
+                                                "results.csv")
+    p.add_argument("--points", help="the folder of the point files (default: points/ beside imagesTr/, or the "
+                                    "image folder)")
+    p.add_argument("--results", help="the results CSV (default: OUT/results.csv, per shard "
+                                     "OUT/results-shard-I-of-N.csv)")
+    p.add_argument("--shard", help="I/N: only the cases of shard I of N (0 <= I < N; by a hash of the case name), "
+                                   "for job arrays")
+    p.add_argument("--segment-name", help="name of the segment in each .seg.nrrd (default: the case name)")
+    p.add_argument("--strict", action="store_true", help="an implausible result fails its case (nothing written "
+                                                         "for it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", help="run on Ray (pip install 'spdsegment[cluster]'): auto (a running cluster, "
+                                     "else a local one), local, or the cluster's address")
+    p.add_argument("--workers", type=int, help="--cluster: number of workers (default: one per GPU, else one per "
+                                               "--cpus-per-worker cores)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="--cluster: CPU cores each worker reserves")
+    p.add_argument("--gpus-per-worker", type=float, help="--cluster: GPUs each worker reserves (default: 1 when "
+                                                         "the cluster has GPUs)")
+    p.add_argument("--retries", type=int, default=2, help="--cluster: how often a case whose worker died is "
+                                                          "tried again")
+    _segment_arguments(p)
+    p.set_defaults(func=cmd_batch, saliency_out=None)
 
     p = sub.add_parser("models", help="list the model catalogue and what is on this machine")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -495,13 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("simulate", help="sloppy centerline clicks from a label, and correction clicks (.mrk.json, "
-                                        ".csv)")
-    p.add_argument("label")
+                                        ".csv)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("label", help="label map (.nii.gz, .nrrd); every voxel above 0 is the structure")
     p.add_argument("--axis", type=int, default=None,
-                   help="array axis (0 = k, 1 = j, 2 = i); default 0 for simulated clicks, from the clicks with --points")
-    p.add_argument("--level", default="moderate", choices=list(LEVELS), help="noise level (docs/noise_model.md)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="the clicks: .mrk.json (kinds in the descriptions) or .csv")
+                   help="array axis the clicks follow (0 = k, 1 = j, 2 = i); None: 0 for simulated clicks, the "
+                        "clicks' own with --points")
+    p.add_argument("--level", default="moderate", choices=list(LEVELS),
+                   help="how sloppy the clicks are (docs/noise_model.md)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated reader (same seed, same clicks)")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                   help="output point list: .mrk.json (kinds in the descriptions) or .csv")
     p.add_argument("--points", help="start from these clicks (.mrk.json or .csv, corrections included) instead of "
                                     "simulating sloppy ones")
     p.add_argument("--result", help="add the next correction click against this result (segmentation or label map "
@@ -576,15 +712,37 @@ def build_parser() -> argparse.ArgumentParser:
 OPTION_OF_SETTING = {"runtime": "--runtime", "precision": "--precision", "device": "--device", "model": "--model",
                      "tau": "--tau", "neighbours": "--neighbours", "batch_size": "--batch-size",
                      "slice_range": "--slice-range", "window": "--window", "modality": "--modality",
-                     "mode": "--mode", "empty_slice": "--empty-slice"}
+                     "mode": "--mode", "empty_slice": "--empty-slice", "allow_slice_gaps": "--allow-slice-gaps",
+                     "out": "--out", "shard": "--shard", "cluster": "--cluster", "points": "--points",
+                     "output": "--out"}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """SPD's warnings (errors.SPDWarning) as one ``warning: ...`` line; others as Python shows them."""
+    if issubclass(category, SPDWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def option_of(setting: Optional[str], command: str) -> Optional[str]:
+    """The option that sets a core setting (SPDError.setting) in this command, or None."""
+    if command == "train" and setting in TRAIN_OPTIONS:  # spd train's options are TrainConfig's fields
+        return "--" + setting.replace("_", "-")
+    return OPTION_OF_SETTING.get(setting)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)  # every command: an unknown device is refused before anything loads
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SPDWarning)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except SPDError as exc:
-        option = OPTION_OF_SETTING.get(exc.setting)
+        option = option_of(exc.setting, args.command)
         print(f"error: {exc}" + (f" (option {option})" if option else ""), file=sys.stderr)
         return EXIT_INPUT
     except MemoryError:

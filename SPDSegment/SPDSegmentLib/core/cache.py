@@ -7,19 +7,28 @@ so training and benchmarks encode each slice once across runs.
 The same LRU also remembers per-slice results derived from an embedding (saliency maps, decoded
 masks for a given prompt), memory only, so that re-prompting recomputes only the slices whose
 prompts changed (``remember``/``recall``; keys built by ``pipeline``).
+
+:func:`cache_folder` is where the on-disk caches live (converted OpenVINO models, the feature store): a
+folder of the user cache, or, when that cannot be written (read-only, a file in the way), a private
+temporary one with a warning, so that a broken cache never stops a run.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
-from .files import atomic_write
+from .errors import InputError, SPDWarning
+from .files import atomic_write, check_folder_writable
 
 
 class EmbeddingCache:
@@ -121,3 +130,31 @@ def default_cache() -> EmbeddingCache:
     if _default is None:
         _default = EmbeddingCache(max_bytes=int(os.environ.get("SPDSEGMENT_CACHE_MB", "1024")) << 20)
     return _default
+
+
+_folders: Dict[Path, Path] = {}  # wanted cache folder -> the folder used (itself, or a temporary stand-in)
+_folders_lock = threading.Lock()
+
+
+def cache_folder(name: str) -> Path:
+    """``cache_dir()/name`` (the user cache: ``$SPDSEGMENT_CACHE`` or ``~/.cache/spdsegment``), created. When it
+    cannot be written (a read-only folder, a file in the way, a full disk), a private temporary folder (0700,
+    removed at exit) stands in for this process, with an :class:`errors.SPDWarning` saying what to fix."""
+    from .models.download import cache_dir
+
+    wanted = cache_dir() / name
+    with _folders_lock:
+        if wanted not in _folders:
+            try:
+                check_folder_writable(wanted, what="cache folder")
+                wanted.mkdir(parents=True, exist_ok=True)
+                _folders[wanted] = wanted
+            except (InputError, OSError) as exc:
+                stand_in = Path(tempfile.mkdtemp(prefix=f"spdsegment-{name}-"))
+                atexit.register(shutil.rmtree, stand_in, ignore_errors=True)
+                warnings.warn(SPDWarning(
+                    f"The cache folder {wanted} cannot be used ({str(exc).split(' Choose')[0].rstrip('.')}); this run "
+                    f"uses the temporary folder {stand_in} instead, so what it caches is lost at exit. Make the folder "
+                    "writable, or set SPDSEGMENT_CACHE to a folder you can write."), stacklevel=2)
+                _folders[wanted] = stand_in
+        return _folders[wanted]

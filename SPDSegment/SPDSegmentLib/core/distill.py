@@ -118,8 +118,8 @@ def distill(prompts: PromptsBySlice, saliency: Mapping[int, np.ndarray], tau: fl
             labs.append(np.asarray(labels)[keep])
             srcs.append(np.full(int(keep.sum()), t))
         if not local_only:
-            for j in range(t - neighbours, t + neighbours + 1):
-                if j == t or j not in passes_own:
+            for j in sorted(passes_own):  # the prompted slices within reach (n may exceed the volume)
+                if j == t or abs(j - t) > neighbours:
                     continue
                 rc, labels = prompts[j]
                 positive = np.asarray(labels) > 0

@@ -39,3 +39,8 @@ class DownloadError(SPDError):
 
 class Cancelled(SPDError):
     """The user cancelled the run; nothing was written."""
+
+
+class SPDWarning(UserWarning):
+    """Something the user should know that did not stop the run (e.g. an unusable cache folder was replaced by a
+    temporary one). Issued with ``warnings.warn``; the command line prints it as ``warning: ...``."""

@@ -218,8 +218,23 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", runtime:
     path = spd_model.resolve(name_or_path)
     model = spd_model.load(path, device=device) if path is not None else load_backbone(name_or_path, device=device)
     backbone = model.backbone if path is not None else model
+    check_model_settings(model)
     backbone.set_runtime(runtime, precision)
     return model
+
+
+MODEL_SETTINGS = ("tau", "neighbours", "fusion", "decoder_prompt", "components")  # what an SPD header may set
+
+
+def check_model_settings(model) -> None:
+    """CheckpointError naming the header field when an SPD model's own settings (tau, n, fusion, decoder prompt,
+    components) are out of range: the header goes through ``SegmentOptions.validate`` like every option."""
+    header = getattr(model, "header", None) or {}
+    try:
+        SegmentOptions(**{name: header.get(name) for name in MODEL_SETTINGS}).validate()
+    except InputError as exc:
+        raise CheckpointError(f"The model {getattr(model, 'name', '')} has a header value out of range: {exc} The "
+                              "file was edited or damaged: train or download it again.", setting="model") from None
 
 
 def trained_axes(model, volume: Volume) -> Tuple[int, ...]:
@@ -590,6 +605,7 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
     tau = options.tau if options.tau is not None else (model.tau if is_spd else distill.DEFAULT_TAU)
     n = options.neighbours if options.neighbours is not None else (
         model.neighbours if is_spd else distill.DEFAULT_NEIGHBOURS)
+    n = min(int(n), volume.shape[axis] - 1)  # beyond the volume's slices n changes nothing, and would loop long
     targets = distill.target_slices(by_slice, n, volume.shape[axis]) if mode == "spd" else sorted(by_slice)
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
@@ -697,7 +713,7 @@ def segment(volume: Volume, prompts, model, options: Optional[SegmentOptions] = 
     result = Result(mask=mask, axis=p.axis, slices=sorted(slice_masks), audit=audit, saliency=saliency,
                     timings=timings, mode=p.mode, decoder=decoder_description(model),
                     axis_note=axis_note(prompts, volume))
-    result.warnings = plausibility_warnings(volume, p, model, result)
+    result.warnings = plausibility_warnings(volume, p, model, result, getattr(prompts, "axis_source", ""))
     return result
 
 
@@ -740,8 +756,9 @@ def decoder_description(model) -> str:
     return f"the {getattr(model, 'name', 'backbone')} decoder"
 
 
-def plausibility_warnings(volume: Volume, p: Plan, model, result: Result) -> List[str]:
-    """What makes a finished result implausible, each with what to try (Result.warnings)."""
+def plausibility_warnings(volume: Volume, p: Plan, model, result: Result, axis_source: str = "") -> List[str]:
+    """What makes a finished result implausible, each with what to try (Result.warnings). ``axis_source``:
+    where the slicing axis came from (``VoxelPrompts.axis_source``; "given" when the user chose it)."""
     warnings = list(getattr(model, "warnings", []) or [])
     lo, hi = p.intensity
     raw_blank = bool(p.targets) and all(np.ptp(get_slice(volume.array, p.axis, t)) == 0 for t in p.targets)
@@ -754,9 +771,12 @@ def plausibility_warnings(volume: Volume, p: Plan, model, result: Result) -> Lis
                         "choose the mr modality.")
     views = model.header.get("views") if result.mode == "spd" else None
     if views and axis_name(p.axis, volume) not in views:
-        warnings.append(f"The clicks are on {axis_name(p.axis, volume)} slices, but {model.name} was trained on "
-                        f"{' and '.join(views)} slices only: expect a poorer result. Click in a view it knows, or "
-                        f"train a model on this view (spd train --axes all).")
+        where = (f"The slicing axis was set to {axis_name(p.axis, volume)}" if axis_source == "given"
+                 else f"The clicks are on {axis_name(p.axis, volume)} slices")
+        fix = ("Choose an axis it knows (the slicing axis, or auto)" if axis_source == "given"
+               else "Click in a view it knows")
+        warnings.append(f"{where}, but {model.name} was trained on {' and '.join(views)} slices only: expect a "
+                        f"poorer result. {fix}, or train a model on this view (spd train --axes all).")
     if result.mode == "spd" and result.audit:
         counts = result.audit_counts()
         own = counts.get("kept", 0) + counts.get("rejected", 0)

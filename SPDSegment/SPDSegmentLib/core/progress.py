@@ -35,6 +35,13 @@ class Progress:
         if self.callback is not None:
             self.callback(stage, done, total)
 
+    def child(self, callback: Optional[ProgressCallback] = None) -> "Progress":
+        """A Progress that shares this one's cancel flag but reports to ``callback`` (None: nowhere); a batch
+        gives each case one, so cancelling stops the case while the bar stays the batch's."""
+        child = Progress(callback)
+        child._cancel = self._cancel
+        return child
+
 
 def tqdm_progress(disable: bool = False) -> Progress:
     """A Progress that draws one tqdm bar per stage (for the command line)."""

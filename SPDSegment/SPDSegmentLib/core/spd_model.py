@@ -21,12 +21,13 @@ from typing import List, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .. import __version__
 from .distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import IncompleteOutput, atomic_write, register_verifier
 from .models.registry import BUNDLED_SPD_MODELS, load_backbone
 from .saliency import add_lora, build_head, lora_state
 
@@ -34,6 +35,10 @@ FORMAT = "spdsegment-model"
 FORMAT_VERSION = 2  # 2: the header describes the saliency head ("head"); format 1 files load too
 SUFFIX = ".spd.safetensors"
 DIGEST_KEY = "content_sha256"  # header field: SHA-256 of the weights and the other header fields
+# whole-number header and training settings and their ranges (far beyond any use: a value outside is an edited
+# or damaged file, and one like a context of a billion slices would only hang)
+LIMITS = {"lora_rank": (0, 1024), "head_hidden": (1, 4096), "head_blocks": (0, 64), "head_context": (0, 64),
+          "head_upsample": (0, 4), "input_size": (1, 1 << 14), "embed_dim": (1, 1 << 14)}
 
 
 @dataclass
@@ -98,6 +103,11 @@ def save(path: os.PathLike, backbone, head, header: dict) -> Path:
     if header.get("decoder_tuned"):
         tensors.update({f"decoder.{k}": v.detach().cpu().half().contiguous()
                         for k, v in backbone.mask_decoder.state_dict().items()})
+    bad = non_finite(tensors)
+    if bad:  # a model that every load would call damaged: never written
+        raise CheckpointError(f"Not saving {path.name}: {len(bad)} weight tensors hold NaN or infinite values (e.g. "
+                              f"{bad[0]!r}), so training diverged. Lower the learning rates and train again; nothing "
+                              "was written.")
     return _write(path, tensors, header)
 
 
@@ -114,12 +124,29 @@ def content_digest(tensors: dict, header: dict) -> str:
 
 
 def _write(path: Path, tensors: dict, header: dict) -> Path:
-    """Atomic write (temporary name, then rename) with the content digest in the header."""
+    """Atomic write (temporary name, read back, then rename) with the content digest in the header."""
     header = json.loads(json.dumps(header))  # exactly what a reader will see (tuples become lists, ...)
     header[DIGEST_KEY] = content_digest(tensors, header)
-    with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"spd_header": json.dumps(header, sort_keys=True)})
+    data = safetensors_bytes(tensors, metadata={"spd_header": json.dumps(header, sort_keys=True)})
+    with atomic_write(path, verify=lambda tmp: verify_file(tmp, header[DIGEST_KEY])) as tmp:
+        tmp.write_bytes(data)  # safetensors' own file writer makes 0600 files; this one follows the umask (0644)
     return path
+
+
+def verify_file(path: os.PathLike, digest: Optional[str] = None) -> None:
+    """Read a written model file back (files.IncompleteOutput unless whole): its header parses, and its
+    weights and header match the content digest (``digest``: the one meant to be written)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})["spd_header"])
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut file
+        raise IncompleteOutput(f"it is not a readable model file ({str(exc).splitlines()[0][:200]})") from None
+    recorded = header.get(DIGEST_KEY) if isinstance(header, dict) else None
+    if digest is not None and recorded != digest:
+        raise IncompleteOutput("its header is not the one that was written")
+    if recorded and content_digest(tensors, header) != recorded:
+        raise IncompleteOutput("its weights do not match their digest")
 
 
 def read_header(path: os.PathLike) -> dict:
@@ -146,7 +173,49 @@ def read_header(path: os.PathLike) -> dict:
             f"{path} was written by a newer SPDSegment (format {header['format_version']}); this one reads "
             f"format {FORMAT_VERSION}. Update SPDSegment."
         )
+    problem = header_problem(header)
+    if problem:
+        field_name, why = problem
+        raise CheckpointError(f"{path} has a header value out of range: {field_name} is "
+                              f"{str(header.get(field_name, (header.get('head') or {}).get(field_name[5:])))[:80]!r} "
+                              f"({why}). The file was edited or damaged: train or download it again.",
+                              setting="model")
     return header
+
+
+def whole_number_problem(name: str, value) -> Optional[str]:
+    """Why ``value`` is not a whole number in ``LIMITS[name]``, or None."""
+    low, high = LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not low <= value <= high:
+        return f"a whole number from {low} to {high}"
+    return None
+
+
+def header_problem(header: dict) -> Optional[tuple]:
+    """(field, what it must be) for the first structural header value a model cannot be built or run with, or
+    None. The inference settings (tau, neighbours, fusion, ...) are checked by ``pipeline.load_model`` with
+    ``SegmentOptions.validate``, the one validation of the command line, the console API and the engine."""
+    values = {name: header[name] for name in ("lora_rank", "head_hidden", "input_size", "embed_dim") if name in header}
+    head = header.get("head")
+    if head is not None:
+        if not isinstance(head, dict) or head.get("type") not in ("context", "conv2"):
+            return "head", "a saliency head of type context or conv2"
+        values.update({f"head_{key}": head[key] for key in ("hidden", "blocks", "context", "upsample") if key in head})
+    for name, value in values.items():
+        why = whole_number_problem(name, value)
+        if why:
+            return name, why
+    for name in ("decoder_tuned", "dense_prior", "local_only"):
+        if name in header and not isinstance(header[name], bool):
+            return name, "true or false"
+    views = header.get("views", [])
+    if not isinstance(views, list) or not all(isinstance(v, str) for v in views):
+        return "views", "a list of view names"
+    axes = header.get("axes", [])
+    if not isinstance(axes, list) or any(a not in (0, 1, 2) or isinstance(a, bool) for a in axes):
+        return "axes", "a list of array axes 0, 1, 2"
+    return None
 
 
 def update_header(path: os.PathLike, **fields) -> dict:
@@ -176,12 +245,20 @@ def _verify_digest(path: Path, tensors: dict, header: dict) -> Optional[str]:
     return None
 
 
+def non_finite(tensors: dict) -> List[str]:
+    """Names of the floating-point tensors holding NaN or infinite values."""
+    return [key for key, value in sorted(tensors.items())
+            if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
 def _check_finite(path: Path, tensors: dict) -> None:
-    bad = [key for key, value in sorted(tensors.items())
-           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    bad = non_finite(tensors)
     if bad:
         raise CheckpointError(f"{path.name} is damaged: {len(bad)} weight tensors hold NaN or infinite values "
                               f"(e.g. {bad[0]!r}). Copy or download it again, or retrain it.")
+
+
+register_verifier([SUFFIX], verify_file)
 
 
 def is_spd_file(path: os.PathLike) -> bool:

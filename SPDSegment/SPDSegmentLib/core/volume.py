@@ -13,14 +13,14 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .files import atomic_write
-from .integrity import check_image_file
+from .files import IncompleteOutput, atomic_write, format_bytes, output_failure, register_verifier
+from .integrity import check_image_file, find_damage
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -40,6 +40,9 @@ class Volume:
     ijk_to_lps: np.ndarray  # 4 x 4
     name: str = "volume"
     _voxel_hash: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)  # (array, hash)
+    # what the reader accepted although it is doubtful (a DICOM series with gaps, when allowed): the CLI prints
+    # them as warnings, and ``--strict`` fails on them
+    warnings: List[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -135,12 +138,19 @@ def from_sitk(image, name: str = "volume") -> Volume:
     return Volume(array=array, ijk_to_lps=matrix, name=name)
 
 
-def read(path: str | os.PathLike) -> Volume:
-    """Read NIfTI, NRRD, MHA (a file) or a DICOM series (a folder) keeping the geometry."""
+def read(path: str | os.PathLike, allow_slice_gaps: bool = False) -> Volume:
+    """Read NIfTI, NRRD, MHA (a file) or a DICOM series (a folder) keeping the geometry.
+
+    Refused with InputError, before any voxel is allocated: a damaged file (``integrity``: a truncated or
+    corrupt stream, fewer voxels than the header declares), an image larger than the memory available, and a
+    DICOM series whose slices are missing or unevenly spaced (read as one evenly spaced volume, its slices
+    would be misplaced). ``allow_slice_gaps`` reads such a series anyway, with a warning in
+    ``Volume.warnings`` (setting ``allow_slice_gaps``).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"Image not found: {path}")
-    check_image_file(path)  # a truncated or corrupt file is refused (ITK would zero-fill some)
+    warnings: List[str] = []
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -148,14 +158,113 @@ def read(path: str | os.PathLike) -> Volume:
             if not series:
                 raise InputError(f"No DICOM series found in folder {path}.")
             files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            gap = series_gap(files)
+            if gap and not allow_slice_gaps:
+                raise InputError(f"The DICOM series in {path} {gap}. Reading it as one evenly spaced volume would "
+                                 "misplace its slices. Export the complete series again, or accept the gaps "
+                                 "explicitly; nothing was segmented.", setting="allow_slice_gaps")
+            if gap:
+                warnings.append(f"The DICOM series in {path} {gap}; it was read as evenly spaced, as asked, so "
+                                "positions between the gaps are off by up to half the gap.")
+            check_memory(path, _declared(files[0], len(files)))
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
+            check_memory(path, _declared(path))
+            check_image_file(path)  # a truncated or corrupt file is refused (ITK would zero-fill some)
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"Cannot read image {path}: {str(exc).strip().splitlines()[-1]}") from exc
     name = path.name.split(".")[0]
-    return from_sitk(image, name=name)
+    volume = from_sitk(image, name=name)
+    volume.warnings = warnings
+    return volume
+
+
+def _declared(path, slices: int = 1) -> Optional[Tuple[Tuple[int, ...], str, int]]:
+    """(size, pixel type, bytes) a header declares (a DICOM file's times ``slices``), read without the voxels;
+    None when SimpleITK cannot read the header (the full read then says why)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    size = tuple(int(s) for s in reader.GetSize())
+    if slices > 1:  # one file of a series: its rows and columns, times the files
+        size = size[:2] + (slices,)
+    try:
+        item = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    except RuntimeError:
+        return None
+    count = _product(size) * reader.GetNumberOfComponents()
+    return size, sitk.GetPixelIDValueAsString(reader.GetPixelID()), count * item
+
+
+def _product(values) -> int:
+    count = 1
+    for v in values:
+        count *= int(v)
+    return count
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (psutil), or None when it cannot be known."""
+    try:
+        import psutil  # a declared dependency; Slicer's Python may lack it until SPD's dependencies are installed
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(path, declared) -> None:
+    """InputError when an image's header declares more voxel bytes than the memory available."""
+    if declared is None:
+        return
+    size, pixel, count = declared
+    available = available_memory()
+    if available is not None and count > available:
+        raise InputError(f"Image {path} declares {' x '.join(map(str, size))} voxels of {pixel} "
+                         f"({format_bytes(count)}), more than the {format_bytes(available)} of memory available "
+                         "on this machine. Crop or downsample it first (or close other programs); nothing was "
+                         "segmented.")
+
+
+def series_gap(files) -> Optional[str]:
+    """Why a DICOM series' slices are not evenly spaced (missing slices, duplicates, uneven spacing), or None.
+
+    Positions are the files' ImagePositionPatient along the slice normal (from ImageOrientationPatient);
+    spacings that differ from the typical one by more than 10 % (and 0.01 mm) are a gap."""
+    if len(files) < 3:
+        return None
+    positions = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(name))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None  # the series read says what is wrong
+        direction = np.asarray(reader.GetDirection(), float).reshape(3, 3)
+        positions.append(float(np.dot(direction[:, 2], reader.GetOrigin())))
+    order = np.argsort(positions)
+    steps = np.diff(np.asarray(positions)[order])
+    typical = float(np.median(steps))
+    if typical <= 1e-6:
+        return "holds several files at one slice position"
+    odd = np.flatnonzero(np.abs(steps - typical) > max(0.01, 0.1 * typical))
+    if not len(odd):
+        return None
+    k = int(odd[np.argmax(np.abs(steps[odd] - typical))])
+    before, after = Path(files[order[k]]).name, Path(files[order[k + 1]]).name
+    step = float(steps[k])
+    if step > typical:
+        missing = int(round(step / typical)) - 1
+        what = f"{missing} slice{'s' if missing != 1 else ''} missing" if missing >= 1 else "uneven spacing"
+    else:
+        what = "a slice closer than the others" if step > 1e-6 else "two files at one position"
+    return (f"has unevenly spaced slices: between {before} and {after} the position steps {step:.2f} mm where "
+            f"the slices are {typical:.2f} mm apart ({what}; {len(odd)} uneven step{'s' if len(odd) > 1 else ''})")
 
 
 def to_sitk(array: np.ndarray, ijk_to_lps: np.ndarray):
@@ -274,22 +383,62 @@ def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_lps: np
         }
         for key, value in fields.items():
             image.SetMetaData(key, value)
-        return _write_image(image, path)
+        return _write_image(image, path, mask)
     return write_image(path, mask, ijk_to_lps)
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, ijk_to_lps: np.ndarray) -> Path:
     """Write a volume (a label map, or e.g. the saliency map) as NIfTI, NRRD or MHA, keeping the geometry.
 
-    The file is written to a temporary name and renamed, so a failure leaves no partial file.
+    The file is written to a temporary name, read back (:func:`verify_image`) and renamed, so a failure leaves
+    no partial file and the file it would replace as it was.
     """
     path = Path(path)
     if output_type_error(path, LABEL_SUFFIXES, "output"):
         raise InputError(f"Unsupported output type {path.name}; use .seg.nrrd, .nii.gz, .nrrd or .mha.")
-    return _write_image(to_sitk(np.asarray(array), ijk_to_lps), path)
+    array = np.asarray(array)
+    return _write_image(to_sitk(array, ijk_to_lps), path, array)
 
 
-def _write_image(image, path: Path) -> Path:
-    with atomic_write(path) as tmp:
-        sitk.WriteImage(image, str(tmp), True)
+def voxel_digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's shape, type and voxels: what a written mask must read back as."""
+    digest = hashlib.sha256(f"{tuple(array.shape)}|{np.dtype(array.dtype).str}|".encode())
+    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
+
+
+def verify_image(path: os.PathLike, shape: Optional[Tuple[int, ...]] = None, digest: Optional[str] = None) -> None:
+    """Read a written image back enough to prove it whole (files.IncompleteOutput otherwise): its streams and
+    voxel bytes (``integrity``), its header's size (``shape``, (k, j, i)) and, given ``digest``
+    (:func:`voxel_digest`), its voxels. SimpleITK's writers do not report a short write; this does."""
+    damage = find_damage(Path(path))
+    if damage:
+        raise IncompleteOutput(damage)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        size = tuple(reversed(reader.GetSize()))
+        if shape is not None and size != tuple(shape):
+            raise IncompleteOutput(f"its header says {size} voxels, {tuple(shape)} were written")
+        if digest is not None:
+            image = reader.Execute()  # held while its array view is read
+            if voxel_digest(sitk.GetArrayViewFromImage(image)) != digest:
+                raise IncompleteOutput("its voxels differ from the mask that was written")
+    except RuntimeError as exc:
+        raise IncompleteOutput(f"it cannot be read ({str(exc).strip().splitlines()[-1][:200]})") from None
+
+
+def _write_image(image, path: Path, array: np.ndarray) -> Path:
+    """Write, read back and rename. Masks and label maps (integer voxels) are compared voxel for voxel by
+    digest; other volumes (saliency maps, float) by header and complete, CRC-checked compressed stream."""
+    digest = voxel_digest(array) if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else None
+    try:
+        with atomic_write(path, verify=lambda tmp: verify_image(tmp, array.shape, digest)) as tmp:
+            sitk.WriteImage(image, str(tmp), True)
+    except RuntimeError as exc:  # ITK's writer: a folder that vanished, a failed open or write
+        raise output_failure(path, f"the image writer failed ({str(exc).strip().splitlines()[-1][:200]})") from exc
     return path
+
+
+register_verifier(SEGMENTATION_SUFFIXES + LABEL_SUFFIXES, verify_image)  # files written without a known array

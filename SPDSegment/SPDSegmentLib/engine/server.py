@@ -7,6 +7,11 @@ console API and the benchmark call it in-process; the Slicer GUIs reach it throu
 thread takes messages off the private pipe (cancel and status are answered at once, and any new
 job supersedes work ahead that is still running), the main thread does one job at a time and sends
 progress, then exactly one reply. Imports only ``core``.
+
+The server survives whatever its parent sends once the parent has proved itself (the token): a line that is not
+JSON, not an object, too long, without an id, of an unknown kind, or with values of the wrong type gets an
+error reply, and the reader thread goes on (so the engine still stops when its stdin closes). Files are read
+only from its private folder (``protocol.from_json`` with ``confine``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..core.errors import Cancelled, CheckpointError, InputError, SPDError
+from ..core.models.registry import check_device
 from ..core.progress import Progress
 from . import protocol
 
@@ -53,12 +59,18 @@ class Engine:
 
         if name is not None and not isinstance(name, (str, os.PathLike)):
             return name  # already loaded (the console API accepts a model object)
+        device = check_device(device)  # before anything loads
         key = (str(name or pipeline.DEFAULT_MODEL), device)
         with self._lock:
             if key not in self._models:
                 ensure_checkpoint(key[0], allow_download, progress)
                 self._models[key] = pipeline.load_model(key[0], device=device)
             return self._models[key]
+
+    def forget(self) -> None:
+        """Drop every cached slice, saliency map and decoded mask (the volumes they came from are gone);
+        the loaded models stay."""
+        self.cache.clear()
 
     def loaded(self):
         return [{"model": name, "device": device, "runtime": _backbone(model).runtime_name}
@@ -130,12 +142,17 @@ class Engine:
 
     def _batch(self, request: protocol.Batch, progress: Progress):
         model = self.model(request.model, request.device, False, progress)
-        return run_batch(request.cases, request.output_folder, model, request.options, progress)
+        return run_batch(request.cases, request.output_folder, model, request.options, progress, request.axis)
 
     def status(self) -> dict:
+        from ..core.models.download import cache_dir
+
         cache = self.cache
+        settings = {k: v for k, v in os.environ.items()
+                    if k.startswith("SPDSEGMENT_") and k not in (protocol.TOKEN_ENV, protocol.SHARE_ENV)}
         return {"pid": os.getpid(), "models": self.loaded(), "cache_items": len(cache),
-                "cache_mb": round(getattr(cache, "_bytes", 0) / 2 ** 20, 1), "device": device_info()}
+                "cache_mb": round(getattr(cache, "_bytes", 0) / 2 ** 20, 1), "device": device_info(),
+                "cache_folder": str(cache_dir()), "settings": settings}
 
 
 def _backbone(model):
@@ -166,6 +183,8 @@ def ensure_checkpoint(name: str, allow_download: bool, progress: Optional[Progre
     entry = registry.catalogue().get(backbone)
     if entry is None or entry["source"] != "url" or registry.is_available(backbone):
         return
+    if not registry.downloadable(backbone):
+        raise CheckpointError(registry.manual_download_message(backbone), setting="model")
     if not allow_download:
         size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
         raise CheckpointError(f"The {backbone} checkpoint{size} is not on this machine. Download it first: SPD "
@@ -189,44 +208,23 @@ def device_info() -> str:
         return (f"CUDA: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free "
                 f"(PyTorch {torch.__version__})")
     try:
-        import openvino
+        from ..core.models.openvino_runtime import openvino_module
 
-        engine = f"OpenVINO {openvino.__version__.split('-')[0]}"
+        engine = f"OpenVINO {openvino_module().__version__.split('-')[0]}"
     except ImportError:
         engine = "no OpenVINO: 'Install dependencies' adds it, 2-3x faster on a CPU"
     return f"CPU (PyTorch {torch.__version__}; {engine}); a CUDA GPU makes runs several times faster."
 
 
-def run_batch(cases, output_folder, model, options=None, progress: Optional[Progress] = None):
-    """Segment each (name, image, points) case into ``OUT/NAME_spd.seg.nrrd``; one row per case.
-    Failures are reported in the rows, not raised; cancelling stops before the next case."""
-    from ..core import pipeline, prompts, volume as vol
+def run_batch(cases, output_folder, model, options=None, progress: Optional[Progress] = None, axis=None):
+    """The ``Batch`` request: ``core.batch.run`` with this engine's loaded model and a cache of its own (the
+    effect's stays as it is). ``cases``: ``batch.Case`` objects or (name, image, points) tuples, written to
+    ``OUT/NAME_spd.seg.nrrd``; one row per case (``batch.RESULT_COLUMNS``), failures in the rows, not raised;
+    cases already done are skipped; ``OUT/results.csv`` holds the rows. Cancelling stops before the next case."""
+    from ..core import batch
 
-    progress = progress or Progress()
-    if not output_folder:
-        raise InputError("Choose an output folder for the batch.")
-    out_dir = Path(output_folder)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, (name, image_path, points_path) in enumerate(cases):
-        progress.step("batch", index, len(cases))
-        t0 = time.perf_counter()
-        try:
-            image = vol.read(image_path)
-            voxel_prompts = prompts.to_voxels(prompts.read(points_path), image,
-                                              preferred_axes=pipeline.trained_axes(model, image))
-            result = pipeline.segment(image, voxel_prompts, model, options, progress=progress)
-            path = vol.write_segmentation(out_dir / f"{name}_spd.seg.nrrd", result.mask, image.ijk_to_lps,
-                                          segment_name=name)
-            rows.append({"case": name, "output": str(path), "voxels": int(result.mask.sum()), "error": "",
-                         "seconds": round(time.perf_counter() - t0, 2)})
-        except Cancelled:
-            raise
-        except (SPDError, OSError, MemoryError) as exc:
-            rows.append({"case": name, "output": "", "voxels": 0, "error": str(exc),
-                         "seconds": round(time.perf_counter() - t0, 2)})
-    progress.step("batch", len(cases), len(cases))
-    return rows
+    worker = batch.Worker(model, batch.Settings(options=options, axis=axis))
+    return batch.run(worker, batch.cases_from_tuples(cases, output_folder), output_folder, progress=progress)
 
 
 # ---------------------------------------------------------------- the process
@@ -253,7 +251,7 @@ class Server:
         self._current: Optional[_Job] = None
         self._wake = threading.Condition()
         self._stopping = False
-        self._volumes = protocol.VolumeRack()
+        self._volumes = protocol.VolumeRack(confine=share_folder)
 
     def send(self, message: dict) -> None:
         data = protocol.dumps(message)
@@ -271,18 +269,39 @@ class Server:
             data = stream.read(1 << 16)
             if not data:
                 break
-            try:
-                messages = buffer.feed(data)
-            except ValueError:
-                log.error("a message that is not SPD protocol: the pipe is not ours; stopping")
-                os._exit(3)
-            for message in messages:
-                self.receive(message)
+            for line in buffer.lines(data):
+                self.take(line)
         log.info("the parent closed the pipe; stopping")
         self.stop()
         deadline = threading.Timer(15.0, os._exit, args=(0,))  # a job stuck in native code must not outlive Slicer
         deadline.daemon = True  # a normal stop does not wait for it
         deadline.start()
+
+    def take(self, line: Optional[bytes]) -> None:
+        """One line off the pipe (None: a line that was too long). Before the hello, anything unexpected means
+        the pipe is not the parent's: the engine exits. After it, a bad message gets an error reply and the
+        reader goes on."""
+        try:
+            message = protocol.loads(line) if line is not None else None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, not an object with a type, nested too deep
+            message = None
+        if not self._authorised and message is None:
+            log.error("a message that is not SPD protocol: the pipe is not ours; stopping")
+            os._exit(3)
+        if message is None:
+            why = (f"longer than {protocol.MAX_LINE_BYTES} bytes" if line is None else
+                   "not a JSON object with a type")
+            self.refuse(None, f"The engine received a message {why}; it was ignored.")
+            return
+        try:
+            self.receive(message)
+        except Exception:  # noqa: BLE001 - the reader thread must survive any message
+            log.error("message %.200r failed:\n%s", message, traceback.format_exc())
+            self.refuse(_request_id(message), "The engine could not handle this message (details in its log).",
+                        "EngineError")
+
+    def refuse(self, request_id, text: str, error: str = "InputError") -> None:
+        self.send({"type": "error", "id": request_id, "error": error, "message": text})
 
     def receive(self, message: dict) -> None:
         kind = message.get("type")
@@ -294,17 +313,22 @@ class Server:
             log.error("refused: the first message did not carry this engine's token (only the process that "
                       "started the engine may use it)")
             os._exit(3)
-        if kind == "cancel":
-            self._cancel(message.get("id"))
+        request_id = _request_id(message)
+        if kind in ("request", "cancel") and request_id is None:
+            self.refuse(None, f"A {kind} message needs an id (a number or a string); it was ignored.")
+        elif kind == "cancel":
+            self._cancel(request_id)
         elif kind == "shutdown":
             self.stop()
+        elif kind == "forget":
+            self._forget()
         elif kind == "request" and message.get("kind") == "status":
-            self.send({"type": "result", "id": message.get("id"), "body": self._status()})
-        elif kind == "request" and message.get("kind") in protocol.REQUESTS:
-            self._enqueue(_Job(message["id"], message["kind"], message.get("body"), Progress()))
+            self.send({"type": "result", "id": request_id, "body": self._status()})
+        elif kind == "request" and isinstance(message.get("kind"), str) and message["kind"] in protocol.REQUESTS:
+            self._enqueue(_Job(request_id, message["kind"], message.get("body"), Progress()))
         else:
-            self.send({"type": "error", "id": message.get("id"), "error": "InputError",
-                       "message": f"The engine does not understand {kind!r} / {message.get('kind')!r}."})
+            self.refuse(request_id, f"The engine does not understand {str(kind)[:80]!r} / "
+                                    f"{str(message.get('kind'))[:80]!r}.")
 
     def _status(self) -> dict:
         status = self.engine.status()
@@ -335,6 +359,17 @@ class Server:
                     self._jobs.remove(job)
                     self.send({"type": "cancelled", "id": job_id})
 
+    def _forget(self) -> None:
+        """The parent's scene was closed: stop its work, then (between jobs) drop its volumes and cache."""
+        with self._wake:
+            if self._current is not None:
+                self._current.progress.cancel()
+            for job in list(self._jobs):
+                self.send({"type": "cancelled", "id": job.id})
+            self._jobs.clear()
+            self._jobs.append(_Job(None, "forget", None, Progress()))
+            self._wake.notify()
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -358,12 +393,17 @@ class Server:
                     self._current = None
 
     def _run(self, job: _Job) -> None:
+        if job.kind == "forget":  # no reply: the parent has dropped its side already
+            self._volumes.clear()
+            self.engine.forget()
+            log.info("the parent's scene was closed: volumes and cached slices dropped")
+            return
         started = time.perf_counter()
         if job.kind != "encode_ahead":  # work ahead is quiet
             job.progress.callback = lambda stage, done, total: self.send(
                 {"type": "progress", "id": job.id, "stage": stage, "done": int(done), "total": int(total)})
         try:
-            request = protocol.from_json(job.body, open_volume=self._volumes.open)
+            request = self._request(job)
             value = self.engine.handle(request, job.progress)
             reply = {"type": "result", "id": job.id, "body": protocol.to_json(value, folder=self._share)}
         except Cancelled:
@@ -376,6 +416,27 @@ class Server:
                      "message": f"{type(exc).__name__}: {exc} (details in the engine log)"}
         log.info("request %s (%s): %s in %.3f s", job.id, job.kind, reply["type"], time.perf_counter() - started)
         self.send(reply)
+
+    def _request(self, job: _Job):
+        """The job's request, rebuilt from its body (files only from the private folder) and type-checked."""
+        try:
+            request = protocol.from_json(job.body, open_volume=self._volumes.open, confine=self._share)
+        except InputError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+            raise InputError(f"The engine received a malformed {job.kind} request ({str(exc)[:200]}); nothing was "
+                             "done.") from None
+        expected = protocol.REQUESTS[job.kind]
+        if type(request) is not expected:
+            raise InputError(f"The body of a {job.kind} request is not a {expected.__name__}; nothing was done.")
+        protocol.check_request(request)
+        return request
+
+
+def _request_id(message: dict):
+    """A message's request id when it is a number or a string, else None."""
+    value = message.get("id")
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
 def main() -> int:

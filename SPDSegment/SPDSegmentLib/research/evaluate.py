@@ -21,6 +21,7 @@ from scipy.stats import wilcoxon
 
 from ..core import spd_model
 from ..core.errors import InputError
+from ..core.files import OutputSet
 from ..core.models.registry import load_backbone, resolve_device
 from ..core.pipeline import SegmentOptions, load_model, segment
 from ..core.volume import get_slice
@@ -235,6 +236,9 @@ def _main_axis(entries: List[dict]) -> int:
     return max(levels, key=lambda a: len(levels[a]))
 
 
+REPORTS = ("per_case.csv", "summary.csv", "results.md", "dice_vs_noise.png", "meta.json")  # what write_reports writes
+
+
 def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: dict) -> None:
     """per_case.csv, summary.csv, results.md (tables per dataset: main view by level, ladder, levers,
     views) and dice_vs_noise.png."""
@@ -243,9 +247,13 @@ def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with OutputSet() as outputs:  # every report appears, or none (files.OutputSet: written, read back, renamed)
+        _write_reports(rows, summary, out_dir, meta, {name: outputs.add(out_dir / name) for name in REPORTS}, plt)
+
+
+def _write_reports(rows, summary, out_dir: Path, meta: dict, paths: dict, plt) -> None:
     for name, table in (("per_case.csv", rows), ("summary.csv", summary)):
-        with open(out_dir / name, "w", newline="") as handle:
+        with open(paths[name], "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
@@ -264,7 +272,7 @@ def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: di
                         f"### {dataset}: levers (moderate, main view; p against SPD as shipped)")
         lines += _table([s for s in mine if s["level"] == "moderate" and s["method"] in ("spd", "sam_box")],
                         f"### {dataset}: every view (moderate)")
-    (out_dir / "results.md").write_text("\n".join(lines))
+    paths["results.md"].write_text("\n".join(lines))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         main_axis = _main_axis([s for s in summary if s["dataset"] == dataset])
@@ -281,9 +289,9 @@ def write_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: di
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out_dir / "dice_vs_noise.png", dpi=100)
+    fig.savefig(paths["dice_vs_noise.png"], dpi=100)
     plt.close(fig)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    paths["meta.json"].write_text(json.dumps(meta, indent=1))
 
 
 def read_rows(paths: List[Path]) -> List[dict]:
@@ -440,6 +448,10 @@ def summarise_corrections(rows: List[dict]) -> List[dict]:
     return summary
 
 
+CORRECTION_REPORTS = ("corrections_per_step.csv", "corrections_summary.csv", "corrections.md", "dice_vs_clicks.png",
+                      "corrections_meta.json")  # what write_correction_reports writes
+
+
 def write_correction_reports(rows: List[dict], summary: List[dict], out_dir: Path, meta: dict) -> None:
     """corrections_per_step.csv, corrections_summary.csv, corrections.md (one table per dataset) and
     dice_vs_clicks.png (mean Dice against the number of corrections, per dataset, method and start)."""
@@ -448,9 +460,14 @@ def write_correction_reports(rows: List[dict], summary: List[dict], out_dir: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with OutputSet() as outputs:  # every report appears, or none
+        _write_correction_reports(rows, summary, meta,
+                                  {name: outputs.add(out_dir / name) for name in CORRECTION_REPORTS}, plt)
+
+
+def _write_correction_reports(rows, summary, meta: dict, paths: dict, plt) -> None:
     for name, table in (("corrections_per_step.csv", rows), ("corrections_summary.csv", summary)):
-        with open(out_dir / name, "w", newline="") as handle:
+        with open(paths[name], "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
@@ -472,7 +489,7 @@ def write_correction_reports(rows: List[dict], summary: List[dict], out_dir: Pat
                          f"{s['hd95_start']:.1f} | {s['hd95_end']:.1f} | {s['mean_falls']} | {s['cases_falling']} | "
                          f"{s['seconds_per_click']:.2f} |")
         lines.append("")
-    (out_dir / "corrections.md").write_text("\n".join(lines))
+    paths["corrections.md"].write_text("\n".join(lines))
     levels = list(dict.fromkeys(s["level"] for s in summary))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     styles = {"spd": "-", "sam_box": ":", "oracle_5mm": "--", "oracle_10mm": "-."}
@@ -490,9 +507,9 @@ def write_correction_reports(rows: List[dict], summary: List[dict], out_dir: Pat
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()
-    fig.savefig(out_dir / "dice_vs_clicks.png", dpi=100)
+    fig.savefig(paths["dice_vs_clicks.png"], dpi=100)
     plt.close(fig)
-    (out_dir / "corrections_meta.json").write_text(json.dumps(meta, indent=1))
+    paths["corrections_meta.json"].write_text(json.dumps(meta, indent=1))
 
 
 def run_correction_benchmark(args) -> None:

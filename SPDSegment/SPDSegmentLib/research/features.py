@@ -5,20 +5,23 @@ about 0.3 s a slice on a 2-core CPU. One case and slicing axis is one entry:
 ``ROOT/DATASET/CASE/axis{a}.q.npy`` (int8, (n, C, E, E)), ``axis{a}.scale.npy`` (float16, (n, C):
 per slice and channel, value = q * scale) and ``axis{a}.json`` (the slices, the intensity range,
 the backbone identity and the embedding-cache key). The JSON is written last, so a half-written
-entry is never read. int8 with a per-channel scale halves fp16's size; its error is measured in
-docs/benchmarks.md against the encoder's own bf16 error.
+entry is never read; an entry damaged later (a file cut short, arrays that do not fit its slices) counts
+as missing, with a warning, and is encoded again. int8 with a per-channel scale halves fp16's size; its
+error is measured in docs/benchmarks.md against the encoder's own bf16 error.
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import warnings
 from collections.abc import Mapping
-from typing import Dict, Iterator, List
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
+from ..core.errors import InputError, SPDWarning
 from ..core.files import atomic_write
 from ..core.volume import apply_range, fingerprint_key, get_slice, intensity_range
 from .data import training_slices
@@ -42,11 +45,16 @@ class FeatureEntry:
     """One case along one axis: ``embedding(t)`` for each stored slice t."""
 
     def __init__(self, folder: Path, axis: int):
-        self.meta = json.loads((folder / f"axis{axis}.json").read_text())
-        self.slices: List[int] = list(self.meta["slices"])
+        """Open an entry; ValueError (or OSError) if a file is cut short or the parts do not fit together."""
+        self.meta = json.loads((folder / f"axis{axis}.json").read_text(encoding="utf-8"))
+        self.slices: List[int] = [int(t) for t in self.meta["slices"]]
         self.index = {t: i for i, t in enumerate(self.slices)}
-        self.q = np.load(folder / f"axis{axis}.q.npy", mmap_mode="r")
-        self.scale = np.load(folder / f"axis{axis}.scale.npy")
+        self.q = np.load(folder / f"axis{axis}.q.npy", mmap_mode="r", allow_pickle=False)  # a cut file: ValueError
+        self.scale = np.load(folder / f"axis{axis}.scale.npy", allow_pickle=False)
+        if (self.q.ndim != 4 or self.q.dtype != np.int8 or self.q.shape[0] != len(self.slices)
+                or self.scale.shape != self.q.shape[:2] or not np.isfinite(self.scale).all()):
+            raise ValueError(f"its arrays {self.q.shape} and {self.scale.shape} do not fit its {len(self.slices)} "
+                             "slices")
         self.fresh = False  # set by encode_case when it has just encoded this entry
 
     def embedding(self, t: int) -> np.ndarray:
@@ -88,20 +96,33 @@ class FeatureStore:
     def folder(self, dataset: str, case: str) -> Path:
         return self.root / dataset / case
 
+    def read(self, dataset: str, case: str, axis: int) -> Optional[FeatureEntry]:
+        """The entry, or None when it is missing or damaged (then with a warning: it is encoded again)."""
+        folder = self.folder(dataset, case)
+        if not (folder / f"axis{axis}.json").exists():
+            return None
+        try:
+            return FeatureEntry(folder, axis)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a cut .npy, JSON that is not an entry, ...
+            warnings.warn(SPDWarning(f"The feature store's entry {folder / f'axis{axis}'} is damaged ({exc}); it is "
+                                     "treated as missing and encoded again."), stacklevel=2)
+            return None
+
     def has(self, dataset: str, case: str, axis: int) -> bool:
-        return (self.folder(dataset, case) / f"axis{axis}.json").exists()
+        """Whether the store holds a complete, readable entry for this case and axis."""
+        return self.read(dataset, case, axis) is not None
 
     def entry(self, dataset: str, case: str, axis: int) -> FeatureEntry:
-        return FeatureEntry(self.folder(dataset, case), axis)
+        entry = self.read(dataset, case, axis)
+        if entry is None:
+            raise InputError(f"The feature store {self.root} holds no usable entry for {dataset} {case} along axis "
+                             f"{axis}; encode it again (scripts/encode_features.py).")
+        return entry
 
     def has_valid(self, dataset: str, case: str, volume, axis: int, identity: str, intensity) -> bool:
-        """Whether the store holds this case and axis, made from these voxels, backbone and intensity range."""
-        from ..core.volume import fingerprint_key
-
-        if not self.has(dataset, case, axis):
-            return False
-        meta = json.loads((self.folder(dataset, case) / f"axis{axis}.json").read_text())
-        return meta.get("key") == fingerprint_key(volume, axis, identity, intensity)
+        """Whether the store holds this case and axis, complete, made from these voxels, backbone and intensity."""
+        entry = self.read(dataset, case, axis)
+        return entry is not None and entry.meta.get("key") == fingerprint_key(volume, axis, identity, intensity)
 
     def write(self, dataset: str, case: str, axis: int, slices: List[int], embeddings: np.ndarray,
               meta: Dict) -> None:
@@ -120,11 +141,9 @@ def encode_case(store: FeatureStore, dataset: str, name: str, volume, label: np.
     from other voxels, another backbone or another intensity range (its cache key differs)."""
     intensity = intensity_range(volume.array, modality)
     key = fingerprint_key(volume, axis, backbone.identity, intensity)
-    if store.has(dataset, name, axis):
-        entry = store.entry(dataset, name, axis)
-        if entry.meta.get("key") == key:
-            entry.fresh = False
-            return entry
+    entry = store.read(dataset, name, axis)
+    if entry is not None and entry.meta.get("key") == key:
+        return entry
     slices = training_slices(label, axis, margin)
     out = []
     with torch.inference_mode():

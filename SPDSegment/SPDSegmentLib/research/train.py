@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from ..core import distill, pipeline, spd_model
 from ..core.errors import InputError
+from ..core.models.registry import check_device
+from ..core.files import atomic_write, check_folder_writable, check_not_inputs, check_space, check_writable
 from ..core.progress import Progress
 from ..core.prompts import axis_name
 from ..core.saliency import add_lora, build_head, head_input
@@ -46,7 +48,7 @@ from ..core.volume import apply_range, get_slice, intensity_range
 from .data import find_cases, load_split, training_slices
 from .features import MARGIN, FeatureStore, encode_case
 from .losses import dice_focal_loss, spd_stage2_loss
-from .simulate import simulate
+from .simulate import LEVELS, simulate
 
 
 @dataclass
@@ -135,9 +137,9 @@ def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def default_store_root() -> Path:
-    from ..core.models.download import cache_dir
+    from ..core.cache import cache_folder
 
-    return cache_dir() / "features"
+    return cache_folder("features")  # a temporary stand-in, with a warning, when the user cache is unusable
 
 
 def training_cases(config: TrainConfig):
@@ -313,6 +315,7 @@ def train_stage1(config: TrainConfig, backbone, head, items: List[TrainingCase],
         logits = _upsample(head_batch(head, items, batch, backbone, config.mode), backbone.input_size)
         target = torch.stack([items[i].targets[t] for i, t in batch]).to(device)[:, None].float()
         loss = dice_focal_loss(logits, target)
+        check_loss(loss, "stage 1", step, total, "stage1_lr", config)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -347,14 +350,15 @@ class LazySaliency(Mapping):
     def __init__(self, model, item: TrainingCase, neighbours: int):
         self.model, self.item, self.neighbours = model, item, neighbours
         self.slices = set(item.slices)
+        self.first, self.last = min(item.slices), max(item.slices)
         self.maps: Dict[int, np.ndarray] = {}
 
     def __getitem__(self, t: int) -> np.ndarray:
         if t not in self.maps:
             if t not in self.slices:
                 raise KeyError(t)
-            batch = [s for s in range(t - self.neighbours, t + self.neighbours + 1)
-                     if s in self.slices and s not in self.maps]
+            reach = range(max(t - self.neighbours, self.first), min(t + self.neighbours, self.last) + 1)
+            batch = [s for s in reach if s in self.slices and s not in self.maps]
             self.maps.update(pipeline.saliency_maps(self.model, self.item.embeddings, batch, self.item.shape_hw,
                                                     pixels=self.item.pixels or None, dense=self.item.dense))
         return self.maps[t]
@@ -462,6 +466,7 @@ def train_stage2(config: TrainConfig, backbone, items: List[TrainingCase], progr
                            backbone.input_size)
         target = torch.stack(targets).to(device)[:, None].float()
         loss, _ = spd_stage2_loss(logits[0::2], logits[1::2], target[0::2], target[1::2], config.psc_weight)
+        check_loss(loss, "stage 2", step, config.stage2_steps, "stage2_lr", config)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -510,38 +515,97 @@ def _make_head(config: TrainConfig, backbone):
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuse settings that cannot train, before anything is loaded or encoded."""
-    if config.mode not in ("frozen", "lora"):
-        raise InputError(f"Unknown training mode {config.mode!r}: use frozen (CPU) or lora (GPU).")
-    if config.decoder_prompt not in pipeline.DECODER_PROMPTS:
-        raise InputError(f"Unknown decoder prompt {config.decoder_prompt!r}: use {' or '.join(pipeline.DECODER_PROMPTS)}.")
-    if config.components not in pipeline.COMPONENTS:
-        raise InputError(f"Unknown components setting {config.components!r}: use {' or '.join(pipeline.COMPONENTS)}.")
-    if not 0.0 <= config.fusion <= 1.0:
-        raise InputError(f"fusion is the weight of the saliency map, from 0 to 1, not {config.fusion}.")
-    if config.prompt_mode not in ("spd", "raw"):
-        raise InputError(f"Unknown prompt mode {config.prompt_mode!r}: use spd or raw.")
-    if config.head not in ("context", "conv2"):
-        raise InputError(f"Unknown saliency head {config.head!r}: use context or conv2.")
-    if not config.axes or any(a not in (0, 1, 2) for a in config.axes):
-        raise InputError(f"Training axes must be array axes 0, 1, 2; got {list(config.axes)}.")
-    if not 0.0 < config.tau < 1.0:
-        raise InputError(f"tau must be between 0 and 1 (exclusive), not {config.tau}.")
-    if config.neighbours < 0:
-        raise InputError(f"neighbours must be 0 or more, not {config.neighbours}.")
-    for name in ("stage1_batch", "batch_size", "head_hidden"):
-        if getattr(config, name) < 1:
-            raise InputError(f"{name} must be at least 1, not {getattr(config, name)}.")
-    for name in ("stage1_epochs", "stage2_steps", "stage1_max_steps", "prompt_seeds", "head_blocks", "head_context",
-                 "head_upsample"):
-        if getattr(config, name) < 0:
-            raise InputError(f"{name} must be 0 or more, not {getattr(config, name)}.")
+    """Refuse settings that cannot train, before anything is loaded or encoded; InputError naming the setting
+    (a TrainConfig field, which the command line shows as its option)."""
+    def refuse(setting: str, message: str):
+        raise InputError(message, setting=setting)
+
+    choices = {"mode": ("frozen", "lora"), "decoder_prompt": pipeline.DECODER_PROMPTS,
+               "components": pipeline.COMPONENTS, "prompt_mode": ("spd", "raw"), "head": ("context", "conv2"),
+               "modality": pipeline.MODALITIES}
+    for setting, allowed in choices.items():
+        if getattr(config, setting) not in allowed:
+            refuse(setting, f"Unknown {setting.replace('_', ' ')} {getattr(config, setting)!r}: use "
+                            f"{' or '.join(allowed)}{' (CPU) or lora (GPU)' if setting == 'mode' else ''}.")
+    try:  # the inference settings recorded in the model: one validation with the command line, console and engine
+        pipeline.SegmentOptions(tau=config.tau, neighbours=config.neighbours, fusion=config.fusion).validate()
+    except InputError as exc:
+        refuse(exc.setting, str(exc))
+    if not config.axes or any(a not in (0, 1, 2) or isinstance(a, bool) for a in config.axes):
+        refuse("axes", f"Training axes must be array axes 0, 1, 2; got {list(config.axes)}.")
+    unknown = [level for level in config.noise_levels if level not in LEVELS]
+    if unknown:
+        refuse("noise_levels", f"Unknown noise levels {unknown}: use {', '.join(LEVELS)}.")
+    for setting, low, strict in (("stage1_lr", 0.0, True), ("stage2_lr", 0.0, True), ("stage1_epochs", 0.0, False),
+                                 ("psc_weight", 0.0, False), ("box_margin_mm", 0.0, False)):
+        value = getattr(config, setting)
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not finite or value < low or (strict and value == low):
+            refuse(setting, f"{setting} is {value!r}; it must be a finite number {'>' if strict else '>='} {low:g}.")
+    for setting, low in (("stage1_batch", 1), ("batch_size", 1), ("stage2_steps", 0), ("stage1_max_steps", 0),
+                         ("prompt_seeds", 0), ("seed", 0)):
+        value = getattr(config, setting)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            refuse(setting, f"{setting} is {value!r}; it must be a whole number >= {low}.")
+    for setting in ("head_hidden", "head_blocks", "head_context", "head_upsample", "lora_rank"):
+        why = spd_model.whole_number_problem(setting, getattr(config, setting))
+        if why:
+            refuse(setting, f"{setting} is {getattr(config, setting)!r}; it must be {why}.")
+    check_device(config.device)
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or infinite: nothing is saved."""
+
+
+def check_loss(loss: torch.Tensor, stage: str, step: int, total: int, rate: str, config: TrainConfig) -> None:
+    """Stop a diverging run (a NaN or infinite loss) at once, saying what to change; nothing is saved."""
+    if bool(torch.isfinite(loss)):
+        return
+    extra = " or the PSC weight (psc_weight)" if stage == "stage 2" and config.psc_weight else ""
+    raise TrainingDiverged(
+        f"Training diverged in {stage} at step {step + 1} of {total}: the loss became {float(loss.detach())}. Lower the "
+        f"{stage} learning rate ({rate}, now {getattr(config, rate):g}){extra} and train again; nothing was saved.",
+        setting=rate)
+
+
+def work_folder(config: TrainConfig) -> Path:
+    return Path(config.work_dir or (str(config.out) + ".work"))
+
+
+def check_outputs(config: TrainConfig, cases) -> None:
+    """Before anything loads or is encoded: the model file can be written (a .spd.safetensors name, a writable
+    folder), neither it nor the work folder's checkpoint is one of the training files (by name or link), and a
+    feature-store folder given explicitly can be written."""
+    out = Path(config.out)
+    if not spd_model.is_spd_file(out):
+        raise InputError(f"The model file {out} must end with {spd_model.SUFFIX}; nothing was trained.", setting="out")
+    check_writable(out, what="model file")
+    work = work_folder(config)
+    check_folder_writable(work, what="work folder")
+    if config.cache_dir:
+        check_folder_writable(config.cache_dir, what="feature-store folder")
+    check_not_inputs({"model file": out, "work folder's checkpoint": work / "stage1.pt"},
+                     [path for case in cases for path in (case.image, case.label)])
+
+
+def check_space_for(config: TrainConfig, scanned: "Scan", backbone, head) -> None:
+    """Refuse before encoding when the disks clearly lack room for the store's growth, the stage-1 checkpoint
+    and the model file (its weights: the head in fp32 and the tuned decoder in fp16)."""
+    e = backbone.prompt_encoder.image_embedding_size[0]
+    head_bytes = 4 * sum(p.numel() for p in head.parameters())
+    model_bytes = head_bytes + 2 * sum(p.numel() for p in backbone.mask_decoder.parameters())
+    needs = {Path(config.out).parent: model_bytes, work_folder(config): head_bytes}
+    store = scanned.store.root
+    needs[store] = needs.get(store, 0) + scanned.to_encode * (backbone.embed_dim * e * e + 4 * backbone.embed_dim)
+    check_space(needs, what="the feature store, the stage-1 checkpoint and the model file")
 
 
 def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -> Path:
     """Both stages; writes the SPD model file to ``config.out`` and returns its path."""
     progress = progress or Progress()
     check_config(config)
+    check_outputs(config, training_cases(config))
     distributed = _init_distributed()
     seed_everything(config.seed)
     started = time.perf_counter()
@@ -558,6 +622,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         add_lora(backbone.image_encoder, config.lora_rank)
         backbone.to(device)
     scanned = scan(config, backbone, progress)
+    check_space_for(config, scanned, backbone, head)
     expected = estimate(config, backbone, head, scanned)
     parts = [f"{name} ~{value / 60:.1f} min" for name, value in expected.items() if name != "store_gb"]
     log(f"Training on {len(scanned.cases)} cases x {len(config.axes)} axes ({scanned.slices} slices). Expected on this "
@@ -568,7 +633,7 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
     embeddings_identity = backbone.identity
     backbone.set_runtime("torch", "fp32")  # gradients from here on
     case_names = sorted({item.name for item in items})
-    work = Path(config.work_dir or (str(config.out) + ".work"))
+    work = work_folder(config)
     stage1_file = work / "stage1.pt"
     digest = stage1_digest(config, case_names)
     state = None
@@ -593,8 +658,6 @@ def train(config: TrainConfig, progress: Optional[Progress] = None, log=print) -
         stage1_loss = train_stage1(config, backbone, head, items, progress, device)
         lora = {k: v for k, v in backbone.image_encoder.state_dict().items() if ".lora_" in k}
         if _rank_world(distributed)[0] == 0:
-            from ..core.files import atomic_write
-
             with atomic_write(stage1_file) as tmp:  # a crash leaves no half file
                 torch.save({"head": head.state_dict(), "lora": lora, "loss": stage1_loss, "digest": digest,
                             "seconds": time.perf_counter() - started}, tmp)

@@ -18,7 +18,9 @@ Nothing is written unless the run succeeded.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import os
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,30 +73,55 @@ def node_to_world(node) -> np.ndarray:
 
 # ---------------------------------------------------------------- reading nodes
 
+_VOXELS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()  # (node, image and scalars MTime) -> read-only view
+KEEP_VOXELS = 2  # views kept (each keeps its node's voxel buffer alive until it goes, or the scene closes)
+
+
 def volume_from_node(volume_node, name: Optional[str] = None) -> Volume:
-    """A read-only copy of a scalar volume node's voxels with its world geometry (parent transform applied)."""
+    """A scalar volume node's voxels with its world geometry (parent transform applied), without a copy.
+
+    The array is a read-only view of the node's voxel buffer: on the main thread nothing here reads or
+    copies the voxels (a 512 x 512 x 600 CT is 300 MB), and whether they are finite is checked where
+    they are used (the engine, :func:`run_spd_on_nodes`). The same node with unchanged voxels gives the
+    same array object, so the engine client writes its voxels for the engine once; a change to the
+    voxels (their modification time) gives a new one.
+    """
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         kind = volume_node.GetClassName() if volume_node is not None else "nothing"
         raise InputError(f"SPD needs a scalar volume, got {kind}. Select a scalar (grey-level) volume.")
     image = volume_node.GetImageData()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+    scalars = image.GetPointData().GetScalars() if image is not None and image.GetPointData() is not None else None
+    if scalars is None:
         raise InputError(f"Volume {volume_node.GetName()!r} has no voxel data; load the image again.")
     components = image.GetNumberOfScalarComponents()
     if components != 1:
         raise InputError(f"Volume {volume_node.GetName()!r} has {components} components per voxel; SPD needs a "
                          "scalar volume (convert it, e.g. with the Vector to Scalar Volume module).")
-    from vtk.util import numpy_support
-
     dims = image.GetDimensions()
-    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
-    array = validate_array(array, what=f"volume {volume_node.GetName()!r}")
-    array.flags.writeable = False  # a private snapshot: its content hash is computed once (Volume.fingerprint)
+    if min(dims) < 1:
+        raise InputError(f"Volume {volume_node.GetName()!r} is empty: {dims[0]} x {dims[1]} x {dims[2]} voxels.")
+    key = (volume_node.GetID() or volume_node.GetAddressAsString("vtkObject"), image.GetAddressAsString("vtkObject"),
+           image.GetMTime(), scalars.GetMTime(), tuple(dims))
+    array = _VOXELS.pop(key, None)
+    if array is None:
+        from vtk.util import numpy_support
+
+        array = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])  # a view: (k, j, i)
+        array.flags.writeable = False  # read-only for SPD; its content hash is computed once (Volume.fingerprint)
+    _VOXELS[key] = array
+    while len(_VOXELS) > KEEP_VOXELS:
+        _VOXELS.popitem(last=False)
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = node_to_world(volume_node) @ _array_from_vtk_matrix(matrix)
     return Volume(array=array, ijk_to_lps=LPS_TO_RAS @ ijk_to_ras, name=name or volume_node.GetName())
+
+
+def forget_volumes() -> None:
+    """Release the voxel views held for volume nodes (the scene was closed)."""
+    _VOXELS.clear()
 
 
 def points_from_markups(markups_node):
@@ -182,29 +209,54 @@ def segment_array(segmentation_node, segment_id: str, geometry) -> np.ndarray:
 
 # ---------------------------------------------------------------- segment editor logic
 
-_LOGICS_BY_ID: Dict[str, Any] = {}
+# Where a write may go and which other segments it may take voxels from, named as in the Segment Editor's
+# Masking section ("Editable area", "Modify other segments"). The module and the console API default to
+# leaving other segments as they are and writing everywhere; the effect uses the Segment Editor's own settings.
+OVERWRITE_CHOICES = ("allow overlap", "overwrite visible", "overwrite all")
+EDITABLE_AREAS = ("everywhere", "inside all segments", "inside visible segments", "outside all segments",
+                  "outside visible segments", "inside one segment")
+DEFAULT_OVERWRITE, DEFAULT_EDITABLE_AREA = OVERWRITE_CHOICES[0], EDITABLE_AREAS[0]
+
+_LOGICS_BY_ID: Dict[str, Any] = {}  # editor node (C++ address) -> (its editor logic, its scene's address)
+_STAMPS_AFTER_WRITE: Dict[str, list] = {}  # segmentation node -> content stamps after SPD's writes (own history)
 
 
 def editor_logic_for(editor_node):
-    """The ``vtkSlicerSegmentEditorLogic`` bound to ``editor_node`` (one per node, so undo history persists)."""
+    """The ``vtkSlicerSegmentEditorLogic`` bound to ``editor_node`` (one per node, so undo history persists
+    until the scene closes, when :func:`release_editor_logics` lets it go)."""
     import slicer
 
     if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
         raise InputError("Writing segments from the SPD module needs Slicer {}.{} or later "
                          "(vtkSlicerSegmentEditorLogic).".format(*MINIMUM_SLICER))
     key = editor_node.GetAddressAsString("vtkObject")  # the C++ object, whatever its Python wrapper
-    logic = _LOGICS_BY_ID.get(key)
+    logic = _LOGICS_BY_ID.get(key, (None, None))[0]
     if logic is None or logic.GetSegmentEditorNode() is not editor_node:
+        scene = editor_node.GetScene()
         logic = slicer.vtkSlicerSegmentEditorLogic()
-        logic.SetMRMLScene(editor_node.GetScene())
+        logic.SetMRMLScene(scene)
         logic.SetSegmentEditorNode(editor_node)
         logic.SetMaximumNumberOfUndoStates(MAX_UNDO_STATES)
-        _LOGICS_BY_ID[key] = logic
+        _LOGICS_BY_ID[key] = (logic, scene.GetAddressAsString("vtkObject") if scene is not None else None)
+        on_scene_closed(release_editor_logics)  # desktop Slicer's scene (see on_scene_closed for others)
     return logic
 
 
+def release_editor_logics(scene=None) -> int:
+    """Forget the editor logics of ``scene`` (every scene: None) and SPD's undo records there; their undo states
+    hold copies of the segments (patient data). Runs when a scene starts closing. Returns how many logics went."""
+    address = scene.GetAddressAsString("vtkObject") if scene is not None else None
+    gone = [key for key, (_, owner) in _LOGICS_BY_ID.items() if address is None or owner == address]
+    for key in gone:
+        _LOGICS_BY_ID.pop(key)[0].SetSegmentEditorNode(None)
+    for key in [key for key, (owner, _) in _STAMPS_AFTER_WRITE.items() if address is None or owner == address]:
+        del _STAMPS_AFTER_WRITE[key]
+    return len(gone)
+
+
 def spd_editor_node(scene):
-    """The scene's SPD segment editor node (a singleton; its mask/overwrite settings apply to console runs)."""
+    """The scene's SPD segment editor node (a singleton) through which the module and the console API write;
+    :func:`configure_editor` sets its masking before each write."""
     import slicer
 
     node = scene.GetSingletonNode(SPD_EDITOR_NODE_TAG, "vtkMRMLSegmentEditorNode")
@@ -214,7 +266,39 @@ def spd_editor_node(scene):
         node.SetName("SPDSegmentEditor")
         node.SetHideFromEditors(True)
         scene.AddNode(node)
+        configure_editor(node)
     return node
+
+
+def configure_editor(editor_node, overwrite: str = DEFAULT_OVERWRITE, editable_area: str = DEFAULT_EDITABLE_AREA,
+                     mask_segment_id: Optional[str] = None) -> None:
+    """Set the masking of ``editor_node`` by the Segment Editor's names: ``overwrite`` one of
+    :data:`OVERWRITE_CHOICES`, ``editable_area`` one of :data:`EDITABLE_AREAS` ("inside one segment" needs
+    ``mask_segment_id``). The source-volume intensity range is left as it is."""
+    import slicer
+
+    _check_choice(overwrite, OVERWRITE_CHOICES, "overwrite")
+    _check_choice(editable_area, EDITABLE_AREAS, "editable_area")
+    if (editable_area == "inside one segment") != bool(mask_segment_id):
+        raise InputError("The editable area 'inside one segment' needs the id of that segment (mask_segment_id), "
+                         "and only that area takes one.", setting="editable_area")
+    node_class, segmentation_class = slicer.vtkMRMLSegmentEditorNode, slicer.vtkMRMLSegmentationNode
+    editor_node.SetOverwriteMode({"allow overlap": node_class.OverwriteNone,
+                                  "overwrite visible": node_class.OverwriteVisibleSegments,
+                                  "overwrite all": node_class.OverwriteAllSegments}[overwrite])
+    editor_node.SetMaskMode({"everywhere": segmentation_class.EditAllowedEverywhere,
+                             "inside all segments": segmentation_class.EditAllowedInsideAllSegments,
+                             "inside visible segments": segmentation_class.EditAllowedInsideVisibleSegments,
+                             "outside all segments": segmentation_class.EditAllowedOutsideAllSegments,
+                             "outside visible segments": segmentation_class.EditAllowedOutsideVisibleSegments,
+                             "inside one segment": segmentation_class.EditAllowedInsideSingleSegment}[editable_area])
+    editor_node.SetMaskSegmentID(mask_segment_id or None)
+
+
+def _check_choice(value, choices, setting: str) -> None:
+    if value not in choices:
+        what = {"overwrite": "setting for other segments", "editable_area": "editable area"}[setting]
+        raise InputError(f"Unknown {what} {value!r}; use one of {', '.join(choices)}.", setting=setting)
 
 
 def _resolve_target(target):
@@ -268,18 +352,51 @@ def modifier_labelmap(mask: np.ndarray, geometry, segmentation_node, reference_g
     return out
 
 
+def ran_on(result) -> Optional[Tuple[int, list]]:
+    """(axis, slices) where a run's mask is its answer: the slices it decoded and any slice its mask touches.
+    None for a bare mask (no ``axis``): the mask answers everywhere."""
+    axis = getattr(result, "axis", None)
+    if axis is None:
+        return None
+    mask = np.asarray(result.mask)
+    touched = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != int(axis))))[0]
+    return int(axis), sorted({int(t) for t in getattr(result, "slices", None) or []} | {int(t) for t in touched})
+
+
+def modification_steps(mask: np.ndarray, mode: str = "set", slices=None):
+    """The segment editor modifications that write ``mask``: a list of (uint8 array, mode), mode one of :data:`MODES`.
+
+    ``slices`` = (axis, slice numbers) limits "set" to those slices (where the run ran): there the segment
+    becomes the mask, elsewhere it stays as it is. Slicer's Set mode always clears the whole segment first
+    (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap: its extent limits only the paint), so a limited set
+    is an erase of what the mask leaves out, then a paint of the mask, both confined to those slices, as the
+    Erase and Paint effects would do them (with the same masking and overwrite rules).
+    """
+    if mode not in MODES:
+        raise InputError(f"Unknown modification mode {mode!r}; use one of {MODES}.")
+    mask = (np.asarray(mask) > 0).astype(np.uint8)
+    if mode != "set" or slices is None:
+        return [(mask, mode)]
+    axis, numbers = int(slices[0]), [int(t) for t in slices[1]]
+    region = np.zeros(mask.shape, bool)
+    index = [slice(None)] * 3
+    index[axis] = [t for t in numbers if 0 <= t < mask.shape[axis]]
+    region[tuple(index)] = True
+    return [((region & (mask == 0)).astype(np.uint8), "remove"), ((region & (mask > 0)).astype(np.uint8), "add")]
+
+
 def apply_mask_to_segment(target, mask: np.ndarray, geometry, mode: str = "set", editor_logic=None,
-                          save_undo: bool = True) -> str:
+                          save_undo: bool = True, slices=None) -> str:
     """Write ``mask`` (k, j, i on ``geometry``) into a segment as a Slicer effect would; return the segment id.
 
     ``target``: a ``vtkMRMLSegmentEditorNode`` (its segmentation, selected segment, editable area, intensity
     mask and overwrite settings are used) or ``(segmentation_node, segment_id, source_volume_node)`` (the
-    scene's SPD editor node supplies the settings). ``mode``: "set" replaces the segment inside the editable
-    area, "add" and "remove" as the Paint and Erase effects. The state before the write is saved for undo
-    unless ``save_undo`` is False (the caller saved it already).
+    scene's SPD editor node supplies the settings, see :func:`configure_editor`). ``mode``: "set" replaces the
+    segment inside the editable area (only on ``slices`` = (axis, slice numbers) when given, see
+    :func:`modification_steps`), "add" and "remove" as the Paint and Erase effects. The state before the write
+    is saved for undo (:func:`save_state_for_undo`) unless ``save_undo`` is False (the caller saved it already).
     """
-    if mode not in MODES:
-        raise InputError(f"Unknown modification mode {mode!r}; use one of {MODES}.")
+    steps = modification_steps(mask, mode, slices)
     editor_node, segmentation_node, segment_id = _resolve_target(target)
     if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
@@ -294,24 +411,144 @@ def apply_mask_to_segment(target, mask: np.ndarray, geometry, mode: str = "set",
         reference = slicer.vtkSegmentationConverter.SerializeImageGeometry(own)
         segmentation_node.GetSegmentation().SetConversionParameter(
             slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), reference)
-    modifier = modifier_labelmap(mask, geometry, segmentation_node, reference)
     if segmentation_node.GetSegmentation().GetSourceRepresentationName() != "Binary labelmap":
         if not logic.SetSourceRepresentationToBinaryLabelMap():
             raise InputError(f"{segmentation_node.GetName()!r} cannot be converted to a binary labelmap.")
-    if save_undo:
-        logic.SaveStateForUndo()
-    flag = {"set": logic.ModificationModeSet, "add": logic.ModificationModeAdd,
-            "remove": logic.ModificationModeRemove}[mode]
-    logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, flag, False, False)
+    kept_by = save_state_for_undo(segmentation_node, logic) if save_undo else None
+    flags = {"set": logic.ModificationModeSet, "add": logic.ModificationModeAdd,
+             "remove": logic.ModificationModeRemove}
+    for array, step_mode in steps:
+        modifier = modifier_labelmap(array, geometry, segmentation_node, reference)
+        logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, flags[step_mode], False, False)
+    if kept_by is not None:
+        wrote(segmentation_node, kept_by)
     return segment_id
 
 
+# ---------------------------------------------------------------- undo: the Segment Editor's own
+
+def segment_editor_widget():
+    """The Segment Editor module's editor widget (``qMRMLSegmentEditorWidget``) in desktop Slicer, created if it is
+    not yet; None without Slicer's GUI (slicer-core, PythonSlicer). Its logic keeps the Segment Editor's undo
+    states (``vtkSegmentationHistory``, private to it): its ``saveStateForUndo()`` and ``undo()`` slots reach them."""
+    try:
+        import slicer
+
+        representation = slicer.modules.segmenteditor.widgetRepresentation()
+    except (ImportError, AttributeError):
+        return None
+    return getattr(representation.self(), "editor", None) if representation is not None else None
+
+
+def save_state_for_undo(segmentation_node, logic):
+    """Save ``segmentation_node``'s state before an SPD write where its undo is kept.
+
+    In desktop Slicer that is the Segment Editor (its widget is switched to this segmentation if it shows another,
+    as choosing it there would): its Undo then reverts the write, one step per write, in order with every other
+    edit. Elsewhere it is ``logic``'s own history, returned so that :func:`wrote` can record what SPD wrote and
+    :func:`undo` never reverts an edit made after it. Returns None when the Segment Editor keeps it.
+    """
+    widget = segment_editor_widget()
+    if widget is not None:
+        shown = widget.segmentationNode()
+        if shown is None or shown.GetID() != segmentation_node.GetID():
+            widget.setSegmentationNode(segmentation_node)
+        widget.saveStateForUndo()
+        return None
+    logic.SaveStateForUndo()
+    return logic
+
+
+def wrote(segmentation_node, kept_by) -> None:
+    """Record the segmentation's content after an SPD write whose undo state ``kept_by`` (an editor logic) holds."""
+    if kept_by is None:
+        return
+    scene = segmentation_node.GetScene()
+    key = segmentation_node.GetAddressAsString("vtkObject")
+    owner, stamps = _STAMPS_AFTER_WRITE.get(key, (scene.GetAddressAsString("vtkObject") if scene else None, []))
+    _STAMPS_AFTER_WRITE[key] = (owner, (stamps + [content_stamp(segmentation_node)])[-MAX_UNDO_STATES:])
+
+
+def content_stamp(segmentation_node) -> str:
+    """A digest of every segment's id, label value and source-representation voxels (a labelmap shared by several
+    segments is read once): equal stamps mean equal segmentations, byte for byte."""
+    import hashlib
+
+    from vtk.util import numpy_support
+
+    digest = hashlib.blake2b(digest_size=16)
+    segmentation = segmentation_node.GetSegmentation()
+    layers: Dict[str, bytes] = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        digest.update(f"{segment_id}\0{segment.GetLabelValue()}\0".encode())
+        layer = segment.GetRepresentation(segmentation.GetSourceRepresentationName())
+        if layer is None:
+            continue
+        address = layer.GetAddressAsString("vtkObject")
+        if address not in layers:
+            layer_digest = hashlib.blake2b(repr(layer.GetBounds()).encode(), digest_size=16)
+            if layer.IsA("vtkImageData"):
+                layer_digest.update(repr(layer.GetExtent()).encode())
+                scalars = layer.GetPointData().GetScalars()
+                if scalars is not None:
+                    layer_digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(scalars)).tobytes())
+            else:  # a closed surface: its MTime stands in for its points
+                layer_digest.update(str(layer.GetMTime()).encode())
+            layers[address] = layer_digest.digest()
+        digest.update(layers[address])
+    return digest.hexdigest()
+
+
+def _watch(segmentation, action) -> bool:
+    """Run ``action``; True if it added, removed or modified a segment of ``segmentation``."""
+    seen = []
+    tags = [segmentation.AddObserver(event, lambda caller, event_id: seen.append(event_id))
+            for event in (segmentation.SegmentAdded, segmentation.SegmentRemoved, segmentation.SegmentModified)]
+    try:
+        action()
+    finally:
+        for tag in tags:
+            segmentation.RemoveObserver(tag)
+    return bool(seen)
+
+
 def undo(target) -> bool:
-    """Undo the last write to ``target`` (editor node or (segmentation, segment, volume)); False if none."""
-    editor_node = target if hasattr(target, "GetMaskMode") else _resolve_target(target)[0]
-    logic = editor_logic_for(editor_node)
-    if not logic.CanUndo():
+    """Undo the last edit of a segmentation that SPD wrote: True if one was undone, False if there is none.
+
+    ``target``: a segmentation node, a segment editor node, or (segmentation node, segment id, source volume).
+    In desktop Slicer this is the Segment Editor's Undo (the same as its Undo button: the last edit of that
+    segmentation, whichever tool made it). Elsewhere SPD's own history is used, and only while nothing changed
+    the segmentation since SPD's last write there: undoing then would also revert those changes, so an
+    InputError says so and nothing is undone.
+    """
+    if hasattr(target, "GetSegmentation"):
+        segmentation_node, editor_node = target, None
+    elif hasattr(target, "GetMaskMode"):
+        segmentation_node, editor_node = target.GetSegmentationNode(), target
+    else:
+        editor_node, segmentation_node, _ = _resolve_target(target)
+    if segmentation_node is None:
         return False
+    widget = segment_editor_widget()
+    if widget is not None:
+        shown = widget.segmentationNode()
+        if shown is None or shown.GetID() != segmentation_node.GetID():
+            return False  # its undo states are of another segmentation (switching clears them)
+        return _watch(segmentation_node.GetSegmentation(), widget.undo)
+    logic = editor_logic_for(editor_node or spd_editor_node(segmentation_node.GetScene()))
+    if logic.GetSegmentEditorNode().GetSegmentationNode() is not segmentation_node or not logic.CanUndo():
+        return False
+    key = segmentation_node.GetAddressAsString("vtkObject")
+    stamps = _STAMPS_AFTER_WRITE.get(key, (None, []))[1]
+    if not stamps:
+        return False
+    if content_stamp(segmentation_node) != stamps[-1]:
+        raise InputError(f"{segmentation_node.GetName()!r} was edited after SPD's last write; undoing that write "
+                         "now would also undo those edits. Undo them first with the tool that made them (the "
+                         "Segment Editor's Undo).")
+    stamps.pop()
     logic.Undo()
     return True
 
@@ -349,22 +586,27 @@ def prepare_inputs(volume_node, markups_node, axis=None, model=None):
 def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: Optional[str] = None,
                      model: Any = None, options=None, progress=None,
                      segment_fn: Optional[Callable[..., Any]] = None, editor_node=None, axis=None,
-                     device: str = "auto"):
+                     device: str = "auto", overwrite: Optional[str] = None, editable_area: Optional[str] = None):
     """Segment from the points of ``markups_node`` and write into a segment; returns the pipeline Result.
 
     Console use: ``run_spd_on_nodes(volume, points, segmentation)`` creates a segment named after the
     point list. ``model`` is a model name / checkpoint path (loaded with ``pipeline.load_model``; None is
     the default SPD model) or a loaded model. ``segment_fn(volume, prompts, model, options=...,
     progress=...)`` replaces ``pipeline.segment`` (tests). The segment is created and written only after
-    the run succeeded; with ``editor_node`` its editable-area and overwrite settings apply, otherwise those
-    of the scene's SPD editor node. A failed or cancelled run raises and leaves the segmentation unchanged.
+    the run succeeded, and only where the run ran (its decoded slices; the segment keeps its content
+    elsewhere). ``overwrite`` and ``editable_area`` are the Segment Editor's masking (:func:`configure_editor`;
+    default: other segments untouched, everywhere editable); with ``editor_node`` that node's own settings
+    apply instead. One undo reverts the write (:func:`undo`). A failed or cancelled run raises and leaves the
+    segmentation unchanged.
     """
     from ..core.pipeline import SegmentOptions
 
     options = (options or SegmentOptions()).validate()  # a bad option is refused before any model loads
     if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
+    _check_write_settings(editor_node, overwrite, editable_area)
     volume, voxel_prompts = prepare_inputs(volume_node, markups_node, axis=axis, model=model)
+    validate_array(volume.array, what=f"volume {volume.name!r}")  # the console waits anyway; the engine checks its own
     if segment_fn is None:
         from ..core import pipeline
 
@@ -375,32 +617,51 @@ def run_spd_on_nodes(volume_node, markups_node, segmentation_node, segment_id: O
     if progress is not None:
         progress.check()  # a cancel that arrived after the last slice still writes nothing
     write_result(result, volume, volume_node, segmentation_node, segment_id,
-                 segment_name=markups_node.GetName() or "SPD", editor_node=editor_node)
+                 segment_name=markups_node.GetName() or "SPD", editor_node=editor_node, overwrite=overwrite,
+                 editable_area=editable_area)
     return result
 
 
+def _check_write_settings(editor_node, overwrite, editable_area) -> None:
+    if editor_node is not None and (overwrite is not None or editable_area is not None):
+        raise InputError("Give either a segment editor node (its masking settings are used) or the settings "
+                         "(overwrite, editable_area), not both.", setting="overwrite")
+    if overwrite is not None:
+        _check_choice(overwrite, OVERWRITE_CHOICES, "overwrite")
+    if editable_area is not None:  # "inside one segment" needs a segment: a segment editor node set to it
+        _check_choice(editable_area, EDITABLE_AREAS[:-1], "editable_area")
+
+
 def write_result(result, volume: Volume, volume_node, segmentation_node, segment_id: Optional[str] = None,
-                 segment_name: str = "SPD", editor_node=None) -> str:
+                 segment_name: str = "SPD", editor_node=None, overwrite: Optional[str] = None,
+                 editable_area: Optional[str] = None) -> str:
     """Write a finished run's mask into ``segment_id`` (a new segment ``segment_name`` if None); its id.
 
-    Call on the main thread after the run succeeded. A new segment and its contents go in one undo step.
+    Call on the main thread after the run succeeded. Only the slices where the run ran change
+    (:func:`ran_on`; a bare mask writes everywhere). The masking is ``editor_node``'s, or ``overwrite`` and
+    ``editable_area`` on the scene's SPD editor node (defaults: other segments untouched, everywhere). A new
+    segment and its contents go in one undo step (:func:`save_state_for_undo`).
     """
     mask = np.asarray(getattr(result, "mask", result))
     if mask.shape != volume.shape:
         raise InputError(f"The result mask has shape {mask.shape}, the volume {volume.shape}.")
     if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise InputError(f"Segment {segment_id!r} is not in {segmentation_node.GetName()!r}.")
+    _check_write_settings(editor_node, overwrite, editable_area)
     if editor_node is None:
         editor_node = spd_editor_node(segmentation_node.GetScene())
+        configure_editor(editor_node, overwrite or DEFAULT_OVERWRITE, editable_area or DEFAULT_EDITABLE_AREA)
     editor_node.SetAndObserveSegmentationNode(segmentation_node)
     editor_node.SetAndObserveSourceVolumeNode(volume_node)
     logic = editor_logic_for(editor_node)
-    created = segment_id is None
-    if created:
-        logic.SaveStateForUndo()
+    kept_by = save_state_for_undo(segmentation_node, logic)  # before a new segment: one step removes both
+    if segment_id is None:
         segment_id = add_segment(segmentation_node, segment_name)
     editor_node.SetSelectedSegmentID(segment_id)
-    return apply_mask_to_segment(editor_node, mask, volume, editor_logic=logic, save_undo=not created)
+    apply_mask_to_segment(editor_node, mask, volume, editor_logic=logic, save_undo=False,
+                          slices=ran_on(result) if hasattr(result, "mask") else None)
+    wrote(segmentation_node, kept_by)
+    return segment_id
 
 
 def axis_from_slice_to_ras(slice_to_ras, volume: Volume):
@@ -494,7 +755,6 @@ def audit_to_markups_nodes(audit, geometry, scene, nodes=None, axis: Optional[in
 def slicer_python() -> str:
     """Slicer's own Python (``PythonSlicer``), found as Slicer's Python utilities find it: on the PATH
     that Slicer sets, else in ``<slicerHome>/bin``; outside Slicer, this interpreter."""
-    import os
     import shutil
     import sys
 
@@ -521,6 +781,75 @@ def startup_environment() -> Optional[Dict[str, str]]:
     except (ImportError, AttributeError):
         return None
     return dict(environment) if isinstance(environment, dict) else None
+
+
+SETTINGS_PREFIX = "SPDSEGMENT_"  # SPD's settings are environment variables (README: SPDSEGMENT_RUNTIME, ...)
+
+
+def engine_environment() -> Dict[str, str]:
+    """The SPD engine's environment: Slicer's startup environment (so that ``PythonSlicer`` sets up its
+    own), with SPD's settings as they are in this Slicer now: every ``SPDSEGMENT_*`` variable of
+    ``os.environ``, so one set in Slicer's Python console reaches the next engine, and Slicer's cache
+    folder (:func:`use_slicer_cache_folder`). Called at each engine start."""
+    use_slicer_cache_folder()
+    base = startup_environment()
+    base = dict(os.environ) if base is None else base
+    environment = {k: v for k, v in base.items() if not k.startswith(SETTINGS_PREFIX)}
+    environment.update({k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIX)})
+    return environment
+
+
+def slicer_cache_folder() -> Optional[str]:
+    """Slicer's cache folder (Application Settings > Cache, ``slicer.app.cachePath``); None outside Slicer."""
+    try:
+        import slicer
+
+        folder = slicer.app.cachePath
+    except (ImportError, AttributeError):
+        return None
+    return str(folder) if folder else None
+
+
+def use_slicer_cache_folder() -> Optional[str]:
+    """In Slicer, SPD's cache (downloads, converted models, the training feature store, logs) goes into
+    Slicer's cache folder, unless ``SPDSEGMENT_CACHE`` names another: the rule is
+    ``core.models.download.cache_dir``; this tells it where Slicer's cache folder is, in this process and
+    (through the environment) in every process it starts. Returns that folder (None outside Slicer)."""
+    from ..core.models.download import HOST_CACHE_ENV
+
+    folder = slicer_cache_folder()
+    if folder:
+        os.environ[HOST_CACHE_ENV] = folder
+    return folder
+
+
+def on_scene_closed(callback: Callable[[], Any], scene=None) -> None:
+    """Call ``callback`` each time ``scene`` has been closed (its EndCloseEvent, which File > Close Scene and
+    ``scene.Clear()`` send); registered once per scene and callback. Without ``scene``: desktop Slicer's
+    scene, which lives as long as Slicer (nothing elsewhere). A watched scene is held until
+    :func:`stop_watching_scenes` removes its observers (at Slicer's exit; after each test): a scene destroyed
+    by Python's garbage collector sends its close events from inside the collector, and a Python observer
+    called there crashes VTK."""
+    if scene is None:
+        if slicer_version() is None:
+            return
+        import slicer
+
+        scene = slicer.mrmlScene
+    if any(known_scene is scene and known == callback for known_scene, known, _ in _SCENE_WATCHERS):
+        return
+    tag = scene.AddObserver(scene.EndCloseEvent, lambda caller, event: callback())
+    _SCENE_WATCHERS.append((scene, callback, tag))
+
+
+def stop_watching_scenes() -> None:
+    """Remove every :func:`on_scene_closed` observer and let the scenes go."""
+    for scene, _, tag in _SCENE_WATCHERS:
+        scene.RemoveObserver(tag)
+    _SCENE_WATCHERS.clear()
+
+
+_SCENE_WATCHERS: list = []  # (scene, callback, observer tag): the scene is held while it is watched
 
 
 def on_application_exit(callback: Callable[[], Any]) -> None:

@@ -1,9 +1,10 @@
 """What the two Slicer GUIs (the SPDSegment module and the SPD effect) share, without Qt.
 
 The SPD engine of this Slicer process (:func:`engine`), the model menu built from the registry,
-each model's own tau and n, progress and status lines, and the training and batch helpers. Widgets
-are passed in and used through their Python attributes only, so nothing here imports qt, and
-importing this module imports no torch.
+each model's own tau and n, the kinds of clicks and the slice numbers users see, progress and status
+lines, and the training and batch helpers (a batch's cases come from ``core.batch``). Widgets are passed
+in and used through their Python attributes only, so nothing here imports qt, and importing this module
+imports no torch.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..core.errors import InputError
+from ..core.prompts import POINT_KINDS, kind_of_description  # noqa: F401 (the effect reads kinds through gui)
 from . import adapter
 
 _engine = None
@@ -21,15 +23,20 @@ _engine = None
 
 def engine():
     """The one engine client of this Slicer process, started with Slicer's Python on first use and
-    stopped when Slicer quits. Starting it returns at once; the engine loads in the background."""
+    stopped when Slicer quits. Starting it returns at once; the engine loads in the background. Its
+    environment is read at each start (SPD's settings as they are then: ``adapter.engine_environment``),
+    and closing the scene makes it drop that scene's volumes (:func:`forget_scene_data`)."""
     global _engine
     if _engine is None:
         from ..core.models.download import cache_dir
         from ..engine.client import EngineClient
 
-        _engine = EngineClient(python=adapter.slicer_python(), env=adapter.startup_environment(),
+        adapter.use_slicer_cache_folder()
+        _engine = EngineClient(python=adapter.slicer_python(), env=adapter.engine_environment,
                                log_folder=cache_dir() / "logs")
         adapter.on_application_exit(_engine.stop)
+        adapter.on_scene_closed(forget_scene_data)
+        adapter.on_application_exit(adapter.stop_watching_scenes)
     return _engine
 
 
@@ -49,7 +56,30 @@ def local_engine():
         from ..engine.server import Engine
 
         _local = Engine()
+        adapter.on_scene_closed(forget_scene_data)
     return _local
+
+
+_scene_listeners: List = []
+
+
+def when_scene_closes(callback) -> None:
+    """Have ``callback()`` run when the scene is closed, after the engine has dropped its volumes: the
+    module and the effect drop their own copies (previews, volumes they hold) there."""
+    if callback not in _scene_listeners:
+        _scene_listeners.append(callback)
+
+
+def forget_scene_data() -> None:
+    """The scene was closed: the engine (and the in-process one) forget its volumes and cached slices, the
+    shared volume files are removed, and every :func:`when_scene_closes` listener drops its own copies."""
+    adapter.forget_volumes()
+    if _engine is not None:
+        _engine.forget_volumes()
+    if _local is not None:
+        _local.forget()
+    for callback in list(_scene_listeners):
+        callback()
 
 
 # ---------------------------------------------------------------- models
@@ -86,16 +116,25 @@ def fill_model_menu(combo) -> None:
         combo.addItem(title, name)
 
 
+TAU_RANGE, NEIGHBOURS_RANGE = (0.01, 0.99), (0, 10)  # the GUIs' tau slider and neighbour-slice spin box
+_HEADERS: dict = {}  # (path, size, mtime) -> header: the effect asks on every parameter change
+
+
 def model_header(name_or_path: str) -> Optional[dict]:
     """An SPD model's header (bundled name or file), read without torch; None for a plain backbone or an
-    unreadable file. ``pipeline.trained_axes`` takes it, so the GUIs choose the slicing axis without torch."""
+    unreadable file. ``pipeline.trained_axes`` takes it, so the GUIs choose the slicing axis without torch.
+    A file is read again only when its size or time changes (a model retrained under the same name)."""
     from ..core.models.registry import DEFAULT_MODEL
 
     path = _spd_model_path(name_or_path or DEFAULT_MODEL)
     if path is None:
         return None
     try:
-        return spd_header(path)
+        status = path.stat()
+        key = (str(path), status.st_size, status.st_mtime_ns)
+        if key not in _HEADERS:
+            _HEADERS[key] = spd_header(path)
+        return _HEADERS[key]
     except (OSError, ValueError):
         return None
 
@@ -110,17 +149,6 @@ def model_defaults(name_or_path: str) -> Optional[Tuple[float, int]]:
     return float(header.get("tau", DEFAULT_TAU)), int(header.get("neighbours", DEFAULT_NEIGHBOURS))
 
 
-def show_model_defaults(name_or_path: str, tau_widget, neighbours_widget) -> Tuple[float, int]:
-    """Put the chosen model's own tau and n into the widgets (never keep another model's); a backbone
-    has none (raw mode), so the widgets are disabled. Returns the values shown."""
-    defaults = model_defaults(name_or_path)
-    for widget in (tau_widget, neighbours_widget):
-        widget.enabled = defaults is not None
-    tau, neighbours = defaults or (0.5, 2)
-    tau_widget.value, neighbours_widget.value = tau, neighbours
-    return tau, neighbours
-
-
 def model_status(name: str) -> str:
     from ..core.models import registry
 
@@ -130,8 +158,55 @@ def model_status(name: str) -> str:
         return "A local model file."
     entry = registry.catalogue()[name]
     size = f" ({entry['size_bytes'] / 1e6:.0f} MB)" if entry.get("size_bytes") else ""
-    state = "on this machine" if registry.is_available(name) else f"not downloaded{size}"
+    if registry.is_available(name):
+        state = "on this machine"
+    elif entry["source"] == "url" and not registry.downloadable(name):
+        state = f"no published checksum, so not downloaded here: get {entry['url']} yourself and choose it as Model file"
+    else:
+        state = f"not downloaded{size}"
     return f"{state}; licence {entry['licence']}"
+
+
+# ---------------------------------------------------------------- clicks and slices
+
+# What a click is, by its markups description: the core's rule (prompts.kind_of_description; the point list holds
+# every click; "background" is a background click, "correction" a trusted foreground correction, anything else a
+# sloppy click). Clicks placed after the first Preview are corrections.
+CLICK, CORRECTION, BACKGROUND = POINT_KINDS
+
+
+def click_kind(background: bool, after_preview: bool) -> str:
+    """The kind of a new click: background (always a correction), a foreground correction once a Preview was
+    shown for its point list, else a sloppy click."""
+    return BACKGROUND if background else CORRECTION if after_preview else CLICK
+
+
+def click_description(kind: str) -> str:
+    """The markups control point description that carries ``kind`` ("" for a plain click)."""
+    return "" if kind == CLICK else kind
+
+
+def clicks_line(kinds, axis_note: str) -> str:
+    """The status line after a click: how many clicks of each kind, and the slicing axis with where it came from,
+    e.g. "5 clicks (1 background, 2 corrections); axial slices (array axis 0), the slice view ..."."""
+    kinds = list(kinds)
+    extra = [f"{kinds.count(BACKGROUND)} background"] if BACKGROUND in kinds else []
+    extra += [f"{kinds.count(CORRECTION)} correction{'s' * (kinds.count(CORRECTION) != 1)}"] if CORRECTION in kinds \
+        else []
+    count = f"{len(kinds)} click{'s' * (len(kinds) != 1)}" + (f" ({', '.join(extra)})" if extra else "")
+    return f"{count}; {axis_note}." if axis_note else f"{count}."
+
+
+def slice_letter(axis: int) -> str:
+    """The Data Probe's name for the slice number along array axis ``axis``: I, J or K (arrays are (k, j, i)).
+    The core's slice numbers along an axis are that IJK index, from 0, as the Data Probe shows them."""
+    return "KJI"[int(axis)]
+
+
+def slice_span(slice_numbers, count: int) -> Tuple[int, int]:
+    """(first, last) slice for a new "only slices" range: the clicks' span, else every slice (0 .. count-1)."""
+    numbers = [int(t) for t in slice_numbers]
+    return (min(numbers), max(numbers)) if numbers else (0, max(int(count) - 1, 0))
 
 
 # ---------------------------------------------------------------- progress and status lines
@@ -141,6 +216,12 @@ def show_progress(bar, handle) -> None:
     bar.setMaximum(max(total, 1))
     bar.setValue(min(done, total))
     bar.setFormat(f"{stage}: %p%")
+
+
+def progress_line(handle, what: str = "Segmenting") -> str:
+    """A status line while the engine works: "Updating the preview: encode 3/12..."."""
+    stage, done, total = handle.state()
+    return f"{what}: {stage} {min(done, total)}/{total}..." if stage and total else f"{what}..."
 
 
 def error_line(exc: BaseException) -> str:
@@ -163,41 +244,43 @@ def summary(result) -> str:
 
 # ---------------------------------------------------------------- training and batches (files only)
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
-POINT_EXTENSIONS = (".mrk.json", ".json", ".csv", ".tsv", ".fcsv")
+def batch_cases(inputs, output_folder):
+    """The cases of a batch (``core.batch.Case``) for the engine: ``inputs`` is a folder (MSD / nnU-Net, or
+    images with their point files: ``core.batch.read_cases``, the one pairing rule), a CSV manifest, or a
+    list of (volume node, point list node) pairs. Nodes are written once into ``OUTPUT/inputs/`` (the
+    volume as NRRD, the clicks as .mrk.json), so the engine reads files as for any other batch and a rerun
+    skips what is done."""
+    from ..core import batch, prompts, volume
 
-
-def pair_cases(folder) -> List[Tuple[str, Path, Path]]:
-    """(name, image, points) for each image in ``folder`` with a point file named like it.
-
-    ``CASE.nii.gz`` pairs with ``CASE.mrk.json`` / ``CASE.csv``, or ``CASE_<anything>.mrk.json`` (e.g.
-    ``CASE_centerline.mrk.json``). Labels (``*_label*``) and earlier outputs (``*.seg.nrrd``) are skipped.
-    """
-    folder = Path(folder or "")
-    if not folder.is_dir():
-        raise InputError(f"Batch input folder {str(folder)!r} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    points = [p for p in files if p.name.lower().endswith(POINT_EXTENSIONS)]
-    cases, unmatched = [], []
-    for image in files:
-        lower = image.name.lower()
-        if not lower.endswith(IMAGE_EXTENSIONS) or lower.endswith(".seg.nrrd") or "_label" in lower:
-            continue
-        name = next(image.name[: -len(e)] for e in IMAGE_EXTENSIONS if lower.endswith(e))
-        stem = name[:-6] if name.endswith("_image") else name
-        match = [p for p in points if p.name.startswith((name + ".", name + "_", stem + ".", stem + "_"))]
-        if match:
-            cases.append((stem, image, match[0]))
-        else:
-            unmatched.append(image.name)
-    if not cases:
-        raise InputError(f"No image in {folder} has a point file named like it (CASE.nii.gz + CASE.mrk.json)"
-                         + (f"; images without points: {unmatched[:5]}" if unmatched else "") + ".")
+    if isinstance(inputs, (str, Path)):
+        return batch.read_cases(inputs, output_folder)
+    if not output_folder:
+        raise InputError("Choose an output folder for the batch.")
+    folder = Path(output_folder) / "inputs"
+    cases = []
+    for volume_node, markups_node in inputs:
+        name = batch.safe_case_name(volume_node.GetName())
+        image = adapter.volume_from_node(volume_node)
+        points = adapter.points_from_markups(markups_node)
+        image_path, points_path = folder / f"{name}.nrrd", folder / f"{name}.mrk.json"
+        volume.write_image(image_path, image.array, image.ijk_to_lps)
+        prompts.write_markups(points_path, points.lps, labels=points.labels)
+        cases.append(batch.Case(name, str(image_path), str(points_path), batch.default_output(output_folder, name)))
+    batch.check_unique(cases, "The volumes of the batch")
     return cases
 
 
 def batch_summary(rows) -> str:
-    return "Batch: " + "; ".join(f"{r['case']} {'failed: ' + r['error'] if r['error'] else 'done'}" for r in rows)
+    """One line: each case's outcome for a few cases, else the counts and the first failures."""
+    def outcome(row):
+        return "failed: " + row["error"] if row["status"] == "failed" else row["status"]
+
+    if len(rows) <= 10:
+        return "Batch: " + "; ".join(f"{r['case']} {outcome(r)}" for r in rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    failed = [f"{r['case']}: {r['error']}" for r in rows if r["status"] == "failed"][:3]
+    return (f"Batch: {counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed"
+            + (" (" + "; ".join(failed) + ")" if failed else "") + "; the output folder's results.csv lists every case.")
 
 
 def train_arguments(data_folder, output_path, epochs: int = 8, lora: bool = False, device: str = "auto"):

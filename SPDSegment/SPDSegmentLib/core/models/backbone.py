@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import RuntimeChoiceError
+from ..errors import RuntimeChoiceError, SPDWarning
 from . import openvino_runtime
 from .transform import SliceTransform
 
@@ -113,9 +114,21 @@ class Backbone(nn.Module):
             raise RuntimeChoiceError("The int8 precision runs on the CPU with OpenVINO (pip install openvino nncf); "
                                      "choose bf16 or fp32 here.", setting="precision")
         use_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and openvino_runtime.available())
+        eager_precision = "fp32" if precision in ("auto", "int8") else precision  # if OpenVINO cannot be used
         if precision == "auto":
             precision = "bf16" if use_openvino and AUTO_BF16 and openvino_runtime.cpu_supports_bf16() else "fp32"
-        self.runtime = openvino_runtime.OpenVINORuntime(self, precision) if use_openvino else None
+        self.runtime = None
+        if use_openvino:
+            try:
+                self.runtime = openvino_runtime.OpenVINORuntime(self, precision)
+            except (OSError, RuntimeError) as exc:  # its converted model cannot be written (a full disk, a cache folder)
+                if runtime == "openvino":
+                    raise RuntimeChoiceError(f"The OpenVINO runtime could not save its converted model ({exc}); free "
+                                             "space in the cache folder or choose the torch runtime.",
+                                             setting="runtime") from exc
+                warnings.warn(SPDWarning(f"The model could not be converted for OpenVINO ({exc}); this run uses "
+                                         "PyTorch instead (slower on a CPU)."), stacklevel=2)
+                precision = eager_precision
         self.precision = precision
         return self
 

@@ -1,7 +1,7 @@
 """Checkpoint files: per-user cache, SHA-256 verification, downloads with progress.
 
-The cache lives outside the install tree (Slicer's install folder may be read-only):
-``$SPDSEGMENT_CACHE`` or ``~/.cache/spdsegment``.
+The cache lives outside the install tree (Slicer's install folder may be read-only); where, is
+:func:`cache_dir`'s rule, the only one.
 """
 from __future__ import annotations
 
@@ -16,9 +16,20 @@ from ..errors import CheckpointError, DownloadError
 from ..files import atomic_write
 
 
+CACHE_ENV = "SPDSEGMENT_CACHE"  # the user's choice of cache folder
+HOST_CACHE_ENV = "SPDSEGMENT_HOST_CACHE"  # the cache folder of the application SPD runs in (Slicer's), set by it
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("SPDSEGMENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spdsegment")
-    return Path(root)
+    """Where SPD keeps downloads, converted models, the training feature store and engine logs:
+    ``$SPDSEGMENT_CACHE``; else, inside an application with a cache folder of its own (Slicer: Application
+    Settings > Cache; the Slicer side puts it in ``$SPDSEGMENT_HOST_CACHE``), its ``SPDSegment`` subfolder;
+    else ``~/.cache/spdsegment``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    if os.environ.get(HOST_CACHE_ENV):
+        return Path(os.environ[HOST_CACHE_ENV]) / "SPDSegment"
+    return Path(os.path.expanduser("~")) / ".cache" / "spdsegment"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -61,8 +72,8 @@ def download(url: str, destination: Path, sha256: Optional[str], size_bytes: Opt
         return destination
     if sha256 is None and not allow_unverified:
         raise DownloadError(
-            f"No SHA-256 is recorded for {url}; download it yourself, check it, and pass the local file path "
-            "(or allow unverified downloads explicitly)."
+            f"No SHA-256 is recorded for {url}, so it is not downloaded (it could not be checked). Download it "
+            "yourself, check it with its publisher, and give the file's path as the model.", setting="model"
         )
     try:
         with atomic_write(destination) as partial:

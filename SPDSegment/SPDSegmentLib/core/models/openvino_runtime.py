@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -30,7 +31,7 @@ from ..errors import CheckpointError, RuntimeChoiceError
 from ..sample import sample_case
 from ..volume import apply_range, get_slice, intensity_range, read
 from .digest import weights_digest
-from .download import cache_dir
+from ..cache import cache_folder
 
 # openvino and nncf are optional: imported where used, so that PyTorch alone still runs SPD.
 
@@ -39,13 +40,38 @@ from .download import cache_dir
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
+@contextmanager
+def _no_telemetry():
+    """OpenVINO's model converter sends usage data to Intel unless a consent file it never asks for when it
+    runs as a library says no (``openvino/tools/ovc/telemetry_utils.py``: no opt-in dialog, and no consent
+    file counts as consent); ``import openvino`` itself reports (``openvino/tools/ovc/__init__.py``), and so
+    does NNCF. SPDSegment sends nothing anywhere without the user's consent, so these run with the
+    converter's own "in CI" switch on, which declines (``openvino_telemetry``'s OptInChecker)."""
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
+
+
+def openvino_module():
+    """``import openvino``, with the usage report that importing it sends declined (:func:`_no_telemetry`)."""
+    with _no_telemetry():
+        import openvino
+    return openvino
+
+
 def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
 def cpu_supports_bf16() -> bool:
     """True where OpenVINO can run bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 would be emulated."""
-    import openvino as ov
+    ov = openvino_module()
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
@@ -98,14 +124,24 @@ def prompt_tokens(points: Optional[np.ndarray], labels: Optional[np.ndarray], bo
 
 
 def _ir_cache_root() -> Path:
-    return cache_dir() / "openvino"
+    return cache_folder("openvino")  # a temporary stand-in, with a warning, when the user cache is unusable
+
+
+_conversions = 0  # networks converted by this process (a model's first use on this machine)
+
+
+def conversions() -> int:
+    """How many networks this process has converted to OpenVINO so far (0: every model came from the cache)."""
+    return _conversions
 
 
 def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) -> None:
     """torch module -> OpenVINO IR at ``xml_path``."""
-    import openvino as ov
+    ov = openvino_module()
 
-    with warnings.catch_warnings(), torch.no_grad():
+    global _conversions
+    _conversions += 1
+    with warnings.catch_warnings(), torch.no_grad(), _no_telemetry():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         model = ov.convert_model(module, example_input=example, input=shapes)
     _save(model, xml_path)
@@ -113,7 +149,7 @@ def _convert(module: nn.Module, example: tuple, shapes: list, xml_path: Path) ->
 
 def _save(model, xml_path: Path) -> None:
     """Write an OpenVINO model atomically: into a staging folder, renamed into place."""
-    import openvino as ov
+    ov = openvino_module()
 
     root = xml_path.parent.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -160,20 +196,21 @@ def _int8_ignored_scope(model):
 
 def _quantise(model, images: list):
     """Static int8 (NNCF, calibrated on ``images``) for the layers of INT8_SCOPE; the rest stays bf16/fp32."""
-    try:
-        import nncf
-    except ImportError as exc:
-        raise RuntimeChoiceError("The int8 precision needs NNCF (pip install nncf); or choose bf16 or fp32.",
-                                 setting="precision") from exc
-    return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(images), ignored_scope=_int8_ignored_scope(model))
+    with _no_telemetry():
+        try:
+            import nncf
+        except ImportError as exc:
+            raise RuntimeChoiceError("The int8 precision needs NNCF (pip install nncf); or choose bf16 or fp32.",
+                                     setting="precision") from exc
+        return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(images), ignored_scope=_int8_ignored_scope(model))
 
 
 class OpenVINORuntime:
     """Compiled encoder and decoder for one backbone; inputs and outputs are torch tensors on the CPU."""
 
     def __init__(self, backbone, precision: str = "fp32"):
-        import openvino as ov
+        ov = openvino_module()
 
         if precision not in PRECISIONS:
             raise RuntimeChoiceError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -195,7 +232,7 @@ class OpenVINORuntime:
 
     def _compile(self, kind: str, module: nn.Module, example: tuple, shapes: list, int8: bool = False):
         """The IR of ``module`` from the cache (converted first if missing), compiled for this CPU."""
-        import openvino as ov
+        ov = openvino_module()
 
         version = ov.__version__.split("-")[0]
         digest = weights_digest(module)[:24]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -32,15 +33,34 @@ def catalogue() -> Dict[str, dict]:
         return json.load(handle)
 
 
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?|mps")  # the device names SPDSegment runs on
+
+
+def check_device(device) -> str:
+    """The device name, stripped; DeviceError (setting ``device``) unless it is auto, cpu, cuda, cuda:N or mps.
+    Needs no torch: front ends check it before anything loads."""
+    if not isinstance(device, str) or not DEVICES.fullmatch(device.strip()):
+        raise DeviceError(f"Unknown device {device!r}: choose auto, cpu, cuda (cuda:N for the N-th GPU) or mps "
+                          "(Apple GPUs).", setting="device")
+    return device.strip()
+
+
 def resolve_device(device: str = "auto") -> str:
     """"auto" -> "cuda" when PyTorch sees a CUDA GPU, else "cpu"; other names are checked and returned."""
     import torch
 
+    device = check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"The device {device!r} was asked for, but PyTorch sees no CUDA GPU; choose the cpu "
                           "device.", setting="device")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"The device {device!r} was asked for, but PyTorch sees {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), numbered from 0; choose one of them.", setting="device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("The device 'mps' was asked for, but PyTorch sees no Apple GPU; choose the cpu device.",
+                          setting="device")
     return device
 
 
@@ -66,6 +86,20 @@ def is_available(name: str) -> bool:
     return path is not None and path.exists()
 
 
+def downloadable(name: str) -> bool:
+    """Whether SPD downloads the entry's checkpoint itself: a URL with a published SHA-256 to check it by."""
+    entry = catalogue()[name]
+    return entry["source"] == "url" and bool(entry.get("sha256"))
+
+
+def manual_download_message(name: str) -> str:
+    """What to do for a checkpoint SPD does not download (no published SHA-256)."""
+    entry = catalogue()[name]
+    return (f"{name} has no published SHA-256, so SPDSegment does not download it (it could not check the file). "
+            f"Download {entry['url']} yourself, check it with its publisher, and give the file as the model: its "
+            "path on the command line (--model FILE.pth), or as 'Model file' in the SPDSegment module.")
+
+
 def checkpoint_for(name: str, allow_download: bool = True,
                    progress: Optional[Callable[[int, int], None]] = None) -> Optional[Path]:
     entry = catalogue()[name]
@@ -77,6 +111,8 @@ def checkpoint_for(name: str, allow_download: bool = True,
     if path is None:
         raise CheckpointError(f"Model {name!r} has no checkpoint source; see catalogue.json.")
     if not path.exists():
+        if entry["source"] == "url" and not downloadable(name):
+            raise CheckpointError(manual_download_message(name), setting="model")
         if entry["source"] != "url" or not allow_download:
             raise CheckpointError(f"The checkpoint of {name!r} is not on this machine ({path}).")
         download.download(entry["url"], path, entry["sha256"], entry.get("size_bytes"), progress=progress)
