@@ -352,6 +352,22 @@ def test_a_preview_that_must_encode_says_it_is_catching_up(case, tiny_backbone):
     assert protocol.CATCHING_UP_STAGE not in stages  # nothing left to encode: nothing to catch up
 
 
+def test_the_effect_says_it_is_catching_up():
+    """What the effect's status line and progress bar show while a Preview encodes what the work ahead missed."""
+    import types
+
+    from SPDSegmentLib.engine import protocol
+    from SPDSegmentLib.slicer_side import gui
+
+    handle = types.SimpleNamespace(state=lambda: (protocol.CATCHING_UP_STAGE, 3, 12))
+    assert gui.progress_line(handle, "Updating the preview") == \
+        "Updating the preview: catching up (encoding) 3/12..."
+    bar = types.SimpleNamespace(setMaximum=lambda n: None, setValue=lambda n: None, format=None)
+    bar.setFormat = lambda text: setattr(bar, "format", text)
+    gui.show_progress(bar, handle)
+    assert bar.format == "catching up (encoding): %p%"
+
+
 def test_bench_speed_times_corrections_through_the_engine(case, tmp_path):
     import os
 
