@@ -23,6 +23,16 @@ the others rebuild the shipped model's steps from the pipeline's own functions a
   field_12_6       sigma 12 mm, 6 mm
   field_adaptive   sigma = the equivalent radius of the mask's section near the click, half that across (where
                    corrections overlap, the one that moves the threshold most wins)
+  ball_1           no field; each correction, in click order, sets a ball around itself to its kind, radius = the
+                   click's in-plane depth in the mask (background) or outside it (foreground) as it stood before
+  field_ball_A[_x2] the field, then those balls with radius A x depth (x2: twice as long across slices)
+  centre_K[_nofield][_out]  the field; a background click at least K x as deep in its 2D mask component as
+                   that component's deepest point (a click in its middle: the whole section is wrong, as on the
+                   slices the mask runs past the structure's end) removes the whole component on its slice
+                   (_nofield: that click moves no threshold; _out: also the overlapping components on the slices
+                   beyond it, towards the nearer end of the mask)
+  threshold_oracle not a design: one threshold for the whole case (0.05 .. 0.95), the best one chosen with the
+                   label, the corrections ignored (is the error a bias a global re-calibration could fix?)
 
 Needs the data (--data-root) and encodes what it needs (--cache-dir keeps it). One process, one thread:
 ``OMP_NUM_THREADS=1 nice -n 10 python scripts/correction_variants.py --dataset hippocampus --cases 10``.
@@ -280,8 +290,135 @@ def field_adaptive(start, fixes):
     return start.mask({t: start.probability[t] > thresholds[t] for t in start.probability})
 
 
+def _depth_mm(section: np.ndarray, rc, spacing_rc) -> float:
+    """The in-plane distance (mm) from the pixel ``rc`` of ``section`` to its nearest pixel outside it."""
+    return float(ndimage.distance_transform_edt(np.pad(section, 1), sampling=spacing_rc)[1:-1, 1:-1][rc])
+
+
+def _balls(start, fixes, alpha: float, across: float = 1.0):
+    """In click order, on the mask as it stood: a ball of radius alpha x the click's depth around each
+    correction. Returns (slice -> painted value: -1 background, 1 foreground, 0 untouched)."""
+    slices = start.start_slices()
+    painted = {t: np.zeros(m.shape, np.int8) for t, m in slices.items()}
+    spacing_rc, spacing_across = start.spacing
+    rows, cols = (np.arange(n, dtype=np.float32) for n in next(iter(slices.values())).shape)
+    for fix in fixes:
+        if fix.slice not in slices:
+            continue
+        q = tuple(np.rint(fix.rc).astype(int))
+        region = slices[fix.slice] if fix.label == 0 else ~slices[fix.slice]
+        if not region[q]:
+            continue
+        radius = alpha * _depth_mm(region, q, spacing_rc)
+        d2 = (((rows - fix.rc[0]) * spacing_rc[0]) ** 2)[:, None] + (((cols - fix.rc[1]) * spacing_rc[1]) ** 2)[None, :]
+        for t in slices:
+            ball = d2 + ((t - fix.slice) * spacing_across / across) ** 2 <= radius ** 2
+            slices[t] = np.where(ball, bool(fix.label), slices[t])
+            painted[t][ball] = 1 if fix.label else -1
+    return painted
+
+
+def _with_balls(start, fixes, alpha, across=1.0, field=True):
+    painted = _balls(start, fixes, alpha, across)
+    base = _field(start, fixes, corrections.SIGMA_MM, corrections.SIGMA_ACROSS_MM) if field else none(start, fixes)
+    out = {}
+    for t in start.probability:
+        section = np.take(base, t, axis=start.plan.axis) > 0
+        out[t] = np.where(painted[t] == 0, section, painted[t] > 0)
+    return start.mask(out)
+
+
+def ball_1(start, fixes):
+    return _with_balls(start, fixes, 1.0, field=False)
+
+
+def field_ball_0_75(start, fixes):
+    return _with_balls(start, fixes, 0.75)
+
+
+def field_ball_1(start, fixes):
+    return _with_balls(start, fixes, 1.0)
+
+
+def field_ball_1_5(start, fixes):
+    return _with_balls(start, fixes, 1.5)
+
+
+def field_ball_1_x2(start, fixes):
+    return _with_balls(start, fixes, 1.0, across=2.0)
+
+
+def _centre(start, fixes, kappa: float, field_too: bool = True, outward: bool = False):
+    """The field, plus: a background click in the middle of its 2D mask component removes that component."""
+    removed = {}  # index of the click -> {slice: footprint}
+
+    def slices_with(chosen):
+        fields = [f for j, f in enumerate(chosen) if field_too or j not in removed]
+        thresholds = corrections.threshold_field(start.probability, fields, *start.spacing)
+        out = {t: start.probability[t] > thresholds[t] for t in start.probability}
+        for j in removed:
+            if j < len(chosen):
+                for t, footprint in removed[j].items():
+                    out[t] = out[t] & ~footprint
+        return out
+
+    for index, fix in enumerate(fixes):
+        current = slices_with(fixes[:index])  # the mask as it stood when this click came
+        if fix.label != 0 or fix.slice not in current:
+            continue
+        q = tuple(np.rint(fix.rc).astype(int))
+        if not current[fix.slice][q]:
+            continue
+        parts, _ = ndimage.label(current[fix.slice])
+        part = parts == parts[q]
+        depth = ndimage.distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
+        if depth[q] < kappa * depth.max():
+            continue
+        footprints = {fix.slice: part}
+        if outward:
+            occupied = sorted(t for t, m in current.items() if m.any())
+            step = -1 if fix.slice - occupied[0] < occupied[-1] - fix.slice else 1
+            t, footprint = fix.slice + step, part
+            while t in current and current[t].any():
+                parts, _ = ndimage.label(current[t])
+                ids = sorted(set(np.unique(parts[footprint & current[t]])) - {0})
+                if not ids:
+                    break
+                footprint = footprints[t] = np.isin(parts, ids)
+                t += step
+        removed[index] = footprints
+    return start.mask(slices_with(fixes))
+
+
+def centre_0_5(start, fixes):
+    return _centre(start, fixes, 0.5)
+
+
+def centre_0_7(start, fixes):
+    return _centre(start, fixes, 0.7)
+
+
+def centre_0_85(start, fixes):
+    return _centre(start, fixes, 0.85)
+
+
+def centre_0_7_nofield(start, fixes):
+    return _centre(start, fixes, 0.7, field_too=False)
+
+
+def centre_0_7_out(start, fixes):
+    return _centre(start, fixes, 0.7, outward=True)
+
+
+def threshold_oracle(start, fixes):
+    return max((start.mask({t: p > theta for t, p in start.probability.items()})
+                for theta in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)), key=lambda m: dice_score(m, start.label))
+
+
 DESIGNS = ["shipped", "none", "decoder", "decoder_alone", "dense", "dense_alone", "suppress", "component",
-           "end_trim", "band0", "band2", "field_4_2", "field_8_4", "field_12_6", "field_adaptive"]
+           "end_trim", "band0", "band2", "field_4_2", "field_8_4", "field_12_6", "field_adaptive", "ball_1",
+           "field_ball_0_75", "field_ball_1", "field_ball_1_5", "field_ball_1_x2", "centre_0_5", "centre_0_7",
+           "centre_0_85", "centre_0_7_nofield", "centre_0_7_out", "threshold_oracle"]
 
 
 def main(argv=None) -> int:
@@ -303,6 +440,7 @@ def main(argv=None) -> int:
         volume, label = case.load()
         prompts = simulate(label, axis, args.level, seed=10_000 + index).voxel_prompts(volume)
         start = Start(model, volume, prompts, cache)
+        start.label = label  # for the threshold oracle only
         for name in args.designs:
             listed, mask = prompts, pipeline.segment(volume, prompts, model, cache=cache).mask
             dice = [dice_score(mask, label)]
