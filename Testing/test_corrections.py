@@ -165,6 +165,25 @@ def test_a_background_click_removes_a_false_positive_near_it_only(case, tiny_bac
     assert fixed.audit_counts()["correction"] == 1 and "correction 1" in fixed.summary()
 
 
+def test_a_background_click_at_the_results_end_segments_no_new_slice(case, tiny_backbone):
+    from SPDSegmentLib.core import pipeline
+
+    volume, _, clicks = case
+    model = salient_model(tiny_backbone, 6.0)
+    cache = EmbeddingCache()
+    base = segment(volume, clicks, model, cache=cache)
+    last = int(np.flatnonzero(base.mask.any(axis=(0, 2))).max())  # the result's last slice along axis 1
+    k, i = np.argwhere(base.mask[:, last, :])[0]
+    listed = _with(clicks, [i, last, k], "background")
+    before = pipeline.plan(volume, clicks, model, SegmentOptions())
+    after = pipeline.plan(volume, listed, model, SegmentOptions())
+    assert after.targets == before.targets and after.encode == before.encode  # nothing new to encode
+    fixed = segment(volume, listed, model, cache=cache)
+    assert fixed.timings["encode_s"] < 0.05 * base.timings["encode_s"] + 0.01
+    assert not (fixed.mask & ~base.mask).any()  # a background click only removes
+    assert fixed.mask[k, last, i] == 0
+
+
 def test_a_trusted_foreground_correction_adds_where_the_saliency_map_rejects(case, tiny_backbone):
     volume, _, clicks = case
     model = salient_model(tiny_backbone, -6.0)  # nothing salient: every sloppy click is rejected
@@ -376,7 +395,8 @@ def test_bench_speed_times_corrections_through_the_engine(case, tmp_path):
 
     volume, label, clicks = case
     client = EngineClient(env=dict(os.environ, OMP_NUM_THREADS="1"), log_folder=tmp_path)
-    seconds = speed._corrected_preview(volume, label, clicks, "tiny_sam_test", clicks=2, device="cpu", client=client)
+    seconds = speed._corrected_preview(volume, label, clicks, "tiny_sam_test", clicks=2, device="cpu", client=client,
+                                       busy=1)
     assert len(seconds) == 2 and all(0.0 < s < 60.0 for s in seconds)
     assert not client.alive  # stopped after timing
     with speed.busy_processes(1) as spinners:  # the --busy option

@@ -52,7 +52,7 @@ class SegmentOptions:
       use_box: raw mode: add a box around the points (LiteMedSAM was trained with boxes).
       box_margin_mm: raw mode: the margin of that box, in millimetres.
       local_only: the ablation "local validation only": keep or reject clicks, borrow none.
-      empty_slice: a target slice (between the first and last prompted slice) that distillation leaves
+      empty_slice: a target slice (between the first and last slice with a foreground click) that distillation leaves
         without a prompt: "saliency" decodes it from the box of its saliency map, "skip" leaves it
         empty. "saliency" was measured better at every noise level (docs/benchmarks.md); readers skip
         slices, and a hole in a tubular structure is worse than a guess.
@@ -409,7 +409,7 @@ def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transfor
 
     Each job is (t, points_xy (n, 2) in the model frame, labels (n,), box (4,) in the model frame): the
     consensus points of slice t plus the box of the saliency component holding them; a target slice
-    between the first and last prompted slice that is left without points gets the box of its own
+    between the first and last slice with a foreground click that is left without points gets the box of its own
     saliency map when ``empty_slice`` is "saliency". With ``decoder_prompt`` "box" the points choose the
     component and the slices, and the decoder is given the box alone. ``trusted`` (slice -> bool beside
     ``by_slice``'s points) marks the user's corrections: never rejected; a trusted foreground point where
@@ -417,7 +417,7 @@ def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transfor
     """
     distilled = distill.distill(by_slice, maps, tau=tau, neighbours=neighbours, targets=targets,
                                 local_only=local_only, trusted=trusted)
-    prompted = sorted(by_slice)
+    prompted = foreground_slices(by_slice)
     jobs = []
     for t in targets:
         consensus = distilled.consensus.get(t)
@@ -433,6 +433,12 @@ def spd_jobs(by_slice, maps: Dict[int, np.ndarray], targets: List[int], transfor
             if box is not None:
                 jobs.append((t, np.zeros((0, 2)), np.zeros(0), transform.box_rc_to_model(*box)))
     return jobs, distilled
+
+
+def foreground_slices(by_slice) -> List[int]:
+    """The slices holding at least one foreground point, in order. Only these reach out to their neighbours: a
+    background click removes what it sits in and never makes SPD segment slices it would not have segmented."""
+    return sorted(t for t, (_, labels) in by_slice.items() if np.any(np.asarray(labels) > 0))
 
 
 def _consensus_box(saliency: np.ndarray, positives: np.ndarray, tau: float, margin_px: float):
@@ -550,7 +556,7 @@ class Plan:
     backbone: "object"
     axis: int
     by_slice: dict
-    targets: List[int]  # the slices to segment (prompted slices, and their n neighbours in SPD mode)
+    targets: List[int]  # the slices to segment (prompted slices; in SPD mode the slices with a foreground click and their n neighbours)
     encode: List[int]  # the slices to encode: the targets and, for a 2.5D saliency head, their neighbours
     shape_hw: Tuple[int, int]
     intensity: Tuple[float, float]
@@ -606,7 +612,8 @@ def plan(volume: Volume, prompts, model, options: SegmentOptions) -> Plan:
     n = options.neighbours if options.neighbours is not None else (
         model.neighbours if is_spd else distill.DEFAULT_NEIGHBOURS)
     n = min(int(n), volume.shape[axis] - 1)  # beyond the volume's slices n changes nothing, and would loop long
-    targets = distill.target_slices(by_slice, n, volume.shape[axis]) if mode == "spd" else sorted(by_slice)
+    targets = distill.target_slices(foreground_slices(by_slice) or by_slice, n, volume.shape[axis]) \
+        if mode == "spd" else sorted(by_slice)
     if options.slice_range is not None:
         targets = [t for t in targets if options.slice_range[0] <= t <= options.slice_range[1]]
     intensity = intensity_range(volume.array, options.modality, options.window)
