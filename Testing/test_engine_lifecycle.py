@@ -173,6 +173,19 @@ def test_kill_tree_ends_grandchildren_of_a_launcher(tmp_path):
     assert gone(*family)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 makes a process group only with a new session")
+def test_the_engine_leads_its_own_process_group_in_the_callers_session():
+    """Its own group (its tree can be ended as one), the caller's session (Linux gives each session one share of
+    the CPU: an engine in a session of its own was starved when the cores were busy)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], **processes.new_group_options())
+    try:
+        assert os.getpgid(child.pid) == child.pid != os.getpgid(0)
+        assert os.getsid(child.pid) == os.getsid(0)
+    finally:
+        child.kill()
+        child.wait(5)
+
+
 def test_killing_only_the_launcher_is_noticed_and_its_engine_ended(launcher, tmp_path):
     client = started(EngineClient(python=str(launcher), env=dict(os.environ, **QUIET), log_folder=tmp_path / "logs"))
     engine_pid = client.pid

@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
@@ -141,9 +142,14 @@ def _kill_without_psutil(roots: List[dict], group: Optional[int]) -> int:
 
 def new_group_options() -> dict:
     """``subprocess.Popen`` arguments that make the child lead its own process group (and, on Windows,
-    open no console window), so that its whole tree can be ended even without psutil."""
+    open no console window), so that its whole tree can be ended even without psutil.
+
+    On POSIX the child stays in the caller's session: Linux schedules each session as one group
+    (autogroup), and an engine in a session of its own got a quarter of the CPU time it got in Slicer's
+    when both cores were busy (the first Preview of 6 slices took 133 s against 35 s; docs/performance.md,
+    "Correction latency"). A new session only where Python cannot make a process group without one (3.10)."""
     if os.name == "posix":
-        return {"start_new_session": True}
+        return {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
     return {"creationflags": flags}
 
