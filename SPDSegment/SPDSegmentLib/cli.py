@@ -565,6 +565,13 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except an unset (None) one: "(default: None)" tells nothing."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -588,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("batch", help="segment many cases (a folder or a CSV manifest), resumable, optionally on a "
-                                     "Ray cluster", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "Ray cluster", formatter_class=DefaultsHelp)
     p.add_argument("input", help="a folder (MSD/nnU-Net: imagesTr/ or images/ with points/; or images with their "
                                  "CASE.mrk.json beside them) or a CSV manifest (image,points[,case,output,tau,...])")
     p.add_argument("--out", required=True, help="output folder: CASE_spd.seg.nrrd, CASE_spd.provenance.json and "
@@ -620,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="run on the bundled sample case and print Dice",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out-dir", default="spd_demo", help="where the segmentation and the overlay PNG go")
@@ -628,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("simulate", help="sloppy centerline clicks from a label, and correction clicks (.mrk.json, "
-                                        ".csv)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                        ".csv)", formatter_class=DefaultsHelp)
     p.add_argument("label", help="label map (.nii.gz, .nrrd); every voxel above 0 is the structure")
     p.add_argument("--axis", type=int, default=None,
                    help="array axis the clicks follow (0 = k, 1 = j, 2 = i); None: 0 for simulated clicks, the "
@@ -649,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_simulate)
 
-    defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+    defaults = DefaultsHelp
     p = sub.add_parser("train", help="train an SPD model on an MSD/nnU-Net folder (imagesTr, labelsTr)",
                        formatter_class=defaults)
     p.add_argument("--data", required=True, help="MSD / nnU-Net folder with imagesTr/ and labelsTr/")
