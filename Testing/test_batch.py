@@ -197,6 +197,44 @@ def test_rerun_skips_complete_cases_and_redoes_changed_ones(tmp_path, case_files
         ["done", "skipped", "skipped"]  # a manifest's per-case setting counts too
 
 
+def test_a_disk_without_room_fails_the_case_before_segmenting(tmp_path, case_files, worker, monkeypatch):
+    from SPDSegmentLib.core import files, pipeline
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_case(data, "a", case_files)
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(pipeline, "segment", lambda *a, **k: pytest.fail("segmented without room for the output"))
+    [row] = batch.run(worker, batch.read_cases(data, out), out)
+    assert row["status"] == "failed" and "need about" in row["error"] and "has 1.0 KB free" in row["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
+
+
+def test_a_full_disk_keeps_the_earlier_outputs_byte_identical(tmp_path, case_files, tiny_backbone, worker,
+                                                             monkeypatch):
+    """The issue's worst case for ``spd batch``: a disk that fills while a case is rewritten (a changed setting)
+    leaves its earlier mask and record as they were, and the case is one failed row naming the disk."""
+    import errno
+
+    from SPDSegmentLib.core import volume
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_case(data, "a", case_files)
+    cases = batch.read_cases(data, out)
+    assert [r["status"] for r in batch.run(worker, cases, out)] == ["done"]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "results.csv"}
+    real = volume.write_segmentation
+
+    def fill_the_disk(path, *args, **kwargs):
+        real(path, *args, **kwargs)  # the mask reaches its temporary file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(volume, "write_segmentation", fill_the_disk)
+    other = batch.Worker(tiny_backbone, batch.Settings(options=SegmentOptions(mode="raw", box_margin_mm=2.0)))
+    [row] = batch.run(other, cases, out)
+    assert row["status"] == "failed" and "Could not write" in row["error"] and "the disk is full" in row["error"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "results.csv"} == before
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {package!r})

@@ -414,6 +414,8 @@ SHORT_IMAGES = {  # name -> (bytes, what the refusal says); each declares more v
                    "declares 1000000000 voxel values but the file holds 300"),
     "gzip.nrrd": (nrrd("type: short\ndimension: 3\nsizes: 64 64 64\nencoding: gzip\nendian: little",
                        __import__("gzip").compress(b"\0" * 1000)), "declares 524288 bytes of voxels but the file holds 1000"),
+    "bzip2.nrrd": (nrrd("type: short\ndimension: 3\nsizes: 64 64 64\nencoding: bzip2\nendian: little",
+                        __import__("bz2").compress(b"\0" * 1000)), "declares 524288 bytes of voxels but the file holds 1000"),
 }
 
 

@@ -486,7 +486,11 @@ def test_every_option_has_help_showing_its_default(command):
             continue
         assert action.help, f"{command} {action.option_strings[0]} has no help"
         if action.default == argparse.SUPPRESS:  # spd train: the default is TrainConfig's, written into the help
-            assert "(default:" in action.help, f"{command} {action.option_strings[0]}: no default in its help"
+            assert "(default:" in action.help or "None:" in action.help, \
+                f"{command} {action.option_strings[0]}: no default in its help"
+            continue
+        if action.default is None:  # unset: "(default: None)" would tell nothing; the help says what happens
+            assert "(default:None)" not in text, f"{command}: '(default: None)' in its help"
             continue
         shown = "".join(f"(default: {action.default})".split())
         assert shown in text, f"{command} {action.option_strings[0]}: {shown} not in its help"

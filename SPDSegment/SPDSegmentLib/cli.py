@@ -20,7 +20,8 @@ import numpy as np
 from .core import prompts, volume
 from .core.distill import DEFAULT_NEIGHBOURS, DEFAULT_TAU
 from .core.errors import InputError, SPDError, SPDWarning
-from .core.files import OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable
+from .core.files import (OutputSet, check_folder_writable, check_not_inputs, check_space, check_writable,
+                         least_output_bytes)
 from .core.models.registry import (BUNDLED_SPD_MODELS, DEFAULT_BACKBONE, DEFAULT_MODEL, cached_path, catalogue,
                                    check_device, downloadable, is_available, manual_download_message)
 from .core.pipeline import SegmentOptions, load_model, segment, trained_axes
@@ -88,11 +89,6 @@ def _check_mode(args, outputs: dict) -> None:
 SEGMENT_OPTION = {"out": "--out", "label": "--label-out", "saliency": "--saliency-out", "audit": "--audit-out"}
 
 
-def _least_output_bytes(kind: str, voxels: int) -> int:
-    """A low estimate of an output's size (compressed): a disk with less free space surely cannot hold it."""
-    return 4096 + (voxels // 4 if kind == "saliency" else 0 if kind == "audit" else voxels // 500)
-
-
 def _strict_failure(found) -> int:
     print(f"error: --strict: the result looks implausible ({len(found)} warning{'s' if len(found) > 1 else ''} "
           "above); nothing was written.", file=sys.stderr)
@@ -110,7 +106,7 @@ def cmd_segment(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if args.strict and vol.warnings:
         return _strict_failure(vol.warnings)
-    check_space({path.parent: _least_output_bytes(kind, int(np.prod(vol.shape))) for kind, path in outputs.items()})
+    check_space({path.parent: least_output_bytes(kind, int(np.prod(vol.shape))) for kind, path in outputs.items()})
     points = prompts.read(args.points)
     voxel_prompts = prompts.to_voxels(points, vol, axis=args.axis, preferred_axes=trained_axes(args.model, vol))
     if len(voxel_prompts.outside_lps):
@@ -481,7 +477,7 @@ def add_train_options(parser) -> None:
     for name, text in TRAIN_OPTIONS.items():
         default = fields[name].default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        common = dict(default=argparse.SUPPRESS, help=f"{text} (default: {shown})")
+        common = dict(default=argparse.SUPPRESS, help=text if default is None else f"{text} (default: {shown})")
         flag = "--" + name.replace("_", "-")
         if name == "axes":
             parser.add_argument(flag, nargs="+", **common)

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import Cancelled, InputError, SPDError
-from .files import OutputSet, atomic_write, check_not_inputs, check_writable
+from .files import OutputSet, atomic_write, check_not_inputs, check_space, check_writable, least_output_bytes
 from .models.download import sha256_of
 from .progress import Progress
 
@@ -435,6 +436,8 @@ class Worker:
 
         image = volume.read(case.image)
         points = prompts.read(case.points)
+        voxels = math.prod(image.shape)  # the mask and its provenance record, before the work
+        check_space({Path(case.output).parent: least_output_bytes("mask", voxels) + 4096}, f"the outputs of {case.name}")
         voxel_prompts = prompts.to_voxels(points, image, axis=axis, preferred_axes=trained_axes(self.model, image))
         quiet = progress.child() if progress is not None else None  # cancellable, but the bar stays the batch's
         result = segment(image, voxel_prompts, self.model, options, progress=quiet, cache=self.cache)

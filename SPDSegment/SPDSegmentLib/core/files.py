@@ -173,6 +173,12 @@ def check_space(needs: Mapping[os.PathLike, int], what: str = "the outputs") -> 
                              "nothing was computed.")
 
 
+def least_output_bytes(kind: str, voxels: int) -> int:
+    """A low estimate of an output's size (compressed) for an image of ``voxels``: a disk with less free space
+    surely cannot hold it. ``kind``: ``saliency``, ``audit``, or any other for a mask (segmentation or label map)."""
+    return 4096 + (voxels // 4 if kind == "saliency" else 0 if kind == "audit" else voxels // 500)
+
+
 # ---------------------------------------------------------------- writing
 
 def temporary_name(path: os.PathLike, kind: str = "partial") -> Path:

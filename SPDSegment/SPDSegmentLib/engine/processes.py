@@ -145,9 +145,9 @@ def new_group_options() -> dict:
     open no console window), so that its whole tree can be ended even without psutil.
 
     On POSIX the child stays in the caller's session: Linux schedules each session as one group
-    (autogroup), and an engine in a session of its own got a quarter of the CPU time it got in Slicer's
-    when both cores were busy (the first Preview of 6 slices took 133 s against 35 s; docs/performance.md,
-    "Correction latency"). A new session only where Python cannot make a process group without one (3.10)."""
+    (autogroup), and an engine in a session of its own got a fraction of the CPU time it got in Slicer's
+    when both cores were busy (a first Preview took 175 s against 32 s; docs/performance.md, "Correction
+    latency"). A new session only where Python cannot make a process group without one (3.10)."""
     if os.name == "posix":
         return {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
