@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -153,22 +154,6 @@ def _decoder(start, fixes, fuse=True, dense=False):
     return start.mask({t: p > 0.5 for t, p in probability.items()})
 
 
-def decoder(start, fixes):
-    return _decoder(start, fixes)
-
-
-def decoder_alone(start, fixes):
-    return _decoder(start, fixes, fuse=False)
-
-
-def dense(start, fixes):
-    return _decoder(start, fixes, dense=True)
-
-
-def dense_alone(start, fixes):
-    return _decoder(start, fixes, fuse=False, dense=True)
-
-
 def suppress(start, fixes):
     probability = dict(start.probability)
     for t, mine in _by_slice([f for f in fixes if f.label == 0], probability).items():
@@ -237,14 +222,6 @@ def _band(start, fixes, reach):
     return start.mask(slices)
 
 
-def band0(start, fixes):
-    return _band(start, fixes, 0)
-
-
-def band2(start, fixes):
-    return _band(start, fixes, 2)
-
-
 def _field(start, fixes, sigma, across):
     thresholds = corrections.threshold_field(start.probability, fixes, *start.spacing, sigma_mm=sigma,
                                              sigma_across_mm=across)
@@ -263,18 +240,6 @@ def _local_radius_mm(start, fix) -> float:
         _, index = ndimage.distance_transform_edt(parts == 0, return_indices=True)
         part = parts[index[0][q], index[1][q]]
     return float(np.sqrt((parts == part).sum() * np.prod(start.spacing[0]) / np.pi))
-
-
-def field_4_2(start, fixes):
-    return _field(start, fixes, 4.0, 2.0)
-
-
-def field_8_4(start, fixes):
-    return _field(start, fixes, 8.0, 4.0)
-
-
-def field_12_6(start, fixes):
-    return _field(start, fixes, 12.0, 6.0)
 
 
 def field_adaptive(start, fixes):
@@ -328,26 +293,6 @@ def _with_balls(start, fixes, alpha, across=1.0, field=True):
     return start.mask(out)
 
 
-def ball_1(start, fixes):
-    return _with_balls(start, fixes, 1.0, field=False)
-
-
-def field_ball_0_75(start, fixes):
-    return _with_balls(start, fixes, 0.75)
-
-
-def field_ball_1(start, fixes):
-    return _with_balls(start, fixes, 1.0)
-
-
-def field_ball_1_5(start, fixes):
-    return _with_balls(start, fixes, 1.5)
-
-
-def field_ball_1_x2(start, fixes):
-    return _with_balls(start, fixes, 1.0, across=2.0)
-
-
 def _centre(start, fixes, kappa: float, field_too: bool = True, outward: bool = False):
     """The field, plus: a background click in the middle of its 2D mask component removes that component."""
     removed = {}  # index of the click -> {slice: footprint}
@@ -390,35 +335,40 @@ def _centre(start, fixes, kappa: float, field_too: bool = True, outward: bool = 
     return start.mask(slices_with(fixes))
 
 
-def centre_0_5(start, fixes):
-    return _centre(start, fixes, 0.5)
-
-
-def centre_0_7(start, fixes):
-    return _centre(start, fixes, 0.7)
-
-
-def centre_0_85(start, fixes):
-    return _centre(start, fixes, 0.85)
-
-
-def centre_0_7_nofield(start, fixes):
-    return _centre(start, fixes, 0.7, field_too=False)
-
-
-def centre_0_7_out(start, fixes):
-    return _centre(start, fixes, 0.7, outward=True)
-
-
 def threshold_oracle(start, fixes):
     return max((start.mask({t: p > theta for t, p in start.probability.items()})
                 for theta in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)), key=lambda m: dice_score(m, start.label))
 
 
-DESIGNS = ["shipped", "none", "decoder", "decoder_alone", "dense", "dense_alone", "suppress", "component",
-           "end_trim", "band0", "band2", "field_4_2", "field_8_4", "field_12_6", "field_adaptive", "ball_1",
-           "field_ball_0_75", "field_ball_1", "field_ball_1_5", "field_ball_1_x2", "centre_0_5", "centre_0_7",
-           "centre_0_85", "centre_0_7_nofield", "centre_0_7_out", "threshold_oracle"]
+# name -> design(start, fixes) -> mask; the names are those of docs/benchmarks.md's table
+DESIGNS = {
+    "shipped": None,  # pipeline.segment on the whole click list, as the product runs it
+    "none": none,
+    "decoder": _decoder,
+    "decoder_alone": partial(_decoder, fuse=False),
+    "dense": partial(_decoder, dense=True),
+    "dense_alone": partial(_decoder, fuse=False, dense=True),
+    "suppress": suppress,
+    "component": component,
+    "end_trim": end_trim,
+    "band0": partial(_band, reach=0),
+    "band2": partial(_band, reach=2),
+    "field_4_2": partial(_field, sigma=4.0, across=2.0),
+    "field_8_4": partial(_field, sigma=8.0, across=4.0),
+    "field_12_6": partial(_field, sigma=12.0, across=6.0),
+    "field_adaptive": field_adaptive,
+    "ball_1": partial(_with_balls, alpha=1.0, field=False),
+    "field_ball_0_75": partial(_with_balls, alpha=0.75),
+    "field_ball_1": partial(_with_balls, alpha=1.0),
+    "field_ball_1_5": partial(_with_balls, alpha=1.5),
+    "field_ball_1_x2": partial(_with_balls, alpha=1.0, across=2.0),
+    "centre_0_5": partial(_centre, kappa=0.5),
+    "centre_0_7": partial(_centre, kappa=0.7),
+    "centre_0_85": partial(_centre, kappa=0.85),
+    "centre_0_7_nofield": partial(_centre, kappa=0.7, field_too=False),
+    "centre_0_7_out": partial(_centre, kappa=0.7, outward=True),
+    "threshold_oracle": threshold_oracle,
+}
 
 
 def main(argv=None) -> int:
@@ -428,7 +378,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=10, help="the first N test cases of the split")
     parser.add_argument("--level", default="moderate")
     parser.add_argument("--clicks", type=int, default=5)
-    parser.add_argument("--designs", nargs="*", default=DESIGNS, choices=DESIGNS)
+    parser.add_argument("--designs", nargs="*", default=list(DESIGNS), choices=list(DESIGNS))
     parser.add_argument("--cache-dir", help="embedding cache folder (a second run encodes nothing)")
     args = parser.parse_args(argv)
     split = load_split(args.dataset)
@@ -450,7 +400,7 @@ def main(argv=None) -> int:
                     listed = with_correction(listed, click)
                 fixes = corrections.corrections_of(listed)
                 mask = pipeline.segment(volume, listed, model, cache=cache).mask if name == "shipped" else \
-                    globals()[name](start, fixes)
+                    DESIGNS[name](start, fixes)
                 dice.append(dice_score(mask, label))
             table[name].append(dice)
             print(f"{case.name} {name:15s} " + " ".join(f"{d:.3f}" for d in dice), flush=True)
