@@ -422,6 +422,8 @@ def cmd_train(args) -> int:
 
 
 # ``spd train`` options: the TrainConfig field, its help; defaults come from TrainConfig (their one home).
+DEVICE_HELP = "auto, cpu, cuda (cuda:N for the N-th GPU) or mps"  # what registry.check_device accepts
+
 TRAIN_OPTIONS = {
     "axes": "slicing axes to train on: array axes 0 1 2, or all (every view a reader may click in)",
     "modality": "intensity scaling: auto, mr or ct",
@@ -453,7 +455,7 @@ TRAIN_OPTIONS = {
     "neighbours": "neighbour slices n recorded in the model",
     "prompt_seeds": "simulated readers per case, axis and noise level",
     "seed": "random seed (training is deterministic given it)",
-    "device": "auto, cpu or cuda",
+    "device": DEVICE_HELP,
     "cache_dir": "feature store folder (frozen mode; None: SPDSEGMENT_CACHE or ~/.cache/spdsegment, /features)",
     "work_dir": "stage checkpoints (None: OUT.work)",
     "resume": "continue a stopped run with the same settings and cases from its stage-1 checkpoint",
@@ -541,7 +543,7 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"SPD model ({DEFAULT_MODEL} or a .spd.safetensors file) or a backbone for raw mode "
                         "(litemedsam, sam_vit_b, ..., or a .pth checkpoint)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--mode", default="auto", choices=["auto", "spd", "raw"])
     p.add_argument("--axis", default=None, help="slicing axis: auto (default: from the clicks, the summary says "
                                                 "which and why), axial, coronal, sagittal, 0, 1, 2")
@@ -551,7 +553,7 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"neighbour slices n (default: the model's, usually {DEFAULT_NEIGHBOURS})")
     p.add_argument("--no-box", action="store_true", help="raw mode: points only, no box around them")
     p.add_argument("--empty-slice", default="saliency", choices=["skip", "saliency"],
-                   help="SPD: a slice left without prompts is decoded from its saliency box (default) or skipped")
+                   help="SPD: a slice left without prompts is decoded from its saliency box or skipped")
     p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"))
     p.add_argument("--modality", default="auto", choices=["auto", "mr", "ct"])
     p.add_argument("--window", default=None, help="CT window: preset (soft_tissue, abdomen, lung, bone, brain) "
@@ -625,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run on the bundled sample case and print Dice",
                        formatter_class=DefaultsHelp)
     p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out-dir", default="spd_demo", help="where the segmentation and the overlay PNG go")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_demo)
@@ -649,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segment --image with --model and add this many correction clicks, one against each result")
     p.add_argument("--image", help="the image of the label (needed with --corrections)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model that segments with --corrections")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_simulate)
 
     defaults = DefaultsHelp
@@ -687,14 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, default=0, help="only the first N test cases (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the click simulator")
     p.add_argument("--merge", nargs="*", default=[], help="per_case.csv files of earlier runs to report with")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench-speed", help="naive slice-by-slice SAM against the project's path",
                        formatter_class=defaults)
     p.add_argument("--data-root", default="../shared/data", help="folder holding one folder per dataset")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--model", default=DEFAULT_MODEL, help="SPD model name or .spd.safetensors file")
     p.add_argument("--preview-only", action="store_true",
                    help="only the effect's Preview, through the engine process and in-process")
