@@ -402,3 +402,33 @@ def test_bench_speed_times_corrections_through_the_engine(case, tmp_path):
     with speed.busy_processes(1) as spinners:  # the --busy option
         assert len(spinners) == 1 and spinners[0].poll() is None  # spinning while the block runs
     assert spinners[0].poll() is not None  # and stopped after it
+
+
+@pytest.mark.parametrize("only", ["preview_only", "corrections_only"])
+def test_bench_speed_never_spins_on_top_of_the_correction_rows(monkeypatch, tmp_path, tiny_backbone, only):
+    """--busy N means N spinning processes: the Preview rows run among them, the correction rows spin their own
+    only while the corrections are timed (once they ran inside the others' spinning: twice N)."""
+    import argparse
+    from contextlib import contextmanager
+
+    from SPDSegmentLib.research import speed
+
+    spinning, seen = [0], {}
+
+    @contextmanager
+    def counted(count):
+        spinning[0] += count
+        try:
+            yield []
+        finally:
+            spinning[0] -= count
+
+    monkeypatch.setattr(speed, "busy_processes", counted)
+    monkeypatch.setattr(speed, "load_model", lambda *args, **kwargs: tiny_backbone)
+    monkeypatch.setattr(speed, "_speed_rows", lambda *args, **kwargs: seen.setdefault("preview", spinning[0]))
+    monkeypatch.setattr(speed, "_correction_rows", lambda cases, args: seen.setdefault("corrections", spinning[0]))
+    args = argparse.Namespace(model="tiny_sam_test", device="cpu", runtime="torch", precision="auto",
+                              data_root=str(tmp_path), busy=2, seconds_per_click=1.0,
+                              preview_only=only == "preview_only", corrections_only=only == "corrections_only")
+    speed.run_speed_benchmark(args)
+    assert seen == ({"preview": 2, "corrections": 0} if only == "preview_only" else {"corrections": 0})

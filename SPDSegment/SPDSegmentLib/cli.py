@@ -707,8 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction-clicks", type=int, default=3, help="correction clicks timed per case")
     p.add_argument("--busy", type=int, default=0,
                    help="keep this many other processes spinning on the CPU while timing (2: both cores of this "
-                        "machine busy, as Slicer's rendering or another job would; with --corrections-only while "
-                        "the corrections are timed, after the first Preview)")
+                        "machine busy, as Slicer's rendering or another job would; the correction rows only while "
+                        "their corrections are timed, after the first Preview)")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_bench_speed)
     return parser

@@ -13,8 +13,8 @@ time. Then corrections: after a first Preview, correction clicks by the CVPR 202
 (``simulate.next_correction``), each sent as the effect sends it (work ahead, then Preview at once: auto-update)
 and timed from the click to the updated mask back here. Both on the sample case and on a left-atrium case.
 ``--busy N`` keeps N other processes spinning on the CPU meanwhile (2 on this 2-core machine: Slicer's
-rendering, or another job), to see how the Preview holds up when the machine is loaded; with
-``--corrections-only`` only while the corrections are timed, after the first Preview.
+rendering, or another job), to see how the Preview holds up when the machine is loaded; the correction
+rows spin them only while their corrections are timed, after the first Preview.
 """
 from __future__ import annotations
 
@@ -325,14 +325,9 @@ def _correction_rows(cases, args) -> None:
 
 
 def run_speed_benchmark(args) -> None:
-    if getattr(args, "corrections_only", False):  # the correction rows keep the cores busy while they time
-        _run_speed_benchmark(args)
-        return
-    with busy_processes(getattr(args, "busy", 0)):
-        _run_speed_benchmark(args)
-
-
-def _run_speed_benchmark(args) -> None:
+    """The rows ``args`` ask for. ``--busy N``: N processes spin while the speed and Preview rows run; the
+    correction rows spin their own only while the corrections are timed (a reader corrects a result already
+    on screen), never on top of the others."""
     preview_only = getattr(args, "preview_only", False)  # only the effect's Preview columns
     corrections_only = getattr(args, "corrections_only", False)  # only the correction latency
     model, load_s = _timed(load_model, args.model, device=args.device, runtime=args.runtime, precision=args.precision)
@@ -350,10 +345,16 @@ def _run_speed_benchmark(args) -> None:
           f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {date.today()}")
     print(f"(b) SPD: {backbone.runtime_name}, batch {batch}, model load {load_s:.1f} s (includes the one-time "
           "OpenVINO conversion when not cached)")
-    if corrections_only:
-        _correction_rows(cases, args)
-        print(f"load average at the end {os.getloadavg()[0]:.1f}")
-        return
+    if not corrections_only:
+        with busy_processes(getattr(args, "busy", 0)):
+            _speed_rows(model, backbone, batch, cases, args, preview_only)
+    _correction_rows(cases, args)
+    ending = "" if corrections_only or preview_only else f"peak resident memory {_peak_rss_mb():.0f} MB; "
+    print(f"{ending}load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def _speed_rows(model, backbone, batch, cases, args, preview_only: bool) -> None:
+    """The naive loop against the project's path, and the effect's Preview (``preview_only``: the Preview alone)."""
     previews = f"{'Preview at once s':>17} {'Preview 1 s later s':>19} {'Preview again s':>15}"
     preview_title = (f"Preview: through the engine process (in this process for comparison), seconds; a click "
                      f"every {getattr(args, 'seconds_per_click', 1.0):g} s; at once and 1 s later as the effect "
@@ -364,8 +365,6 @@ def _run_speed_benchmark(args) -> None:
         for name, volume, axis, label in cases:
             print(f"{name:28} " + " ".join(f"{v:>{w}}" for v, w in zip(
                 _previews(volume, _case(volume, label, axis), model, args), (17, 19, 15))))
-        _correction_rows(cases, args)
-        print(f"load average at the end {os.getloadavg()[0]:.1f}")
         return
     # (a) what peers do: eager PyTorch fp32; (b) this project's default path (or the one asked for)
     naive_model = load_model(args.model, device=args.device, runtime="torch", precision="fp32")
@@ -392,5 +391,3 @@ def _run_speed_benchmark(args) -> None:
         print(f"{name:28} {len(result.slices):>6} {naive:>8.1f} {ours:>7.1f} {naive / ours:>9.2f} {moved:>15.2f} "
               f"{new:>16.2f} {at_once:>17} {later:>19} {again:>15}")
         print("    SPD first run: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
-    _correction_rows(cases, args)
-    print(f"peak resident memory {_peak_rss_mb():.0f} MB; load average at the end {os.getloadavg()[0]:.1f}")
