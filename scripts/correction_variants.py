@@ -201,15 +201,23 @@ def end_trim(start, fixes):
     return start.mask(slices)
 
 
+def _region_under(slices, fix):
+    """(the click's pixel, the region it corrects on its slice: the mask for a background click, the outside
+    for a foreground one), or None when its slice is not segmented or the click is not on such a region."""
+    if fix.slice not in slices:
+        return None
+    q = tuple(np.rint(fix.rc).astype(int))
+    region = slices[fix.slice] if fix.label == 0 else ~slices[fix.slice]
+    return (q, region) if region[q] else None
+
+
 def _band(start, fixes, reach):
     slices = start.start_slices()
     for fix in fixes:
-        if fix.slice not in slices:
+        found = _region_under(slices, fix)
+        if found is None:
             continue
-        q = tuple(np.rint(fix.rc).astype(int))
-        region = slices[fix.slice] if fix.label == 0 else ~slices[fix.slice]
-        if not region[q]:
-            continue
+        q, region = found
         depth = ndimage.distance_transform_edt(np.pad(region, 1, constant_values=bool(fix.label)))[1:-1, 1:-1][q]
         for t in range(fix.slice - reach, fix.slice + reach + 1):
             if t not in slices:
@@ -268,12 +276,10 @@ def _balls(start, fixes, alpha: float, across: float = 1.0):
     spacing_rc, spacing_across = start.spacing
     rows, cols = (np.arange(n, dtype=np.float32) for n in next(iter(slices.values())).shape)
     for fix in fixes:
-        if fix.slice not in slices:
+        found = _region_under(slices, fix)
+        if found is None:
             continue
-        q = tuple(np.rint(fix.rc).astype(int))
-        region = slices[fix.slice] if fix.label == 0 else ~slices[fix.slice]
-        if not region[q]:
-            continue
+        q, region = found
         radius = alpha * _depth_mm(region, q, spacing_rc)
         d2 = (((rows - fix.rc[0]) * spacing_rc[0]) ** 2)[:, None] + (((cols - fix.rc[1]) * spacing_rc[1]) ** 2)[None, :]
         for t in slices:
